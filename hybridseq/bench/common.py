@@ -1,0 +1,62 @@
+"""Shared timing and table helpers for `hybridseq bench ...`.
+
+Each bench module (hybridseq/bench/<what>.py) exposes
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args) -> list[dict]          # one dict per row; printed as a table, or JSON with --json
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, device=None) -> dict:
+    """Median/min wall time of ``fn()`` in milliseconds. CUDA: CUDA events per iteration and a
+    cache-flushing buffer between iterations; CPU: perf_counter."""
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        flush = torch.empty(64 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)"
+    if columns is None:
+        columns = []
+        for r in rows:
+            for k in r:
+                if k not in columns:
+                    columns.append(k)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)

@@ -78,6 +78,9 @@ TYPES: dict[str, tuple] = {
     "moe.capacity_factor": (float, int, type(None)),
     "moe.shared_d_ff": (int, type(None)),
     "mlp.d_ff": (int, type(None)),
+    "train.warmup_steps": (int, type(None)),
+    "train.out_dir": (str, type(None)),
+    "task.text.path": (str, type(None)),   # task keys are named task.<task name>.<key>
 }
 
 CHOICES: dict[str, tuple] = {
@@ -89,6 +92,7 @@ CHOICES: dict[str, tuple] = {
     "moe.router": ("softmax", "sigmoid", "sinkhorn"),
     "moe.impl": ("auto", "grouped", "megablocks", "loop"),
     "mlp.activation": ("swiglu", "gelu"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
 # Megatron-LM hybrid pattern characters -> (symbol, kind) with default specs.
@@ -133,4 +137,21 @@ TRAIN_DEFAULTS: dict = {
     "device": "auto",              # auto | cpu | cuda | cuda:N
     "precision": "auto",           # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     "compile": False,
+}
+
+# Top-level keys of a layout file. `stack` and `stage_starts` are computed from `layout` (given
+# values are ignored, so a saved config loads again); `deepspeed` and `compare` pass through.
+TOP_LEVEL_KEYS: tuple = (
+    "name", "description", "model", "blocks", "layout", "train", "deepspeed", "compare",
+    "stack", "stage_starts",
+)
+
+# Keys that do not change what the weights mean (initialisation, training-only coefficients,
+# parallelism, kernel choice): left out of `config_hash`, which identifies a model.
+HASH_EXCLUDE: dict[str, tuple] = {
+    "model": ("init_std", "rescale_residual", "checkpointing"),
+    "mamba": ("impl", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor"),
+    "attention": ("impl",),
+    "moe": ("impl", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "ep_size"),
+    "mlp": (),
 }

@@ -1,0 +1,148 @@
+"""Top-level entry points: build a model from a config, save/load weights, load a saved cache.
+
+    cfg = hs.load_config("layouts/jamba.yaml")
+    model = hs.build_model(cfg)                       # vocab "auto" -> the task's vocabulary
+    hs.save_pretrained(model, cfg, "out/jamba")       # model.safetensors + config.yaml
+    model = hs.load_pretrained("out/jamba")
+    cache = hs.load_cache("prompt.cartridge", model)  # a cache saved with cache.save(path)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .cache import HybridCache
+from .config import config_hash, load_config, save_config
+from .errors import ConfigError, HybridSeqError
+from .model import HybridLM
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+_DERIVED_KEYS = ("stack", "stage_starts")
+
+
+def resolve_vocab(cfg, vocab_size: int | None = None) -> int:
+    """``model.vocab_size`` when it is an int; for "auto": ``vocab_size`` when given, else the
+    vocabulary of ``train.task`` (``hybridseq.data.task_vocab_size``). Not yet padded."""
+    v = cfg.model.vocab_size
+    if v != "auto":
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"must be a positive int or 'auto', got {v!r}", key="model.vocab_size")
+        return int(v)
+    if vocab_size is not None:
+        return int(vocab_size)
+    task = cfg.get("train", {}).get("task") if hasattr(cfg, "get") else None
+    if task is None:
+        raise ConfigError("is 'auto' but the config names no train.task and no vocab_size was "
+                          "given", key="model.vocab_size")
+    from .data import task_vocab_size  # data sits above api; imported only here
+
+    return int(task_vocab_size(task))
+
+
+def build_model(cfg, vocab_size: int | None = None) -> HybridLM:
+    """A freshly initialised ``HybridLM`` for ``cfg`` (a ``load_config`` result, or anything
+    ``load_config`` accepts). ``model.vocab_size: auto`` becomes ``vocab_size`` or the task's
+    vocabulary, padded to ``model.pad_vocab_multiple`` inside the model; ``model.cfg`` is the
+    config with the resolved (unpadded) vocabulary."""
+    if not isinstance(cfg, DictConfig) or "stack" not in cfg:
+        cfg = load_config(cfg)
+    v = resolve_vocab(cfg, vocab_size)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    resolved.model.vocab_size = v
+    return HybridLM(resolved)
+
+
+def _source_config(cfg) -> dict:
+    """A plain config dict without the keys ``load_config`` derives."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return {k: v for k, v in c.items() if k not in _DERIVED_KEYS}
+
+
+def save_pretrained(model: HybridLM, cfg=None, folder: str | os.PathLike = "model") -> Path:
+    """Write ``folder/model.safetensors`` (the state dict; a tied head is not stored twice: it is
+    the embedding) and ``folder/config.yaml`` (the resolved config, vocab as an int). Atomic: the
+    files go to a temporary sibling folder that is then renamed over ``folder``.
+
+    ``cfg`` defaults to ``model.cfg``; a given ``cfg`` (e.g. with its ``train`` section) must
+    describe the same model (same ``config_hash`` once its vocab is resolved)."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    if cfg is None:
+        cfg = model.cfg
+    c = _source_config(cfg)
+    c["model"]["vocab_size"] = model.vocab_size_unpadded
+    if config_hash({**c, "stack": list(model.stack)}) != model.config_hash:
+        raise HybridSeqError("save_pretrained: cfg does not describe this model (its config hash "
+                             "differs from the model's)")
+    folder = Path(folder)
+    parent = folder.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={
+            "format": "hybridseq-model", "hybridseq_version": __version__,
+            "config_hash": model.config_hash})
+        save_config(c, tmp / CONFIG_NAME)
+        old = None
+        if folder.exists():
+            old = parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_pretrained(folder: str | os.PathLike, device=None) -> HybridLM:
+    """Rebuild the model of ``folder/config.yaml`` and load ``folder/model.safetensors``
+    (strict: every key and shape must match). Floating tensors keep the dtype they were saved in
+    (float32-tagged parameters stay float32). Returned in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    wpath, cpath = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    for p in (wpath, cpath):
+        if not p.is_file():
+            raise HybridSeqError(f"{folder}: not a saved hybridseq model (missing {p.name})")
+    model = HybridLM(load_config(str(cpath)))
+    state = load_file(str(wpath))
+    dtype = state.get("embed.weight", next(iter(state.values()))).dtype
+    if dtype.is_floating_point and dtype != torch.float32:
+        model.to(dtype)
+    missing, unexpected = [], []
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise HybridSeqError(f"{wpath}: weights do not match {cpath} (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise HybridSeqError(f"{wpath}: {k} has shape {tuple(v.shape)}, the config gives "
+                                 f"{tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=True)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_cache(path: str | os.PathLike, model: HybridLM, *, device=None,
+               check_weights: bool = True) -> HybridCache:
+    """Restore a cache written by ``cache.save(path)`` for ``model`` (see ``HybridCache.load``):
+    a cache from another model is refused with ``HybridSeqError``."""
+    return HybridCache.load(path, model, device=device, check_weights=check_weights)
+
+
+__all__ = ["build_model", "load_cache", "load_pretrained", "resolve_vocab", "save_pretrained"]

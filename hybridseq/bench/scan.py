@@ -1,0 +1,214 @@
+"""Selective scan timings: Triton vs the chunked PyTorch path (and mamba_ssm when importable).
+
+For each shape (batch, dim, seqlen, dstate) and implementation: forward and forward+backward
+median times (CUDA events through ``common.time_fn``), with z, D, delta_bias and softplus on, as
+in a Mamba block. ``*_GBps`` is the effective bandwidth of the fewest bytes the pass must move
+(every input read once, every output written once; see ``fewest_bytes``). mamba_ssm's
+``selective_scan_fn`` takes (batch, dim, seqlen) tensors: we transpose outside the timed region.
+``--sweep`` times the Triton kernels over several block shapes (tuning aid).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+DEFAULT_SHAPES = ["8x2048x2048x16", "2x4096x8192x16"]  # batch x dim x seqlen x dstate (issue 3)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Sweep candidates: (BLOCK_T, BLOCK_D, num_warps)
+_SWEEP_FWD = [(16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8), (32, 32, 8), (64, 16, 8),
+              (16, 16, 2), (4, 64, 4), (1, 64, 2), (1, 128, 4)]
+_SWEEP_BWD = [(16, 16, 4), (16, 32, 4), (32, 16, 8), (8, 32, 4), (16, 32, 8), (32, 32, 8),
+              (8, 64, 8), (4, 64, 4)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
+                        help="BxDxLxN (batch x dim x seqlen x dstate); default: the issue's table")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--impls", default="triton,torch,mamba_ssm",
+                        help="comma list of triton, torch (chunked PyTorch), mamba_ssm")
+    parser.add_argument("--groups", type=int, default=0, help="B/C groups (0: (b, l, n) B/C)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--no-backward", action="store_true", help="forward only")
+    parser.add_argument("--torch-max-elems", type=float, default=3e8,
+                        help="skip the chunked PyTorch path above this many b*l*d*n elements")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the Triton kernels over several block shapes instead")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.lower().replace("b", "").split("x")
+    if len(parts) != 4:
+        raise ValueError(f"--shapes: expected BxDxLxN like 8x2048x2048x16, got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def make_inputs(b, d, l, n, dtype, device, groups=0, requires_grad=False, seed=0):
+    """Random Mamba-like inputs: A = -(1..n) per channel (S4D-real), dt around softplus(-3)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    bc = (b, l, n) if groups == 0 else (b, l, groups, n)
+    t = {
+        "u": r(b, l, d).to(dtype),
+        "delta": (0.5 * r(b, l, d)).to(dtype),
+        "A": -torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1)
+             * (0.5 + torch.rand(d, 1, generator=g, device=device)),
+        "B": r(*bc).to(dtype),
+        "C": r(*bc).to(dtype),
+        "D": r(d),
+        "z": r(b, l, d).to(dtype),
+        "delta_bias": r(d) * 0.5 - 3.0,
+    }
+    if requires_grad:
+        for v in t.values():
+            v.requires_grad_(True)
+    return t
+
+
+def fewest_bytes(b, d, l, n, dtype, groups=0, backward=False) -> int:
+    """Bytes a perfect kernel moves: inputs once, outputs once. Forward reads u, delta, z, B, C,
+    A, D, delta_bias and writes y; backward also reads the output gradient and writes du, ddelta,
+    dz, dB, dC, dA, dD, d(delta_bias) (the forward inputs counted again: they are re-read)."""
+    e = torch.tensor([], dtype=dtype).element_size()
+    g = max(groups, 1)
+    bld, bc = b * l * d * e, b * l * g * n * e
+    params = d * n * 4 + 2 * d * 4
+    fwd = 3 * bld + 2 * bc + params + bld
+    if not backward:
+        return fwd
+    bwd = 4 * bld + 2 * bc + params + 3 * bld + 2 * bc + params
+    return fwd + bwd
+
+
+def _mamba_ssm_fn():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore
+        return selective_scan_fn
+    except Exception:
+        return None
+
+
+def _callables(impl, t, backward):
+    """(forward closure, forward+backward closure or None) for one implementation."""
+    from hybridseq.kernels import selective_scan
+
+    kw = dict(D=t["D"], z=t["z"], delta_bias=t["delta_bias"], delta_softplus=True)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"])
+    if impl in ("triton", "torch"):
+        f = lambda: selective_scan(*args, impl=impl, **kw)  # noqa: E731
+    elif impl == "mamba_ssm":
+        fn = _mamba_ssm_fn()
+        tr = lambda x: x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)  # noqa
+        bc = lambda x: (x.detach().permute(0, 2, 1) if x.dim() == 3 else  # noqa: E731
+                        x.detach().permute(0, 2, 3, 1)).contiguous().requires_grad_(x.requires_grad)
+        u, dl, z = tr(t["u"]), tr(t["delta"]), tr(t["z"])
+        B, C = bc(t["B"]), bc(t["C"])
+        f = lambda: fn(u, dl, t["A"], B, C, t["D"], z, t["delta_bias"], True)  # noqa: E731
+    else:
+        raise ValueError(f"--impls: unknown implementation {impl!r} (triton, torch, mamba_ssm)")
+    if not backward:
+        return f, None
+    gy = torch.randn_like(f().detach())
+
+    def fb():
+        f().backward(gy)
+
+    return f, fb
+
+
+def _time_shape(shape, impl, args, device):
+    from .common import time_fn
+
+    b, d, l, n = shape
+    dtype = _DTYPES[args.dtype]
+    backward = not args.no_backward
+    t = make_inputs(b, d, l, n, dtype, device, args.groups, requires_grad=backward)
+    f, fb = _callables(impl, t, backward)
+    iters = args.iters if impl != "torch" else max(3, args.iters // 5)
+    row = {"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl}
+    with torch.no_grad():
+        r = time_fn(f, iters=iters, warmup=2 if impl == "torch" else 5)
+    row["fwd_ms"] = r["median_ms"]
+    row["fwd_GBps"] = fewest_bytes(b, d, l, n, dtype, args.groups) / r["median_ms"] / 1e6
+    if fb is not None:
+        r = time_fn(fb, iters=iters, warmup=2 if impl == "torch" else 5)
+        row["fwdbwd_ms"] = r["median_ms"]
+        row["fwdbwd_GBps"] = fewest_bytes(b, d, l, n, dtype, args.groups, True) / r["median_ms"] / 1e6
+    del t
+    return row
+
+
+def _sweep(shape, args, device) -> list[dict]:
+    import importlib
+
+    mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+    rows = []
+    for kind, cands in (("fwd", _SWEEP_FWD), ("bwd", _SWEEP_BWD)):
+        if kind == "bwd" and args.no_backward:
+            continue
+        for cfg in cands:
+            saved = dict(mod.TUNING)
+            mod.TUNING[kind] = cfg
+            if kind == "bwd":  # the backward reuses the forward's chunk length
+                mod.TUNING["fwd"] = (cfg[0], 32, 4)
+            try:
+                row = _time_shape(shape, "triton", argparse.Namespace(**{**vars(args),
+                                  "no_backward": kind == "fwd"}), device)
+                row.update(kind=kind, BLOCK_T=cfg[0], BLOCK_D=cfg[1], warps=cfg[2])
+                if kind == "bwd":
+                    row["bwd_only_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+            except Exception as e:  # a block shape that does not compile: report, go on
+                row = {"shape": "x".join(map(str, shape)), "kind": kind, "BLOCK_T": cfg[0],
+                       "BLOCK_D": cfg[1], "warps": cfg[2], "error": f"{type(e).__name__}: {e}"[:80]}
+            finally:
+                mod.TUNING.clear()
+                mod.TUNING.update(saved)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run(args) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("hybridseq bench scan needs a CUDA device (the timings are GPU times)")
+    device = "cuda"
+    shapes = [parse_shape(s) for s in args.shapes]
+    if args.sweep:
+        return [r for s in shapes for r in _sweep(s, args, device)]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    rows = []
+    for shape in shapes:
+        base = None
+        for impl in impls:
+            if impl == "mamba_ssm" and _mamba_ssm_fn() is None:
+                continue
+            b, d, l, n = shape
+            if impl == "torch" and b * d * l * n > args.torch_max_elems:
+                rows.append({"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl,
+                             "note": "skipped (--torch-max-elems)"})
+                continue
+            row = _time_shape(shape, impl, args, device)
+            if impl == "triton":
+                base = row
+            elif base is not None:
+                row["triton_speedup_fwd"] = row["fwd_ms"] / base["fwd_ms"]
+                if "fwdbwd_ms" in row and "fwdbwd_ms" in base:
+                    row["triton_speedup_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":  # python -m hybridseq.bench.scan [options]
+    import json
+
+    from .common import format_table
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    out = run(a)
+    print(json.dumps(out, indent=2) if a.json else format_table(out))

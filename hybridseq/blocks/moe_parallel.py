@@ -1,0 +1,139 @@
+"""Expert parallelism: the experts of an MoE layer sharded over an EP process group.
+
+With ep_size P, EP rank r owns experts [r * E/P, (r+1) * E/P) (its ``w_in``/``w_out`` hold only
+those). Every rank routes its own tokens with a replicated router, then:
+
+1. sort its token-slots by expert (so by owning rank), drop the capacity-dropped ones;
+2. exchange the per-expert counts (all_to_all_single of E integers), so each rank knows how many
+   rows it receives from each source rank for each of its local experts;
+3. all_to_all_single the token rows to their owners; regroup the received rows by local expert;
+   run the local experts (grouped GEMM, or the per-expert loop for impl ``loop``);
+4. undo the regrouping, all_to_all_single the results back, un-permute with the combine weights.
+
+The all-to-all is differentiable (``AllToAll``: its backward is the all-to-all with the split
+sizes swapped), so gradients of tokens routed elsewhere come back to their rank and every
+rank's expert weights receive the gradient of all the tokens they processed. The expert weights
+are marked ``p._expert_parallel = True``: data-parallel gradient averaging must not sum them over
+the EP group (they are different experts); the router and shared experts are replicated.
+
+Works with gloo (CPU tensors) and NCCL (CUDA). The group comes from, in order: the ``ep_group``
+given to ``MoEBlock``, ``set_expert_parallel_group(group)`` (module default, e.g. set by the
+DeepSpeed wiring before the model is built), or, when torch.distributed is initialised, groups of
+ep_size consecutive ranks of the world (created once per ep_size, collectively).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from hybridseq.errors import ConfigError
+from hybridseq.kernels.moe_permute import permute, sort_by_expert, unpermute
+
+from .moe_experts import run_sorted_experts
+
+_DEFAULT_GROUP = None
+_WORLD_GROUPS: dict[int, object] = {}
+
+
+def set_expert_parallel_group(group) -> None:
+    """Default EP process group for MoE blocks built afterwards (None: clear)."""
+    global _DEFAULT_GROUP
+    _DEFAULT_GROUP = group
+
+
+def get_expert_parallel_group():
+    return _DEFAULT_GROUP
+
+
+def _consecutive_groups(ep_size: int):
+    """Groups of ep_size consecutive world ranks; every rank must call this (new_group is
+    collective), which holds since every rank builds the same model."""
+    if ep_size not in _WORLD_GROUPS:
+        world = dist.get_world_size()
+        mine = None
+        for start in range(0, world, ep_size):
+            g = dist.new_group(list(range(start, start + ep_size)))
+            if start <= dist.get_rank() < start + ep_size:
+                mine = g
+        _WORLD_GROUPS[ep_size] = mine
+    return _WORLD_GROUPS[ep_size]
+
+
+def resolve_ep_group(ep_size: int, group=None):
+    """(group, rank in group) for ``ep_size``; ConfigError when none can be had."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(f"ep_size={ep_size} needs an initialised torch.distributed process group "
+                          "(launch with torchrun/deepspeed, or set ep_size: 1)", key="moe.ep_size")
+    if group is None:
+        group = _DEFAULT_GROUP
+    if group is None:
+        world = dist.get_world_size()
+        if world % ep_size:
+            raise ConfigError(f"ep_size={ep_size} does not divide the world size {world}", key="moe.ep_size")
+        group = dist.group.WORLD if world == ep_size else _consecutive_groups(ep_size)
+    size = dist.get_world_size(group)
+    if size != ep_size:
+        raise ConfigError(f"the expert-parallel group has {size} ranks but ep_size is {ep_size}",
+                          key="moe.ep_size")
+    return group, dist.get_rank(group)
+
+
+class AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all_single`` over dim 0: rank r sends ``send_splits[q]`` rows to
+    rank q and receives ``recv_splits[q]`` rows from rank q (rows ordered by source rank)."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty((sum(send_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x, send_splits, recv_splits, group):
+    return AllToAll.apply(x, list(send_splits), list(recv_splits), group)
+
+
+def expert_parallel_experts(x, indices, weights, w_in, w_out, activation, n_experts, group,
+                            impl="grouped", may_drop=False):
+    """y (N, d) = the MoE expert output for this rank's tokens, experts sharded over ``group``.
+
+    x (N, d), indices (N, k) in [0, E] (E: dropped), weights (N, k) in the compute dtype;
+    w_in/w_out hold this rank's E/P experts. Every rank of the group must call it (collective).
+    """
+    n, k = indices.shape
+    p = dist.get_world_size(group)
+    e_local = n_experts // p
+    order, counts, inv = sort_by_expert(indices, n_experts)
+    x_perm = permute(x, order, inv, k)
+    send_counts = counts[:n_experts].contiguous()
+    n_send = int(send_counts.sum().item()) if may_drop else n * k
+
+    comm_device = x.device
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts.to(comm_device), group=group)
+    send_splits = send_counts.view(p, e_local).sum(1).tolist()
+    recv_by_src = recv_counts.view(p, e_local)                  # [source rank, local expert]
+    recv_splits = recv_by_src.sum(1).tolist()
+
+    x_recv = all_to_all(x_perm[:n_send], send_splits, recv_splits, group)
+    # received rows are ordered (source rank, local expert): regroup them by local expert
+    local_eid = torch.repeat_interleave(
+        torch.arange(e_local, device=x.device).repeat(p), recv_by_src.reshape(-1),
+        output_size=x_recv.shape[0])
+    order2, counts2, inv2 = sort_by_expert(local_eid.view(-1, 1), e_local)
+    x_loc = permute(x_recv, order2, inv2, 1)
+    gemm_impl = "loop" if impl == "loop" else "auto"
+    y_loc = run_sorted_experts(x_loc, counts2[:e_local], w_in, w_out, activation, gemm_impl)
+    y_recv = permute(y_loc, inv2, order2, 1)                    # back to (source, expert) order
+    y_back = all_to_all(y_recv, recv_splits, send_splits, group)
+    if n_send < n * k:
+        y_back = torch.cat([y_back, y_back.new_zeros(n * k - n_send, y_back.shape[-1])], 0)
+    return unpermute(y_back, order, inv, weights)

@@ -1,0 +1,168 @@
+"""MoE routers and their losses; all routing math runs in float32.
+
+A router maps tokens x (N, d_model) to
+    logits  (N, E) fp32      x @ W^T, W the router weight (E, d_model)
+    probs   (N, E) fp32      the distribution the load-balancing loss and entropy use
+    indices (N, k) int64     the chosen experts of each token (slot j = its j-th choice)
+    weights (N, k) fp32      the combine weights: y = sum_j weights[n, j] * expert_{indices[n, j]}(x_n)
+
+Router kinds (spec key ``router``):
+- ``softmax`` (Switch / Mixtral): probs = softmax(logits); top-k of probs; weights = the top-k
+  probs, renormalised to sum to 1 when ``renormalize`` (Mixtral), raw otherwise (Switch).
+- ``sigmoid`` (DeepSeek-V3, aux-loss-free balancing): scores = sigmoid(logits); the top-k is taken
+  over scores + b, b a per-expert bias buffer used only for *selection*; weights = the selected
+  scores (without b), renormalised when ``renormalize``. probs = scores / sum(scores) (for the
+  aux loss and entropy). The bias is updated by ``update_bias`` with the rule
+  b_i += rate * sign(mean_load - load_i) (no gradient); see ``MoEBlock`` for when it is called.
+- ``sinkhorn`` (BlackMamba / Megatron): in training, the experts are chosen by the top-k of the
+  Sinkhorn-balanced assignment matrix (rows of exp(logits) alternately normalised to sum to 1 and
+  columns to N/E), which spreads tokens evenly over experts whatever the logits; at inference
+  (``training=False``) by the plain top-k of the logits. weights = softmax(logits) at the chosen
+  experts (sigmoid(logit) when top_k == 1, as Megatron), renormalised when ``renormalize`` and
+  top_k > 1. The Sinkhorn matrix carries no gradient; the weights do.
+
+Losses (each a scalar fp32 tensor; MoEBlock multiplies by the YAML coefficients):
+- ``load_balancing_loss`` (Switch Transformer eq. 4, generalised to top-k):
+  E * sum_i f_i * P_i, f_i = fraction of the N*k token-slots routed to expert i (before any
+  capacity drop), P_i = mean over tokens of probs[:, i]. It is 1 under perfect balance
+  (f = P = 1/E) and E under total collapse.
+- ``z_loss`` (ST-MoE): mean over tokens of logsumexp(logits)^2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROUTER_KINDS = ("softmax", "sigmoid", "sinkhorn")
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor   # (N, E) fp32
+    probs: torch.Tensor    # (N, E) fp32
+    indices: torch.Tensor  # (N, k) int64
+    weights: torch.Tensor  # (N, k) fp32
+
+
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch load-balancing loss E * sum_i f_i * P_i (see the module docstring)."""
+    n_slots = indices.numel()
+    counts = torch.bincount(indices.reshape(-1), minlength=n_experts)[:n_experts]
+    f = counts.to(torch.float32) / max(n_slots, 1)
+    p = probs.float().mean(dim=0)
+    return n_experts * torch.sum(f * p)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss: mean(logsumexp(logits, -1) ** 2)."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy (nats) of the router distribution."""
+    p = probs.float()
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+
+
+def sinkhorn(logits: torch.Tensor, n_iters: int = 30) -> torch.Tensor:
+    """Balanced assignment matrix of ``logits`` (N, E), in log space.
+
+    Alternately normalises rows to sum to 1 and columns to sum to N / E, starting from exp(logits);
+    ``n_iters`` fixed iterations (no host synchronisation). Returns log of the matrix (N, E), fp32.
+    """
+    n, e = logits.shape
+    log_p = logits.float()
+    log_col_target = math.log(n / e)
+    for _ in range(n_iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_col_target
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    return log_p
+
+
+class Router(nn.Module):
+    """Linear router (no bias) with fp32 math; the weight itself is kept in fp32 (tagged
+    ``_keep_fp32``; it still gets weight decay).
+
+    forward(x (N, d_model)) -> RouterOutput. ``bias_override`` (E,) fp32, when given, is added to
+    the logits before selection and weighting (benches use it to force skewed routing).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, kind: str = "softmax",
+                 renormalize: bool = True, bias_update_rate: float = 0.001):
+        super().__init__()
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"router must be one of {ROUTER_KINDS}, got {kind!r}")
+        self.n_experts, self.top_k, self.kind = n_experts, top_k, kind
+        self.renormalize = renormalize
+        self.bias_update_rate = bias_update_rate
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model, dtype=torch.float32))
+        self.weight._keep_fp32 = True
+        # sigmoid router: selection-only bias (aux-loss-free balancing); saved with the model.
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32),
+                             persistent=(kind == "sigmoid"))
+        self.bias_override: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, std=std)
+
+    def _apply(self, fn, recurse=True):
+        """Keep the weight and the bias in float32 through module-wide dtype casts."""
+        out = super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return out
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        if self.bias_override is not None:
+            logits = logits + self.bias_override.to(logits)
+        return logits
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        logits = self.compute_logits(x)
+        k = self.top_k
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.kind == "softmax":
+                probs = torch.softmax(logits, dim=-1)
+                weights, indices = torch.topk(probs, k, dim=-1)
+                if self.renormalize and k > 1:
+                    weights = weights / weights.sum(-1, keepdim=True)
+            elif self.kind == "sigmoid":
+                scores = torch.sigmoid(logits)
+                _, indices = torch.topk(scores.detach() + self.expert_bias, k, dim=-1)
+                weights = scores.gather(1, indices)
+                if self.renormalize and k > 1:
+                    weights = weights / weights.sum(-1, keepdim=True)
+                probs = scores / scores.sum(-1, keepdim=True)
+            else:  # sinkhorn
+                probs = torch.softmax(logits, dim=-1)
+                if self.training:
+                    with torch.no_grad():
+                        _, indices = torch.topk(sinkhorn(logits.detach()), k, dim=-1)
+                else:
+                    _, indices = torch.topk(logits.detach(), k, dim=-1)
+                if k == 1:
+                    weights = torch.sigmoid(logits).gather(1, indices)
+                else:
+                    weights = probs.gather(1, indices)
+                    if self.renormalize:
+                        weights = weights / weights.sum(-1, keepdim=True)
+        return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: b_i += rate * sign(mean(load) - load_i).
+
+        ``load`` (E,) token-slot counts (or fractions). Overloaded experts get a lower bias and so
+        are chosen less; underloaded ones a higher bias.
+        """
+        load = load.to(self.expert_bias.device, torch.float32)
+        self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))

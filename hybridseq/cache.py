@@ -1,0 +1,168 @@
+"""The inference cache of a hybrid model, and "state cartridges" (a cache saved to disk).
+
+One ``HybridCache`` serves every layout: ``states[i]`` is sublayer i's state dict (Mamba: conv +
+SSM state, constant size; attention: a KV cache, a ring buffer of ``window`` slots when sliding;
+MoE/MLP: ``None``), and ``seqlen_offset`` is the number of tokens already absorbed (the same for
+every row of the batch: prompts have equal lengths).
+
+    cache = model.new_cache(batch_size=2, max_seq_len=4096)
+    model(prompt_ids, cache=cache)       # prefill; seqlen_offset += prompt length
+    cache.save("doc.cartridge")          # safetensors: every state tensor + metadata
+    cache = hs.load_cache("doc.cartridge", model)   # continue exactly where it was
+
+The file holds tensors ``layers.<i>.<name>`` and string metadata: ``format``
+("hybridseq-cache"), ``hybridseq_version``, ``config_hash`` (``hybridseq.config.config_hash`` of
+the model's config), ``weights_fingerprint`` (a checksum of the weights the state was computed
+with), ``layout`` (JSON list of block kinds), ``seqlen_offset``, ``batch_size``,
+``max_seq_len``, ``dtype``. Loading checks the hash, the fingerprint, and every tensor's shape.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from .errors import HybridSeqError
+
+FORMAT = "hybridseq-cache"
+
+
+class HybridCache:
+    """Per-sublayer inference state of one batch of sequences.
+
+    Attributes: ``states`` (list of dict[str, Tensor] | None, one per sublayer),
+    ``seqlen_offset`` (int), ``batch_size``, ``max_seq_len``, ``dtype``, ``layout`` (block kinds),
+    ``config_hash``, ``weights_fingerprint``.
+    """
+
+    def __init__(self, states: list[dict[str, torch.Tensor] | None], *, batch_size: int,
+                 max_seq_len: int, dtype: torch.dtype, layout: list[str], config_hash: str = "",
+                 weights_fingerprint: str = "", seqlen_offset: int = 0):
+        self.states = states
+        self.batch_size = int(batch_size)
+        self.max_seq_len = int(max_seq_len)
+        self.dtype = dtype
+        self.layout = list(layout)
+        self.config_hash = config_hash
+        self.weights_fingerprint = weights_fingerprint
+        self.seqlen_offset = int(seqlen_offset)
+
+    # --- views -------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every state tensor, named ``layers.<i>.<name>``."""
+        out = {}
+        for i, st in enumerate(self.states):
+            for name, t in (st or {}).items():
+                out[f"layers.{i}.{name}"] = t
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors (all rows of the batch)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def device(self) -> torch.device | None:
+        for t in self.tensors().values():
+            return t.device
+        return None
+
+    def reset(self) -> None:
+        """Forget every token: zero the states, offset 0."""
+        for st in self.states:
+            for t in (st or {}).values():
+                t.zero_()
+        self.seqlen_offset = 0
+
+    def __repr__(self) -> str:
+        return (f"HybridCache(batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
+                f"seqlen_offset={self.seqlen_offset}, dtype={self.dtype}, "
+                f"layers={len(self.states)}, nbytes={self.nbytes()})")
+
+    # --- save / load -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        from . import __version__
+
+        return {
+            "format": FORMAT,
+            "hybridseq_version": __version__,
+            "config_hash": self.config_hash,
+            "weights_fingerprint": self.weights_fingerprint,
+            "layout": json.dumps(self.layout),
+            "seqlen_offset": str(self.seqlen_offset),
+            "batch_size": str(self.batch_size),
+            "max_seq_len": str(self.max_seq_len),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write every state tensor and the metadata to a safetensors file (atomically: a
+        temporary file in the same folder, then a rename)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        tensors = {k: t.detach().contiguous().cpu() for k, t in self.tensors().items()}
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any, *, device=None,
+             check_weights: bool = True) -> "HybridCache":
+        """Restore a cache saved by ``save`` for ``model`` (a ``HybridLM``).
+
+        Raises ``HybridSeqError`` when the file is not a hybridseq cache, when it was made by a
+        model with another config (``config_hash``) or, unless ``check_weights=False``, other
+        weights, or when a tensor's shape does not match."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise HybridSeqError(f"{path}: no such cache file")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise HybridSeqError(f"{path}: not a readable safetensors cache ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise HybridSeqError(f"{path}: not a hybridseq cache (metadata format "
+                                 f"{meta.get('format')!r})")
+        if meta.get("config_hash") != model.config_hash:
+            raise HybridSeqError(
+                f"{path}: this cache was saved from a different model (config hash "
+                f"{meta.get('config_hash', '?')[:12]}, layout {meta.get('layout')}); this model's "
+                f"config hash is {model.config_hash[:12]} (layout {json.dumps(model.layout)})")
+        if check_weights and meta.get("weights_fingerprint") != model.weights_fingerprint():
+            raise HybridSeqError(
+                f"{path}: this cache was computed with other weights (same config, fingerprint "
+                f"{meta.get('weights_fingerprint')} vs {model.weights_fingerprint()}); pass "
+                "check_weights=False to load it anyway")
+        dtype = getattr(torch, meta["dtype"])
+        device = device if device is not None else next(model.parameters()).device
+        cache = model.new_cache(int(meta["batch_size"]), int(meta["max_seq_len"]), device=device,
+                                dtype=dtype)
+        expected = cache.tensors()
+        if set(expected) != set(tensors):
+            missing = sorted(set(expected) - set(tensors))
+            extra = sorted(set(tensors) - set(expected))
+            raise HybridSeqError(f"{path}: cache tensors do not match the model "
+                                 f"(missing {missing[:4]}, unexpected {extra[:4]})")
+        for name, t in tensors.items():
+            i, key = name.split(".")[1], name.split(".", 2)[2]
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise HybridSeqError(f"{path}: {name} has shape {tuple(t.shape)}, the model "
+                                     f"expects {tuple(expected[name].shape)}")
+            cache.states[int(i)][key] = t.to(device=device, dtype=expected[name].dtype)
+        cache.seqlen_offset = int(meta["seqlen_offset"])
+        return cache

@@ -1,0 +1,91 @@
+"""Autoregressive sampling with the hybrid inference cache.
+
+``generate(model, prompt_ids, max_new_tokens, ...)`` prefills the (B, P) prompts (equal lengths)
+in one forward, then decodes one token per step through ``model(next_ids, cache=cache)``:
+constant work per token for Mamba layers, a KV read for attention layers.
+
+Sampling of each step's logits (the padded vocabulary entries are never drawn):
+- ``temperature == 0``: greedy (argmax);
+- else ``logits / temperature``, restricted to the ``top_k`` largest (when given) and to the
+  smallest set of tokens whose probabilities sum to >= ``top_p`` (nucleus, when given; the most
+  likely token always stays), then one draw from the softmax.
+Rows that produced ``eos_token_id`` are finished: they get ``eos_token_id`` from then on, and
+generation stops early once every row is finished. Returns (B, P + n) with n <= max_new_tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import HybridSeqError
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V). Returns (B,) int64."""
+    if temperature < 0:
+        raise HybridSeqError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise HybridSeqError(f"top_k must be >= 1, got {top_k}")
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise HybridSeqError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        drop_sorted = before >= top_p          # the top token has before == 0: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, cache=None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` (B, P), P >= 1.
+
+    ``cache``: continue from an existing cache (e.g. a loaded state cartridge) instead of a fresh
+    one; ``prompt_ids`` are then the tokens that follow the cached ones. Returns prompt +
+    generated tokens, (B, P + n)."""
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
+        raise HybridSeqError(f"prompt_ids must be (batch, length >= 1), got {tuple(prompt_ids.shape)}")
+    if max_new_tokens < 0:
+        raise HybridSeqError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    B, P = prompt_ids.shape
+    if max_new_tokens == 0:
+        return prompt_ids
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        prompt_ids = prompt_ids.to(device)
+        if cache is None:
+            cache = model.new_cache(B, P + max_new_tokens, device=device)
+        real_vocab = getattr(model, "vocab_size_unpadded", None)
+        out = [prompt_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits = model(prompt_ids, cache=cache).logits[:, -1]
+        for step in range(max_new_tokens):
+            if real_vocab is not None and logits.shape[-1] > real_vocab:
+                logits = logits.clone()
+                logits[:, real_vocab:] = float("-inf")
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            out.append(nxt[:, None])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = model(nxt[:, None], cache=cache).logits[:, -1]
+        return torch.cat(out, dim=1)
+    finally:
+        model.train(was_training)

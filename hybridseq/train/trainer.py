@@ -1,0 +1,344 @@
+"""The training loop: one process (CPU or one GPU) through an *engine*; DeepSpeed plugs in later.
+
+    from hybridseq.train import train
+    summary = train(cfg, out_dir="runs/x")            # -> {"final_loss", "eval_acc", ...}
+    summary = train(cfg, out_dir="runs/x", resume=True)
+
+Engine interface (implemented by ``engine.LocalEngine``; a DeepSpeed engine in
+``deepspeed_engine.py`` implements the same and is passed as ``engine_factory``)::
+
+    forward(inputs) -> ModelOutput      backward(loss)        step() -> {"lr", "grad_norm"}
+    state_dict() / load_state_dict()    autocast()            lr, model, device, is_main
+    save_checkpoint(root, step, client_state, keep_last) -> folder
+    load_checkpoint(folder) -> client_state
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences each (per process):
+for each, ``loss = (CE(logits, targets) + aux_loss) / grad_accum`` is back-propagated; then
+``engine.step()`` clips, steps AdamW and the warmup+cosine schedule. Only the cross-entropy on
+scored positions is logged as ``loss``; the MoE auxiliary loss is logged as ``aux_loss``.
+
+Output folder (``train.out_dir``, default ``runs/<name>-<YYYYmmdd-HHMMSS>``): ``config.yaml``
+(the resolved config), ``metrics.jsonl`` (see ``metrics.py``) and ``checkpoints/`` (see
+``checkpoint.py``). A checkpoint's ``trainer_state.pt`` holds, beside the engine state, the
+*client state*: step, tokens seen, the task's data position (its generator state), the RNG states
+of torch/CUDA/random/numpy and the running log accumulators, so that a resumed run reproduces
+the losses of an uninterrupted one exactly on CPU.
+
+Ctrl-C (SIGINT) asks the loop to stop at the end of the current step: it saves a checkpoint and
+raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``); a second Ctrl-C aborts at once, and the
+previous checkpoint stays intact (writes are atomic).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from datetime import datetime
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config.schema import TRAIN_DEFAULTS
+from ..data import IGNORE, make_task, score
+from ..errors import HybridSeqError
+from . import checkpoint as ckpt
+from .engine import LocalEngine, resolve_device
+from .metrics import MetricsWriter, Progress
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after a Ctrl-C once the current step finished and a checkpoint was saved."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _to_dict(section) -> dict:
+    if section is None:
+        return {}
+    if isinstance(section, dict):
+        return dict(section)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(section, resolve=True)
+
+
+def default_out_dir(name: str | None) -> str:
+    return os.path.join("runs", f"{name or 'run'}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over scored positions (targets != -100), computed in float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds (or receives) the model, the task and an engine, and runs ``fit()``.
+
+    ``hooks``: callables ``hook(trainer, record)`` run after every optimizer step with that step's
+    record (``step``, ``loss``, ``lr``, ...); an exception in a hook stops training (tests use it
+    to simulate a crash)."""
+
+    def __init__(self, cfg, out_dir: str | None = None, resume: bool = False, progress: bool = True,
+                 engine_factory: Callable | None = None, model=None, hooks=(), rank: int = 0):
+        self.cfg = cfg
+        self.tc = {**TRAIN_DEFAULTS, **_to_dict(cfg.get("train") if hasattr(cfg, "get") else cfg["train"])}
+        tc = self.tc
+        for key in ("steps", "batch_size", "grad_accum"):
+            if int(tc[key]) < 1:
+                raise HybridSeqError(f"train.{key} must be >= 1, got {tc[key]}")
+        self.steps, self.batch_size, self.grad_accum = int(tc["steps"]), int(tc["batch_size"]), int(tc["grad_accum"])
+        self.seed = int(tc["seed"])
+        self.out_dir = out_dir or tc.get("out_dir") or default_out_dir(cfg.get("name"))
+        self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self.hooks = list(hooks)
+        self.show_progress = progress
+        self.resume = resume
+        if resume and not os.path.isdir(self.out_dir):
+            raise HybridSeqError(f"--resume: no run folder {self.out_dir}")
+
+        seed_everything(self.seed)
+        # Data: one task per process, seeded per rank so ranks see different batches.
+        self.task = make_task(tc["task"], seed=self.seed + 1000 * rank)
+        if model is None:
+            from ..api import build_model
+
+            model = build_model(cfg)
+        device = resolve_device(tc.get("device", "auto"))
+        model.to(device)
+        model.train()
+        self.engine = (engine_factory or LocalEngine)(model, tc, cfg=cfg, device=device)
+        self.model = self.engine.model
+        self.device = self.engine.device
+        self.n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+        self.step = 0
+        self.tokens_seen = 0
+        self._acc = self._new_acc()
+        self.last_eval: dict = {}
+        self.first_loss = None
+        self.last_loss = None
+        self._stop_requested = False
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    @staticmethod
+    def _new_acc() -> dict:
+        return {"loss": 0.0, "aux": 0.0, "correct": 0, "scored": 0, "steps": 0, "tokens": 0}
+
+    def client_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "task": self.task.state_dict(),
+                "rng": rng_state(), "acc": dict(self._acc), "last_eval": dict(self.last_eval)}
+
+    def load_client_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.task.load_state_dict(state["task"])
+        set_rng_state(state["rng"])
+        self._acc = dict(state.get("acc") or self._new_acc())
+        self.last_eval = dict(state.get("last_eval") or {})
+
+    def save(self) -> str:
+        return self.engine.save_checkpoint(self.ckpt_root, self.step, self.client_state(),
+                                           keep_last=int(self.tc.get("keep_last") or 0))
+
+    def _write_config(self) -> None:
+        if not self.engine.is_main:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        try:
+            from ..config import save_config
+        except ImportError:
+            save_config = None
+        path = os.path.join(self.out_dir, "config.yaml")
+        if save_config is not None:
+            save_config(self.cfg, path)
+        else:  # config package without save_config: plain OmegaConf dump
+            from omegaconf import OmegaConf
+
+            OmegaConf.save(self.cfg, path, resolve=True)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, task=None, n_batches: int | None = None, batch_size: int | None = None) -> dict:
+        """Mean cross-entropy and accuracies over the task's fixed evaluation batches."""
+        task = task or self.task
+        n = int(n_batches or self.tc.get("eval_batches") or 1)
+        bs = int(batch_size or self.batch_size)
+        was_training = self.model.training
+        self.model.eval()
+        total_loss, counts = 0.0, {"correct": 0, "scored": 0, "seq_correct": 0, "seqs": 0}
+        try:
+            for inputs, targets in task.eval_batches(n, bs):
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                with self.engine.autocast():
+                    logits = self.model(inputs).logits
+                total_loss += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                    targets.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+                for k, v in score(logits, targets).items():
+                    counts[k] += v
+        finally:
+            self.model.train(was_training)
+        out = {"eval_loss": total_loss / max(1, counts["scored"]),
+               "eval_acc": counts["correct"] / max(1, counts["scored"])}
+        if task.has_seq_acc:
+            out["eval_seq_acc"] = counts["seq_correct"] / max(1, counts["seqs"])
+        return out
+
+    # --- one optimizer step -------------------------------------------------------------------
+    def train_step(self) -> dict:
+        loss_sum, aux_sum, tokens = 0.0, 0.0, 0
+        correct = scored = 0
+        for _ in range(self.grad_accum):
+            inputs, targets = self.task.next_batch(self.batch_size)
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            out = self.engine.forward(inputs)
+            ce = lm_loss(out.logits, targets)
+            aux = getattr(out, "aux_loss", None)
+            loss = ce + aux if aux is not None else ce
+            self.engine.backward(loss / self.grad_accum)
+            loss_sum += float(ce.detach())
+            aux_sum += float(aux.detach()) if aux is not None else 0.0
+            s = score(out.logits.detach(), targets)
+            correct += s["correct"]
+            scored += s["scored"]
+            tokens += inputs.numel()
+        info = self.engine.step()
+        self.step += 1
+        self.tokens_seen += tokens * self.engine.world_size
+        loss = loss_sum / self.grad_accum
+        if not math.isfinite(loss):
+            raise HybridSeqError(f"loss is {loss} at step {self.step}: lower train.lr or check the data")
+        return {"step": self.step, "loss": loss, "aux_loss": aux_sum / self.grad_accum,
+                "acc": correct / max(1, scored), "correct": correct, "scored": scored,
+                "tokens": tokens * self.engine.world_size, **info}
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def fit(self) -> dict:
+        tc = self.tc
+        resume_step = None
+        if self.resume:
+            found = ckpt.latest_checkpoint(self.ckpt_root)
+            if found is not None:
+                self.load_client_state(self.engine.load_checkpoint(found))
+                resume_step = self.step
+        self._write_config()
+        writer = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"), resume_step=resume_step) \
+            if self.engine.is_main else None
+        bar = Progress(self.steps, initial=self.step, enabled=self.show_progress and self.engine.is_main)
+        if resume_step is not None:
+            bar.write(f"resumed from {found} (step {resume_step})")
+        elif self.resume:
+            bar.write(f"no checkpoint in {self.ckpt_root}: starting from step 0")
+
+        log_every = max(1, int(tc.get("log_every") or 1))
+        eval_every = int(tc.get("eval_every") or 0)
+        save_every = int(tc.get("save_every") or 0)
+        start_step, start = self.step, time.perf_counter()
+        interval_t0, interval_time = time.perf_counter(), 0.0
+        last_saved = resume_step
+        previous = self._install_sigint()
+        try:
+            while self.step < self.steps:
+                rec = self.train_step()
+                a = self._acc
+                a["loss"] += rec["loss"]; a["aux"] += rec["aux_loss"]; a["steps"] += 1
+                a["correct"] += rec["correct"]; a["scored"] += rec["scored"]; a["tokens"] += rec["tokens"]
+                if self.first_loss is None:
+                    self.first_loss = rec["loss"]
+                self.last_loss = rec["loss"]
+                for hook in self.hooks:
+                    hook(self, rec)
+                final = self.step == self.steps
+                record = {}
+                if self.step % log_every == 0 or final:
+                    interval_time += time.perf_counter() - interval_t0
+                    record = {"step": self.step, "loss": a["loss"] / a["steps"],
+                              "acc": a["correct"] / max(1, a["scored"]), "aux_loss": a["aux"] / a["steps"],
+                              "lr": rec["lr"], "grad_norm": rec["grad_norm"], "tokens": self.tokens_seen,
+                              "tokens_per_s": a["tokens"] / max(interval_time, 1e-9),
+                              "elapsed_s": time.perf_counter() - start}
+                    self._acc = self._new_acc()
+                    interval_time, interval_t0 = 0.0, time.perf_counter()
+                if (eval_every and self.step % eval_every == 0) or final:
+                    interval_time += time.perf_counter() - interval_t0
+                    self.last_eval = self.evaluate()
+                    record = {"step": self.step, **record, **self.last_eval}
+                    interval_t0 = time.perf_counter()
+                if record and writer is not None:
+                    writer.write(record)
+                    if "eval_loss" in record:
+                        bar.write(_eval_line(record))
+                bar.update(1, loss=rec["loss"], acc=rec["acc"],
+                           **({"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}))
+                if (save_every and self.step % save_every == 0) or final:
+                    self.save()
+                    last_saved = self.step
+                if self._stop_requested and not final:
+                    path = self.save()
+                    raise TrainingInterrupted(self.step, path)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            bar.close()
+            if writer is not None:
+                writer.close()
+        wall = time.perf_counter() - start
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        return {"out_dir": self.out_dir, "steps": self.step, "n_params": self.n_params,
+                "first_loss": self.first_loss, "final_loss": self.last_loss, **self.last_eval,
+                "wall_s": wall,
+                "tokens_per_s": (self.tokens_seen and (self.step - start_step) * self.batch_size * self.grad_accum
+                                 * self.task.seq_len * self.engine.world_size / max(wall, 1e-9)),
+                "checkpoint": latest, "resumed_from": resume_step, "last_saved": last_saved,
+                "device": str(self.device), "precision": getattr(self.engine, "precision", None)}
+
+
+def _eval_line(r: dict) -> str:
+    parts = [f"step {r['step']}", f"eval_loss {r['eval_loss']:.4f}", f"eval_acc {r['eval_acc']:.3f}"]
+    if "eval_seq_acc" in r:
+        parts.append(f"eval_seq_acc {r['eval_seq_acc']:.3f}")
+    return "  ".join(parts)
+
+
+def train(cfg, out_dir: str | None = None, resume: bool = False, progress: bool = True, **kwargs) -> dict:
+    """Train ``cfg`` (a loaded config) in this process; returns a summary dict (see ``Trainer.fit``)."""
+    return Trainer(cfg, out_dir=out_dir, resume=resume, progress=progress, **kwargs).fit()

@@ -1,0 +1,318 @@
+"""Triton causal depthwise conv1d (forward + backward) and its one-token decoding update.
+
+Same contract as ``causal_conv1d_ref.py`` (channel-last x (b, l, d), weight (d, w), bias (d,),
+states (b, w-1, d) = the previous w-1 inputs, oldest first). Let ``xc`` be the state followed by x
+along time (index i = 0 .. l+w-2; ``xc[i] = initial_state[i]`` for i < w-1, else
+``x[i - (w-1)]``). Then
+
+    pre[t] = bias + sum_k weight[:, k] * xc[t + k],     y[t] = silu(pre[t]) or pre[t]
+
+Backward, with ``g[t] = dy[t] * silu'(pre[t])`` (``dy`` without SiLU; pre is recomputed, nothing
+but the inputs is saved):
+
+    dxc[i]       = sum_k weight[:, k] * g[i - k]          (0 <= i - k < l)
+    dweight[:, k] = sum_{b, t} g[t] * xc[t + k],            dbias = sum_{b, t} g[t]
+
+``dxc`` gives dx (i >= w-1) and d initial_state (i < w-1) in one pass. dweight and dbias are
+reduced per program over a chunk of rows, and the (few) per-chunk partials are summed in PyTorch:
+deterministic, no atomics. The final state is sliced from (initial_state, x) with PyTorch ops,
+so autograd differentiates it without a kernel.
+
+Tiles are (rows of time) x (channels); channels are the contiguous axis, so every load is a
+coalesced row. The w shifted loads of one tile overlap and are served by L1.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_causal_conv1d_args, check_causal_conv1d_update_args
+
+__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _alloc(shape, dtype, device):
+    """Uninitialised output buffer (tests replace this to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+# Rows of time reduced by one backward program (dweight/dbias partials are per chunk). A multiple
+# of every BL below. Tests lower it to exercise several chunks at small sizes.
+BWD_CHUNK_ROWS = 256
+
+
+@triton.jit
+def _load_xc(x_base, s_base, i, c, cmask, L, sxl, sxd, ssl, ssd,
+             W: tl.constexpr, HAS_STATE: tl.constexpr):
+    """fp32 tile of xc at time indices ``i`` (BL,) and channels ``c`` (BD,); 0 outside."""
+    ix = i - (W - 1)
+    mx = (ix >= 0) & (ix < L)
+    v = tl.load(x_base + ix.to(tl.int64)[:, None] * sxl + c[None, :] * sxd,
+                mask=mx[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    if HAS_STATE:
+        ms = (i >= 0) & (i < W - 1)
+        v += tl.load(s_base + i[:, None] * ssl + c[None, :] * ssd,
+                     mask=ms[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
+                     L, D,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, syb, syl, syd,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                     SILU: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    t = pid_l * BL + tl.arange(0, BL)
+    c = pid_d * BD + tl.arange(0, BD)
+    cmask = c < D
+    x_base = x_ptr + pid_b * sxb
+    s_base = s_ptr + pid_b * ssb
+    acc = tl.zeros((BL, BD), dtype=tl.float32)
+    for k in tl.static_range(W):
+        wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
+        xv = _load_xc(x_base, s_base, t + k, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        acc += xv * wk[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    y_ptrs = y_ptr + pid_b * syb + t.to(tl.int64)[:, None] * syl + c[None, :] * syd
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
+                     L, D, CHUNK,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, sgb, sgl, sgd,
+                     sdxb, sdxl, sdxd, sdsb, sdsl, sdsd,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                     SILU: tl.constexpr, W_P2: tl.constexpr, BL: tl.constexpr,
+                     BD: tl.constexpr):
+    pid_ch = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    n_chunks = tl.num_programs(0)
+    pid_b64 = pid_b.to(tl.int64)
+    c = pid_d * BD + tl.arange(0, BD)
+    cmask = c < D
+    x_base = x_ptr + pid_b64 * sxb
+    s_base = s_ptr + pid_b64 * ssb
+    g_base = dy_ptr + pid_b64 * sgb
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    # dweight partials: one (BD,) accumulator per tap, kept as a (W_P2, BD) tile.
+    kk = tl.arange(0, W_P2)
+    dw_acc = tl.zeros((W_P2, BD), dtype=tl.float32)
+    db_acc = tl.zeros((BD,), dtype=tl.float32)
+    n_rows = L + W - 1
+    start = pid_ch * CHUNK
+    end = tl.minimum(start + CHUNK, n_rows)
+    for i0 in range(start, end, BL):
+        i = i0 + tl.arange(0, BL)
+        dxc = tl.zeros((BL, BD), dtype=tl.float32)
+        for k in tl.static_range(W):
+            t = i - k  # output time whose gradient reaches xc[i] through tap k
+            gm = (t >= 0) & (t < L)
+            g = tl.load(g_base + t.to(tl.int64)[:, None] * sgl + c[None, :] * sgd,
+                        mask=gm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            if SILU:
+                pre = tl.zeros((BL, BD), dtype=tl.float32)
+                for m in tl.static_range(W):
+                    wm = tl.load(w_ptr + c * swd + m * swk, mask=cmask, other=0.0).to(tl.float32)
+                    pre += wm[None, :] * _load_xc(x_base, s_base, t + m, c, cmask, L, sxl, sxd,
+                                                  ssl, ssd, W, HAS_STATE)
+                if HAS_BIAS:
+                    pre += bias[None, :]
+                sig = 1.0 / (1.0 + tl.exp(-pre))
+                g = g * sig * (1.0 + pre * (1.0 - sig))
+            wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
+            dxc += wk[None, :] * g
+            if k == 0:
+                # g at times t = i: each time of this chunk exactly once (0 past l).
+                db_acc += tl.sum(g, axis=0)
+                for m in tl.static_range(W):
+                    xm = _load_xc(x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W,
+                                  HAS_STATE)
+                    dw_m = tl.sum(g * xm, axis=0)
+                    dw_acc += tl.where((kk == m)[:, None], dw_m[None, :], 0.0)
+        ix = i - (W - 1)
+        mx = (ix >= 0) & (ix < L)
+        tl.store(dx_ptr + pid_b64 * sdxb + ix.to(tl.int64)[:, None] * sdxl + c[None, :] * sdxd,
+                 dxc.to(dx_ptr.dtype.element_ty), mask=mx[:, None] & cmask[None, :])
+        if HAS_STATE:
+            ms = (i >= 0) & (i < W - 1)
+            tl.store(ds_ptr + pid_b64 * sdsb + i[:, None] * sdsl + c[None, :] * sdsd,
+                     dxc.to(ds_ptr.dtype.element_ty), mask=ms[:, None] & cmask[None, :])
+    part = pid_b * n_chunks + pid_ch
+    tl.store(dw_ptr + part.to(tl.int64) * W * D + kk[:, None] * D + c[None, :], dw_acc,
+             mask=(kk < W)[:, None] & cmask[None, :])
+    tl.store(db_ptr + part.to(tl.int64) * D + c, db_acc, mask=cmask)
+
+
+@triton.jit
+def _conv_update_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, ns_ptr,
+                        D,
+                        sxb, sxd, ssb, ssl, ssd, swd, swk, syb, syd, snb, snl, snd,
+                        W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                        BD: tl.constexpr):
+    pid_b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    cmask = c < D
+    xv = tl.load(x_ptr + pid_b * sxb + c * sxd, mask=cmask, other=0.0)
+    acc = xv.to(tl.float32) * tl.load(w_ptr + c * swd + (W - 1) * swk, mask=cmask,
+                                      other=0.0).to(tl.float32)
+    for k in tl.static_range(W - 1):
+        sk = tl.load(s_ptr + pid_b * ssb + k * ssl + c * ssd, mask=cmask, other=0.0)
+        acc += sk.to(tl.float32) * tl.load(w_ptr + c * swd + k * swk, mask=cmask,
+                                           other=0.0).to(tl.float32)
+        if k >= 1:
+            tl.store(ns_ptr + pid_b * snb + (k - 1) * snl + c * snd, sk, mask=cmask)
+    if W >= 2:
+        tl.store(ns_ptr + pid_b * snb + (W - 2) * snl + c * snd,
+                 xv.to(ns_ptr.dtype.element_ty), mask=cmask)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    tl.store(y_ptr + pid_b * syb + c * syd, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+_FWD_CONFIGS = [
+    triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
+    for bl, bd, nw in ((32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 4), (64, 256, 8),
+                       (128, 64, 4), (64, 64, 2))
+]
+_BWD_CONFIGS = [
+    triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
+    for bl, bd, nw in ((16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4))
+]
+_conv_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
+    _conv_fwd_kernel)
+_conv_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
+    _conv_bwd_kernel)
+# Under the interpreter (CPU tests) one small tile, no autotuning.
+_INTERP_META = {"BL": 32, "BD": 32, "num_warps": 1}
+
+
+def _launch_fwd(x, weight, bias, state, silu):
+    b, l, d = x.shape
+    w = weight.shape[1]
+    y = _alloc((b, l, d), dtype=x.dtype, device=x.device)
+    if b == 0 or l == 0 or d == 0:
+        return y
+    s = state if state is not None else x  # dummy pointer, never read
+    args = (x, weight, bias if bias is not None else weight, s, y, l, d,
+            *x.stride(), *weight.stride(),
+            *(state.stride() if state is not None else (0, 0, 0)), *y.stride())
+    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu)
+    if _INTERPRET:
+        grid = (triton.cdiv(l, _INTERP_META["BL"]), triton.cdiv(d, _INTERP_META["BD"]), b)
+        _conv_fwd_kernel[grid](*args, **consts, **_INTERP_META)
+    else:
+        grid = lambda META: (triton.cdiv(l, META["BL"]), triton.cdiv(d, META["BD"]), b)  # noqa: E731
+        _conv_fwd_tuned[grid](*args, **consts)
+    return y
+
+
+def _launch_bwd(x, weight, bias, state, dy, silu):
+    b, l, d = x.shape
+    w = weight.shape[1]
+    dx = _alloc((b, l, d), dtype=x.dtype, device=x.device)
+    ds = (_alloc((b, w - 1, d), dtype=state.dtype, device=x.device)
+          if state is not None else None)
+    chunk = BWD_CHUNK_ROWS
+    n_chunks = triton.cdiv(l + w - 1, chunk)
+    dw_part = _alloc((b * n_chunks, w, d), dtype=torch.float32, device=x.device)
+    db_part = _alloc((b * n_chunks, d), dtype=torch.float32, device=x.device)
+    s = state if state is not None else x
+    args = (x, weight, bias if bias is not None else weight, s, dy, dx,
+            ds if ds is not None else dx, dw_part, db_part, l, d, chunk,
+            *x.stride(), *weight.stride(),
+            *(state.stride() if state is not None else (0, 0, 0)), *dy.stride(), *dx.stride(),
+            *(ds.stride() if ds is not None else (0, 0, 0)))
+    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu,
+                  W_P2=triton.next_power_of_2(w))
+    if _INTERPRET:
+        if chunk % _INTERP_META["BL"]:
+            raise ValueError(f"BWD_CHUNK_ROWS={chunk} must be a multiple of {_INTERP_META['BL']}")
+        grid = (n_chunks, triton.cdiv(d, _INTERP_META["BD"]), b)
+        _conv_bwd_kernel[grid](*args, **consts, **_INTERP_META)
+    else:
+        grid = lambda META: (n_chunks, triton.cdiv(d, META["BD"]), b)  # noqa: E731
+        _conv_bwd_tuned[grid](*args, **consts)
+    dweight = dw_part.sum(0).t().to(weight.dtype)
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias, ds
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, state, silu):
+        ctx.silu = silu
+        ctx.save_for_backward(x, weight, bias, state)
+        return _launch_fwd(x, weight, bias, state, silu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, state = ctx.saved_tensors
+        b, l, d = x.shape
+        if b == 0 or l == 0 or d == 0:
+            dw = torch.zeros_like(weight)
+            return (torch.zeros_like(x), dw, torch.zeros_like(bias) if bias is not None else None,
+                    torch.zeros_like(state) if state is not None else None, None)
+        dx, dweight, dbias, ds = _launch_bwd(x, weight, bias, state, dy, ctx.silu)
+        return dx, dweight, dbias, ds, None
+
+
+def _final_state(x, initial_state, w):
+    """The last w-1 inputs of (initial_state, x), as a new (b, w-1, d) tensor (autograd-visible)."""
+    b, l, d = x.shape
+    if l >= w - 1:
+        return x[:, l - (w - 1):, :].clone(memory_format=torch.contiguous_format)
+    prev = (initial_state.to(x.dtype) if initial_state is not None
+            else x.new_zeros(b, w - 1, d))
+    return torch.cat([prev[:, l:, :], x], dim=1)
+
+
+def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=None,
+                         return_final_state=False):
+    """Triton causal depthwise conv1d; see ``causal_conv1d_ref`` for the contract.
+
+    Gradients flow to x, weight, bias and initial_state (and through the final state). Any
+    seqlen (0 included) and any width >= 1; x may be a strided view (its channel stride should be
+    1 for speed). Output y is a new contiguous (b, l, d) tensor in x's dtype.
+    """
+    _b, _l, _d, w = check_causal_conv1d_args("causal_conv1d_triton", x, weight, bias, activation,
+                                             initial_state)
+    silu = activation in ("silu", "swish")
+    y = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu)
+    if return_final_state:
+        return y, _final_state(x, initial_state, w)
+    return y
+
+
+def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
+    """One decoding step; see ``causal_conv1d_update_ref``. Returns (y (b, d) in x's dtype,
+    new_conv_state (b, w-1, d) in conv_state's dtype); conv_state is not modified. Inference
+    only (no autograd)."""
+    b, d, w = check_causal_conv1d_update_args("causal_conv1d_update_triton", x, conv_state,
+                                              weight, bias, activation)
+    silu = activation in ("silu", "swish")
+    y = _alloc((b, d), dtype=x.dtype, device=x.device)
+    new_state = _alloc((b, w - 1, d), dtype=conv_state.dtype, device=x.device)
+    if b == 0 or d == 0:
+        return y, new_state
+    bd = 16 if _INTERPRET else min(1024, triton.next_power_of_2(d))
+    grid = (b, triton.cdiv(d, bd))
+    _conv_update_kernel[grid](
+        x, conv_state, weight, bias if bias is not None else weight, y, new_state, d,
+        *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(), *new_state.stride(),
+        W=w, HAS_BIAS=bias is not None, SILU=silu, BD=bd,
+        num_warps=1 if _INTERPRET else 4)
+    return y, new_state

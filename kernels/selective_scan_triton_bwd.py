@@ -1,0 +1,189 @@
+"""Triton backward kernel of the selective scan (see selective_scan_triton_fwd.py for the math).
+
+With g_t the gradient of the gated output, the adjoint of the recurrence runs backwards in time:
+
+    gy_t  = g_t * silu(z_t)                 gz_t = g_t * y_t * silu'(z_t)   (y_t before the gate)
+    gh_t  = gy_t C_t + a_{t+1} gh_{t+1}     gh_{L-1} = gy_{L-1} C_{L-1} + g(h_last)
+    gB_t  = sum_d gh_t dt_t u_t             gC_t = sum_d gy_t h_t
+    gu_t  = sum_n gh_t B_t dt_t + D gy_t    gD = sum_t gy_t u_t
+    gdt_t = sum_n gh_t (B_t u_t + A a_t h_{t-1})       with a_t h_{t-1} = h_t - b_t
+    gA    = sum_t gh_t a_t h_{t-1} dt_t     g(initial_state) = a_0 gh_0
+    gdelta = gdt * sigmoid(delta + delta_bias) under softplus, else gdt;  g(delta_bias) = sum gdelta
+
+Grid (batch, dim blocks), like the forward. Each program walks its chunks in reverse. Per chunk
+it reloads the inputs, recomputes h_t from the chunk-start state that the forward saved (a
+forward ``tl.associative_scan``), then solves the adjoint recurrence with a reverse
+``tl.associative_scan`` over (a_{t+1}, gy_t C_t) (a_{t+1} from the next row of delta, loaded
+shifted by one step), carrying gh across chunk boundaries.
+
+Reductions across programs are deterministic (no atomics): gB and gC are written as float32
+partials per dim block, (n_dblocks, batch, seqlen, dstate), and summed by the host; gA, gD and
+g(delta_bias) as per-batch partials (batch, dim, dstate) / (batch, dim).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .selective_scan_triton_fwd import _linrec_combine, _softplus
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
+    dhlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
+    L, DIM, NSTATE, D_PER_G, n_chunks,
+    s_u_b, s_u_l, s_u_d,
+    s_dt_b, s_dt_l, s_dt_d,
+    s_z_b, s_z_l, s_z_d,
+    s_B_b, s_B_l, s_B_g, s_B_n,
+    s_C_b, s_C_l, s_C_g, s_C_n,
+    s_g_b, s_g_l, s_g_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, STORE_DH0: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    n_bat = tl.num_programs(0)
+    d0 = pid_d * BLOCK_D
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < NSTATE
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    grp = d0 // D_PER_G
+
+    state_off = offs_d[:, None] * NSTATE + offs_n[None, :]
+    A = tl.load(A_ptr + state_off, mask=mask_dn, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DHLAST:
+        G = tl.load(dhlast_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_dn, other=0.0)
+    else:
+        G = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+
+    # Pointers at the last chunk; every iteration steps them one chunk back.
+    t_last = ((n_chunks - 1) * BLOCK_T).to(tl.int64)
+    td = offs_t[:, None]
+    u_p = u_ptr + pid_b * s_u_b + t_last * s_u_l + td * s_u_l + offs_d[None, :] * s_u_d
+    dt_p = delta_ptr + pid_b * s_dt_b + t_last * s_dt_l + td * s_dt_l + offs_d[None, :] * s_dt_d
+    z_p = z_ptr + pid_b * s_z_b + t_last * s_z_l + td * s_z_l + offs_d[None, :] * s_z_d
+    g_p = dout_ptr + pid_b * s_g_b + t_last * s_g_l + td * s_g_l + offs_d[None, :] * s_g_d
+    # outputs du / ddelta / dz are contiguous (b, l, d)
+    o_off = pid_b * L * DIM + t_last * DIM + td * DIM + offs_d[None, :]
+    B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + t_last * s_B_l + td * s_B_l + offs_n[None, :] * s_B_n
+    C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + t_last * s_C_l + td * s_C_l + offs_n[None, :] * s_C_n
+    # partial gB / gC: (n_dblocks, batch, L, NSTATE) contiguous
+    p_off = (pid_d * n_bat + pid_b) * L * NSTATE + t_last * NSTATE + td * NSTATE + offs_n[None, :]
+    ck_p = ckpt_ptr + pid_b * n_chunks * DIM * NSTATE + (n_chunks - 1) * DIM * NSTATE + state_off
+
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = offs_t[:, None, None] == 0
+
+    for k in range(0, n_chunks):
+        t = (n_chunks - 1 - k) * BLOCK_T + offs_t
+        mask_t = t < L
+        mask_t1 = (t + 1) < L
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_t1d = mask_t1[:, None] & mask_d[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+
+        u = tl.load(u_p, mask=mask_td, other=0.0).to(tl.float32)
+        dl = tl.load(dt_p, mask=mask_td, other=0.0).to(tl.float32)
+        dln = tl.load(dt_p + s_dt_l, mask=mask_t1d, other=0.0).to(tl.float32)
+        gout = tl.load(g_p, mask=mask_td, other=0.0).to(tl.float32)
+        Bt = tl.load(B_p, mask=mask_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_p, mask=mask_tn, other=0.0).to(tl.float32)
+        h0 = tl.load(ck_p, mask=mask_dn, other=0.0)
+        if HAS_BIAS:
+            dl = dl + bias[None, :]
+            dln = dln + bias[None, :]
+        if SOFTPLUS:
+            sig = 1.0 / (1.0 + tl.exp(-dl))
+            dt = _softplus(dl)
+            dtn = _softplus(dln)
+        else:
+            dt = dl
+            dtn = dln
+        dt = tl.where(mask_td, dt, 0.0)
+        dtn = tl.where(mask_t1d, dtn, 0.0)  # a_{t+1} = 1 at the sequence end
+
+        # recompute the states of this chunk
+        dtu = dt * u
+        a = tl.exp(dt[:, :, None] * A[None, :, :])
+        bx = dtu[:, :, None] * Bt[:, None, :]
+        sa, sb = tl.associative_scan((a, bx), 0, _linrec_combine)
+        hs = sa * h0[None, :, :] + sb
+        if HAS_Z:
+            zz = tl.load(z_p, mask=mask_td, other=0.0).to(tl.float32)
+            sz = 1.0 / (1.0 + tl.exp(-zz))
+            y = tl.sum(hs * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y += Dv[None, :] * u
+            gz = gout * y * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(dz_ptr + o_off, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)
+            gy = gout * zz * sz
+            z_p -= BLOCK_T * s_z_l
+        else:
+            gy = gout
+
+        # adjoint: gh_t = gy_t C_t + a_{t+1} gh_{t+1}, a reverse scan with carry G
+        an = tl.exp(dtn[:, :, None] * A[None, :, :])
+        cc = gy[:, :, None] * Ct[:, None, :]
+        ra, rb = tl.associative_scan((an, cc), 0, _linrec_combine, reverse=True)
+        gh = ra * G[None, :, :] + rb
+        G = tl.sum(tl.where(first, gh, 0.0), axis=0)
+
+        ga = gh * (hs - bx)  # gh_t * a_t * h_{t-1}
+        ghB = tl.sum(gh * Bt[:, None, :], axis=2)
+        gdt = tl.sum(ga * A[None, :, :], axis=2) + ghB * u
+        gu = ghB * dt
+        if HAS_D:
+            gu += Dv[None, :] * gy
+            dD_acc += tl.sum(gy * u, axis=0)
+        dA_acc += tl.sum(ga * dt[:, :, None], axis=0)
+        if SOFTPLUS:
+            gdl = gdt * sig
+        else:
+            gdl = gdt
+        gdl = tl.where(mask_td, gdl, 0.0)
+        dbias_acc += tl.sum(gdl, axis=0)
+        tl.store(du_ptr + o_off, gu.to(du_ptr.dtype.element_ty), mask=mask_td)
+        tl.store(ddelta_ptr + o_off, gdl.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
+
+        gBp = tl.sum(gh * dtu[:, :, None], axis=1)
+        gCp = tl.sum(hs * gy[:, :, None], axis=1)
+        tl.store(dBp_ptr + p_off, gBp, mask=mask_tn)
+        tl.store(dCp_ptr + p_off, gCp, mask=mask_tn)
+
+        u_p -= BLOCK_T * s_u_l
+        dt_p -= BLOCK_T * s_dt_l
+        g_p -= BLOCK_T * s_g_l
+        B_p -= BLOCK_T * s_B_l
+        C_p -= BLOCK_T * s_C_l
+        o_off -= BLOCK_T * DIM
+        p_off -= BLOCK_T * NSTATE
+        ck_p -= DIM * NSTATE
+
+    tl.store(dAp_ptr + pid_b * DIM * NSTATE + state_off, dA_acc, mask=mask_dn)
+    if HAS_D:
+        tl.store(dDp_ptr + pid_b * DIM + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbiasp_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
+    if STORE_DH0:
+        # g(initial_state) = a_0 * gh_0, with a_0 recomputed from the first row of delta
+        dl0 = tl.load(delta_ptr + pid_b * s_dt_b + offs_d * s_dt_d, mask=mask_d, other=0.0)
+        dl0 = dl0.to(tl.float32)
+        if HAS_BIAS:
+            dl0 = dl0 + bias
+        if SOFTPLUS:
+            dl0 = _softplus(dl0)
+        a0 = tl.exp(dl0[:, None] * A)
+        tl.store(dh0_ptr + pid_b * DIM * NSTATE + state_off, a0 * G, mask=mask_dn)

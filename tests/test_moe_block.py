@@ -1,0 +1,160 @@
+"""MoEBlock: accounting, dropless properties, capacity drops, shared experts, errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridseq.blocks.moe import MoEBlock, apply_capacity, capacity_of, ffn_dim
+from hybridseq.errors import ConfigError
+
+
+def _n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("spec", [
+    {"n_experts": 4, "top_k": 2},
+    {"n_experts": 6, "top_k": 1, "activation": "gelu", "d_ff": 40},
+    {"n_experts": 8, "top_k": 3, "d_ff": 24, "shared_experts": 2, "shared_d_ff": 16},
+    {"n_experts": 3, "top_k": 3, "activation": "gelu", "shared_experts": 1},
+])
+def test_param_count_and_flops_exact(spec):
+    d = 32
+    blk = MoEBlock(d, spec)
+    total, active = MoEBlock.param_count(d, spec)
+    assert total == _n_params(blk)
+    e, k = spec["n_experts"], spec["top_k"]
+    act = spec.get("activation", "swiglu")
+    n_in = 2 if act == "swiglu" else 1
+    f = spec.get("d_ff") or (int(math.ceil(8 * d / 3 / 8) * 8) if act == "swiglu" else 4 * d)
+    sf = spec.get("shared_d_ff") or f
+    s = spec.get("shared_experts", 0)
+    per_expert = (n_in + 1) * d * f
+    assert active == e * d + k * per_expert + s * (n_in + 1) * d * sf
+    assert total == e * d + e * per_expert + s * (n_in + 1) * d * sf
+    assert MoEBlock.flops_per_token(d, spec, 128) == 2 * active
+    assert [p.shape for p in blk.residual_out_params()][0] == blk.w_out.shape
+    assert blk.state_bytes(d, spec, 100) == 0 and blk.new_state(1, 10) is None
+
+
+def test_ffn_dim_default_rule():
+    assert ffn_dim(64, None, "swiglu") == 176  # round_up(170.67, 8)
+    assert ffn_dim(64, None, "gelu") == 256
+    assert ffn_dim(64, 100, "swiglu") == 100
+
+
+def _block(**kw):
+    spec = {"n_experts": 4, "top_k": 2, "d_ff": 24, "impl": "loop", **kw}
+    return MoEBlock(16, spec)
+
+
+def test_forward_matches_hand_written_swiglu_moe():
+    torch.manual_seed(0)
+    blk = _block(shared_experts=1, shared_d_ff=8)
+    x = torch.randn(2, 3, 16)
+    y = blk(x)
+    xf = x.view(-1, 16)
+    probs = torch.softmax(xf @ blk.router.weight.t(), -1)
+    w, idx = probs.topk(2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    want = torch.zeros_like(xf)
+    for n in range(6):
+        for j in range(2):
+            e = idx[n, j]
+            a = xf[n] @ blk.w_in[e]
+            want[n] += w[n, j] * ((F.silu(a[:24]) * a[24:]) @ blk.w_out[e])
+        a = xf[n] @ blk.shared_w_in
+        want[n] += (F.silu(a[:8]) * a[8:]) @ blk.shared_w_out
+    assert torch.allclose(y.view(-1, 16), want, atol=1e-6)
+
+
+def test_shared_experts_are_a_sum_of_mlps():
+    torch.manual_seed(0)
+    blk = _block(shared_experts=3, shared_d_ff=8, activation="gelu")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        blk.w_out.zero_()  # routed part off: only the shared experts remain
+        y = blk(x)
+        want = sum(F.gelu(x @ blk.shared_w_in[:, 8 * s:8 * s + 8]) @ blk.shared_w_out[8 * s:8 * s + 8]
+                   for s in range(3))
+    assert torch.allclose(y, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_dropless_batch_independent_and_causal(impl):
+    torch.manual_seed(0)
+    blk = _block(impl=impl, router="softmax")
+    x = torch.randn(3, 9, 16)
+    y = blk(x)
+    y0 = blk(x[1:2])
+    assert torch.allclose(y[1:2], y0, atol=1e-6)
+    x2 = x.clone()
+    x2[:, 5:] = torch.randn(3, 4, 16)
+    y2 = blk(x2)
+    assert torch.allclose(y[:, :5], y2[:, :5], atol=1e-6)
+    assert not torch.allclose(y[:, 5:], y2[:, 5:])
+
+
+def test_capacity_mode_drops_exactly_the_expected_tokens():
+    # 6 tokens, top-1, 2 experts, cf 1 -> capacity ceil(6/2) = 3 per expert
+    indices = torch.tensor([[0], [0], [1], [0], [0], [1]])
+    weights = torch.rand(6, 1)
+    assert capacity_of(6, 1, 2, 1.0) == 3
+    idx, w, keep = apply_capacity(indices, weights, 2, 3)
+    assert keep.view(-1).tolist() == [True, True, True, True, False, True]  # the 4th expert-0 token
+    assert idx.view(-1).tolist() == [0, 0, 1, 0, 2, 1] and w[4, 0] == 0
+    # top-2: token-major slot order, expert 1 capacity 2
+    indices = torch.tensor([[1, 0], [1, 2], [0, 1], [2, 0]])
+    _, _, keep = apply_capacity(indices, torch.ones(4, 2), 3, 2)
+    assert keep.tolist() == [[True, True], [True, True], [True, False], [True, False]]
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_capacity_block_zeroes_dropped_tokens(impl):
+    torch.manual_seed(0)
+    blk = _block(impl=impl, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        blk.router.weight.zero_()
+        blk.router.weight[0] = 1.0  # inputs with a positive sum go to expert 0
+    x = torch.rand(1, 8, 16) + 0.1  # all 8 tokens pick expert 0; capacity ceil(8/4) = 2
+    y = blk(x)
+    assert blk.metrics["dropped"].item() == 6
+    assert (y[0, :2].abs().sum(-1) > 0).all() and (y[0, 2:] == 0).all()
+    free = _block(impl=impl, top_k=1)
+    free.load_state_dict(blk.state_dict())
+    assert torch.allclose(free(x)[0, :2], y[0, :2], atol=1e-6)
+
+
+def test_metrics_and_aux_loss_present():
+    blk = _block()
+    blk(torch.randn(2, 4, 16))
+    m = blk.metrics
+    assert m["load"].shape == (4,) and m["load"].sum().item() == pytest.approx(1.0)
+    assert 0 < m["entropy"].item() <= math.log(4) + 1e-6
+    assert m["dropped"].item() == 0 and blk.aux_loss.dim() == 0 and blk.aux_loss.requires_grad
+
+
+def test_gelu_and_topk_equals_all_experts():
+    torch.manual_seed(0)
+    blk = _block(activation="gelu", top_k=4, renormalize=False)
+    x = torch.randn(3, 16)
+    probs = torch.softmax(x @ blk.router.weight.t(), -1)
+    want = sum(probs[:, e:e + 1] * (F.gelu(x @ blk.w_in[e]) @ blk.w_out[e]) for e in range(4))
+    assert torch.allclose(blk(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,key", [
+    ({"top_k": 5}, "moe.top_k"), ({"n_experts": 0}, "moe.n_experts"),
+    ({"activation": "relu"}, "moe.activation"), ({"impl": "fast"}, "moe.impl"),
+    ({"capacity_factor": -1.0}, "moe.capacity_factor"), ({"ep_size": 3}, "moe.ep_size"),
+])
+def test_config_errors(bad, key):
+    with pytest.raises(ConfigError) as e:
+        MoEBlock(16, {"n_experts": 4, "top_k": 2, **bad})
+    assert e.value.key == key
+
+
+def test_ep_without_process_group_is_a_config_error():
+    with pytest.raises(ConfigError, match="torch.distributed"):
+        MoEBlock(16, {"n_experts": 4, "top_k": 2, "ep_size": 2})

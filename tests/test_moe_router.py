@@ -1,0 +1,140 @@
+"""MoE routers and losses: hand-computed values, gradients, bias updates, Sinkhorn balance."""
+import math
+
+import pytest
+import torch
+
+from hybridseq.blocks.moe import MoEBlock
+from hybridseq.blocks.moe_router import Router, load_balancing_loss, routing_entropy, sinkhorn, z_loss
+
+LOGITS = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, -2.0, 0.5]]
+
+
+def _softmax_row(row):
+    m = max(row)
+    ex = [math.exp(v - m) for v in row]
+    s = sum(ex)
+    return [v / s for v in ex]
+
+
+def test_load_balancing_and_z_loss_hand_computed():
+    logits = torch.tensor(LOGITS)
+    probs = torch.softmax(logits, -1)
+    # top-1 choices: 0, 1, 2, 0 -> f = (2/4, 1/4, 1/4)
+    idx1 = torch.tensor([[0], [1], [2], [0]])
+    p_rows = [_softmax_row(r) for r in LOGITS]
+    p_mean = [sum(r[i] for r in p_rows) / 4 for i in range(3)]
+    expected = 3 * (0.5 * p_mean[0] + 0.25 * p_mean[1] + 0.25 * p_mean[2])
+    assert load_balancing_loss(probs, idx1, 3).item() == pytest.approx(expected, rel=1e-6)
+    # top-2: slots (0,1), (1,0), (2,0), (0,2) -> counts (4, 2, 2) of 8
+    idx2 = torch.tensor([[0, 1], [1, 0], [2, 0], [0, 2]])
+    expected2 = 3 * (0.5 * p_mean[0] + 0.25 * p_mean[1] + 0.25 * p_mean[2])
+    assert load_balancing_loss(probs, idx2, 3).item() == pytest.approx(expected2, rel=1e-6)
+    lse = [max(r) + math.log(sum(math.exp(v - max(r)) for v in r)) for r in LOGITS]
+    assert z_loss(logits).item() == pytest.approx(sum(v * v for v in lse) / 4, rel=1e-6)
+    ent = -sum(sum(p * math.log(p) for p in r) for r in p_rows) / 4
+    assert routing_entropy(probs).item() == pytest.approx(ent, rel=1e-6)
+
+
+def test_balanced_and_collapsed_limits():
+    e = 4
+    uniform = torch.full((8, e), 1.0 / e)
+    idx = torch.arange(8).remainder(e).view(8, 1)
+    assert load_balancing_loss(uniform, idx, e).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(8, e)
+    collapsed[:, 0] = 1
+    assert load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long), e).item() == pytest.approx(e)
+
+
+def test_block_aux_loss_uses_coefficients():
+    torch.manual_seed(1)
+    blk = MoEBlock(16, {"n_experts": 3, "top_k": 1, "aux_loss_coef": 0.5, "z_loss_coef": 0.25, "impl": "loop"})
+    x = torch.randn(1, 4, 16)
+    blk(x)
+    logits = x.view(4, 16) @ blk.router.weight.t()
+    probs = torch.softmax(logits, -1)
+    idx = probs.argmax(-1, keepdim=True)
+    want = 0.5 * load_balancing_loss(probs, idx, 3) + 0.25 * z_loss(logits)
+    assert blk.aux_loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert blk.metrics["aux_loss"].item() == pytest.approx(load_balancing_loss(probs, idx, 3).item(), rel=1e-5)
+    assert blk.metrics["load"].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "sinkhorn"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_gradients_nonzero(kind, top_k):
+    torch.manual_seed(0)
+    blk = MoEBlock(16, {"n_experts": 4, "top_k": top_k, "router": kind, "impl": "loop",
+                        "aux_loss_coef": 0.0, "z_loss_coef": 0.0})
+    x = torch.randn(2, 5, 16)
+    blk(x).square().sum().backward()
+    g = blk.router.weight.grad
+    assert g is not None and g.abs().sum() > 0 and torch.isfinite(g).all()
+
+
+def test_softmax_renormalize():
+    r = Router(8, 4, 2, "softmax", renormalize=True)
+    out = r(torch.randn(5, 8))
+    assert torch.allclose(out.weights.sum(-1), torch.ones(5))
+    r2 = Router(8, 4, 2, "softmax", renormalize=False)
+    r2.load_state_dict(r.state_dict())
+    out2 = r2(torch.randn(5, 8))
+    assert (out2.weights.sum(-1) < 1).all()
+    assert torch.equal(out2.weights, out2.probs.gather(1, out2.indices))
+
+
+def test_router_math_fp32_under_bf16():
+    blk = MoEBlock(16, {"n_experts": 4, "top_k": 2}).to(torch.bfloat16)
+    assert blk.router.weight.dtype == torch.float32 and blk.w_in.dtype == torch.bfloat16
+    out = blk.router(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert out.logits.dtype == torch.float32 and out.weights.dtype == torch.float32
+
+
+def test_sigmoid_bias_update_direction_and_timing():
+    torch.manual_seed(0)
+    blk = MoEBlock(16, {"n_experts": 4, "top_k": 1, "router": "sigmoid", "bias_update_rate": 0.1,
+                        "impl": "loop"})
+    with torch.no_grad():
+        blk.router.weight.zero_()
+        blk.router.weight[2] = 1.0  # expert 2 wins for inputs with a positive sum
+    x = torch.rand(2, 6, 16) + 0.1
+    y = blk(x)
+    assert torch.equal(blk.router.expert_bias, torch.zeros(4))  # not before the backward
+    y.sum().backward()
+    assert torch.allclose(blk.router.expert_bias, torch.tensor([0.1, 0.1, -0.1, 0.1]))
+    blk.eval()
+    blk(x).sum().backward()  # eval mode: no update
+    with torch.no_grad():
+        blk.train()
+        blk(x)  # no grad: no update
+    assert torch.allclose(blk.router.expert_bias, torch.tensor([0.1, 0.1, -0.1, 0.1]))
+    # the bias steers selection only: enough bias moves tokens off expert 2, weights stay sigmoid
+    blk.router.expert_bias.copy_(torch.tensor([0.0, 0.0, -10.0, 0.0]))
+    out = blk.router(x.view(-1, 16))
+    assert (out.indices != 2).all()
+    assert torch.allclose(out.weights, torch.sigmoid(out.logits).gather(1, out.indices))
+    assert "expert_bias" in blk.state_dict().keys().__str__()
+
+
+def test_update_bias_rule():
+    r = Router(4, 3, 1, "sigmoid", bias_update_rate=0.5)
+    r.update_bias(torch.tensor([10.0, 1.0, 1.0]))  # mean 4: expert 0 overloaded
+    assert torch.allclose(r.expert_bias, torch.tensor([-0.5, 0.5, 0.5]))
+
+
+def test_sinkhorn_balances_adversarial_logits():
+    torch.manual_seed(0)
+    n, e = 256, 8
+    logits = torch.randn(n, e) * 0.5
+    logits[:, 0] += 6.0  # every token prefers expert 0
+    log_p = sinkhorn(logits)
+    p = log_p.exp()
+    assert torch.allclose(p.sum(1), torch.ones(n), atol=1e-4)
+    assert torch.allclose(p.sum(0), torch.full((e,), n / e), rtol=1e-2)
+    r = Router(4, e, 1, "sinkhorn")
+    r.compute_logits = lambda x: logits  # route these logits
+    load_train = torch.bincount(r(torch.zeros(n, 4)).indices.view(-1), minlength=e).float() / n
+    r.eval()
+    load_eval = torch.bincount(r(torch.zeros(n, 4)).indices.view(-1), minlength=e).float() / n
+    assert load_eval[0] == 1.0  # plain top-1 at inference: total collapse
+    assert load_train.max() < 0.25 and load_train.min() > 0.05  # balanced: 1/8 = 0.125 each

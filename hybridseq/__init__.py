@@ -14,35 +14,38 @@ import sys
 __version__ = "0.1.0"
 
 
-def _alias_source_kernels() -> None:
-    """Make the top-level ``kernels/`` folder importable as ``hybridseq.kernels``.
+class _SourceKernelsFinder:
+    """Finds ``hybridseq.kernels`` in a source checkout, lazily (only when it is imported).
 
-    An installed wheel has ``hybridseq/kernels/`` (pyproject maps it there). In a source checkout
-    (repository root on sys.path, or an editable install) ``hybridseq/`` holds no ``kernels``
-    folder, so we load ``../kernels`` under that name ourselves.
+    An installed wheel has ``hybridseq/kernels/`` (pyproject maps the top-level ``kernels/`` folder
+    there) and the normal import system finds it. In a source checkout (repository root on
+    sys.path, or an editable install) ``hybridseq/`` holds no ``kernels`` folder, so this finder
+    serves ``../kernels`` under that name.
     """
-    if "hybridseq.kernels" in sys.modules:
-        return
+
+    def __init__(self, src: str):
+        self.src = src
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "hybridseq.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, os.path.join(self.src, "__init__.py"), submodule_search_locations=[self.src]
+        )
+
+
+def _install_kernels_finder() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     if os.path.isdir(os.path.join(here, "kernels")):
-        return  # installed layout: the normal import system finds it
+        return  # installed layout
     src = os.path.join(os.path.dirname(here), "kernels")
-    init = os.path.join(src, "__init__.py")
-    if not os.path.isfile(init):
+    if not os.path.isfile(os.path.join(src, "__init__.py")):
         return
-    spec = importlib.util.spec_from_file_location(
-        "hybridseq.kernels", init, submodule_search_locations=[src]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hybridseq.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["hybridseq.kernels"]
-        raise
+    if not any(isinstance(f, _SourceKernelsFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceKernelsFinder(src))
 
 
-_alias_source_kernels()
+_install_kernels_finder()
 
 from .errors import ConfigError, HybridSeqError  # noqa: E402
 

@@ -87,7 +87,7 @@ def cmd_show(args) -> int:
     starts = set(cfg.get("stage_starts") or [0])
     table = [{"#": r["index"], "sym": r["symbol"], "kind": r["kind"], "params": human(r["params"]),
               **({"active": human(r["active_params"])} if t["params"] != t["active_params"] else {}),
-              "GFLOP/tok": r["flops_per_token"] / 1e9, "state": human(r["state_bytes"], "B"),
+              "FLOP/tok": human(r["flops_per_token"]), "state": human(r["state_bytes"], "B"),
               "settings": r["settings"], **({"stage": "|" if r["index"] in starts and len(starts) > 1 else ""}
                                             if len(starts) > 1 else {})}
              for r in rows]

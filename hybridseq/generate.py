@@ -73,7 +73,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
         real_vocab = getattr(model, "vocab_size_unpadded", None)
         out = [prompt_ids]
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        logits = model(prompt_ids, cache=cache).logits[:, -1]
+        logits = model(prompt_ids, cache=cache, logits_to_keep=1).logits[:, -1]
         for step in range(max_new_tokens):
             if real_vocab is not None and logits.shape[-1] > real_vocab:
                 logits = logits.clone()

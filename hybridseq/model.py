@@ -202,7 +202,9 @@ class HybridLM(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                labels: torch.Tensor | None = None) -> ModelOutput:
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """``logits_to_keep > 0``: compute the logits of the last ``logits_to_keep`` positions
+        only (a long prefill then never materialises (B, L, V) logits); not with ``labels``."""
         if input_ids.dim() != 2:
             raise HybridSeqError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         B, L = input_ids.shape
@@ -231,6 +233,10 @@ class HybridLM(nn.Module):
                 metrics[f"{i}.{k}"] = v
         if cache is not None:
             cache.seqlen_offset = offset + L
+        if logits_to_keep:
+            if labels is not None:
+                raise HybridSeqError("logits_to_keep cannot be combined with labels")
+            x = x[:, -int(logits_to_keep):]
         h = self.norm_f(x)
         logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
         loss = None

@@ -65,6 +65,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
                      sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, syb, syl, syd,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                      SILU: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
+    """y rows [pid_l*BL, +BL) x channels [pid_d*BD, +BD) of batch pid_b: one load per tap."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -183,21 +184,45 @@ def _conv_update_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, ns_ptr,
     tl.store(y_ptr + pid_b * syb + c * syd, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
-_FWD_CONFIGS = [
+# Candidate block shapes, autotuned per (D, W, HAS_STATE, SILU) on the first call. The forward
+# list is the best five of a sweep on an H100 (bf16 B8 D4096 L2048 W4 + SiLU, 2026-11-22:
+# BL32 BD128 w4 0.104 ms, BL16 BD256 0.109, BL64 BD128 0.117, BL32 BD256 0.117, BL64 BD64 w2 0.120;
+# taller tiles and 8 warps were slower, 0.13-0.18 ms). ``hybridseq bench conv --sweep`` redoes it.
+FWD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
-    for bl, bd, nw in ((32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 4), (64, 256, 8),
-                       (128, 64, 4), (64, 64, 2))
+    for bl, bd, nw in ((32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (64, 64, 2))
 ]
-_BWD_CONFIGS = [
+BWD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
     for bl, bd, nw in ((16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4))
 ]
-_conv_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
+_conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_fwd_kernel)
-_conv_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
+_conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_bwd_kernel)
 # Under the interpreter (CPU tests) one small tile, no autotuning.
 _INTERP_META = {"BL": 32, "BD": 32, "num_warps": 1}
+# Autotuned choices, so that later launches skip the autotuner's Python overhead:
+# (kind, D, W, HAS_STATE, SILU, dtypes, device) -> (config kwargs, num_warps).
+_TUNED: dict = {}
+
+
+def _launch(kernel, tuned, grid_fn, args, consts, key):
+    """Launch ``kernel`` with the tuned config for ``key`` (autotune on the first call)."""
+    hit = _TUNED.get(key)
+    if hit is not None:
+        meta, nw = hit
+        kernel[grid_fn(meta)](*args, **consts, **meta, num_warps=nw)
+        return
+    tuned[grid_fn](*args, **consts)
+    cfg = tuned.best_config
+    _TUNED[key] = (dict(cfg.kwargs), cfg.num_warps)
+
+
+def fwd_key(x, weight, state, silu):
+    """The key under which the forward's tuned config is cached (see ``_TUNED``)."""
+    return ("fwd", x.shape[2], weight.shape[1], state is not None, bool(silu), x.dtype,
+            weight.dtype, x.device)
 
 
 def _launch_fwd(x, weight, bias, state, silu):
@@ -211,12 +236,12 @@ def _launch_fwd(x, weight, bias, state, silu):
             *x.stride(), *weight.stride(),
             *(state.stride() if state is not None else (0, 0, 0)), *y.stride())
     consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu)
+    grid_fn = lambda META: (triton.cdiv(l, META["BL"]), triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
-        grid = (triton.cdiv(l, _INTERP_META["BL"]), triton.cdiv(d, _INTERP_META["BD"]), b)
-        _conv_fwd_kernel[grid](*args, **consts, **_INTERP_META)
+        _conv_fwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
     else:
-        grid = lambda META: (triton.cdiv(l, META["BL"]), triton.cdiv(d, META["BD"]), b)  # noqa: E731
-        _conv_fwd_tuned[grid](*args, **consts)
+        key = fwd_key(x, weight, state, silu)
+        _launch(_conv_fwd_kernel, _conv_fwd_tuned, grid_fn, args, consts, key)
     return y
 
 
@@ -238,14 +263,14 @@ def _launch_bwd(x, weight, bias, state, dy, silu):
             *(ds.stride() if ds is not None else (0, 0, 0)))
     consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu,
                   W_P2=triton.next_power_of_2(w))
+    grid_fn = lambda META: (n_chunks, triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
         if chunk % _INTERP_META["BL"]:
             raise ValueError(f"BWD_CHUNK_ROWS={chunk} must be a multiple of {_INTERP_META['BL']}")
-        grid = (n_chunks, triton.cdiv(d, _INTERP_META["BD"]), b)
-        _conv_bwd_kernel[grid](*args, **consts, **_INTERP_META)
+        _conv_bwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
     else:
-        grid = lambda META: (n_chunks, triton.cdiv(d, META["BD"]), b)  # noqa: E731
-        _conv_bwd_tuned[grid](*args, **consts)
+        key = ("bwd", d, w, state is not None, silu, x.dtype, weight.dtype, dy.dtype, x.device)
+        _launch(_conv_bwd_kernel, _conv_bwd_tuned, grid_fn, args, consts, key)
     dweight = dw_part.sum(0).t().to(weight.dtype)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias, ds
@@ -270,6 +295,37 @@ class _CausalConv1dFn(torch.autograd.Function):
         return dx, dweight, dbias, ds, None
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ACTS = (None, "silu", "swish")
+
+
+def _plain(t, shape, device) -> bool:
+    return t.dtype in _FLOATS and t.shape == shape and t.device == device
+
+
+def _conv_args_plain(x, weight, bias, activation, initial_state) -> bool:
+    """A quick check that the arguments are valid (the full check, slower, only names the
+    problem when this says no)."""
+    if activation not in _ACTS or x.dim() != 3 or weight.dim() != 2 or x.dtype not in _FLOATS:
+        return False
+    b, _, d = x.shape
+    w = weight.shape[1]
+    dev = x.device
+    return (w >= 1 and _plain(weight, (d, w), dev)
+            and (bias is None or _plain(bias, (d,), dev))
+            and (initial_state is None or _plain(initial_state, (b, w - 1, d), dev)))
+
+
+def _update_args_plain(x, conv_state, weight, bias, activation) -> bool:
+    if activation not in _ACTS or x.dim() != 2 or weight.dim() != 2 or x.dtype not in _FLOATS:
+        return False
+    b, d = x.shape
+    w = weight.shape[1]
+    dev = x.device
+    return (w >= 1 and _plain(weight, (d, w), dev) and _plain(conv_state, (b, w - 1, d), dev)
+            and (bias is None or _plain(bias, (d,), dev)))
+
+
 def _final_state(x, initial_state, w):
     """The last w-1 inputs of (initial_state, x), as a new (b, w-1, d) tensor (autograd-visible)."""
     b, l, d = x.shape
@@ -288,10 +344,17 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
     seqlen (0 included) and any width >= 1; x may be a strided view (its channel stride should be
     1 for speed). Output y is a new contiguous (b, l, d) tensor in x's dtype.
     """
-    _b, _l, _d, w = check_causal_conv1d_args("causal_conv1d_triton", x, weight, bias, activation,
-                                             initial_state)
-    silu = activation in ("silu", "swish")
-    y = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu)
+    if not _conv_args_plain(x, weight, bias, activation, initial_state):
+        check_causal_conv1d_args("causal_conv1d_triton", x, weight, bias, activation,
+                                 initial_state)  # raises the precise error
+    w = weight.shape[1]
+    silu = activation is not None
+    if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+            or (initial_state is not None and initial_state.requires_grad)):
+        y = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu)
+    else:  # inference: skip autograd's bookkeeping (launch overhead matters at small sizes)
+        y = _launch_fwd(x, weight, bias, initial_state, silu)
     if return_final_state:
         return y, _final_state(x, initial_state, w)
     return y
@@ -301,9 +364,12 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     """One decoding step; see ``causal_conv1d_update_ref``. Returns (y (b, d) in x's dtype,
     new_conv_state (b, w-1, d) in conv_state's dtype); conv_state is not modified. Inference
     only (no autograd)."""
-    b, d, w = check_causal_conv1d_update_args("causal_conv1d_update_triton", x, conv_state,
-                                              weight, bias, activation)
-    silu = activation in ("silu", "swish")
+    if not _update_args_plain(x, conv_state, weight, bias, activation):
+        check_causal_conv1d_update_args("causal_conv1d_update_triton", x, conv_state, weight,
+                                        bias, activation)  # raises the precise error
+    b, d = x.shape
+    w = weight.shape[1]
+    silu = activation is not None
     y = _alloc((b, d), dtype=x.dtype, device=x.device)
     new_state = _alloc((b, w - 1, d), dtype=conv_state.dtype, device=x.device)
     if b == 0 or d == 0:

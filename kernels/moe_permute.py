@@ -12,22 +12,33 @@ weights. Slot s = n * k + j (token-major).
     x_perm = permute(x, order, inv, k)          x_perm[r] = x[order[r] // k]
     y = unpermute(y_perm, order, inv, weights)   y[n] = sum_j weights[n, j] * y_perm[inv[n*k + j]]
 
-``permute``/``unpermute`` are gathers in both directions: since ``order`` is a permutation, the
-backward of a gather by ``order`` is a gather by ``inv`` (plus a sum over the k slots of a token),
-so neither pass needs a scatter with atomics (``index_add``); the weighted sum over the k slots is
-one batched (N, 1, k) x (N, k, d) product. ``permute_ref``/``unpermute_ref`` are the plain
-definitions (fancy indexing, index_add) used by the tests.
+Two implementations (``impl``): ``torch``: gathers in both directions: since ``order`` is a
+permutation, the backward of a gather by ``order`` is a gather by ``inv`` (plus a sum over the k
+slots of a token), so no pass needs a scatter with atomics (``index_add``); the weighted sum over
+the k slots is an elementwise product and a sum (a batched (N,1,k) x (N,k,d) bmm was several times
+slower on CPU). ``triton`` (``moe_permute_triton.py``, the ``auto`` choice on CUDA): the
+un-permute forward, its backward and the permute backward are each one fused pass that reads and
+writes every row once, without materialising the (N, k, d) slot tensor. ``permute_ref`` /
+``unpermute_ref`` are the plain definitions (fancy indexing, index_add) for the tests.
 """
 from __future__ import annotations
 
 import torch
 
 
+def histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """counts[b] = #{values == b} for int values in [0, n_bins), int64. Unlike ``torch.bincount``
+    it does not synchronise with the host on CUDA (bincount reads the max to size its output)."""
+    flat = values.reshape(-1)
+    counts = torch.zeros(n_bins, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+
+
 def sort_by_expert(indices: torch.Tensor, n_experts: int):
     """(order, counts, inv) of the token-slots of ``indices`` (N, k); see the module docstring."""
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts + 1)
+    counts = histogram(flat, n_experts + 1)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
     return order, counts, inv
@@ -53,19 +64,80 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None, None
 
 
-def permute(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
-    """x_perm (N*k, d) with x_perm[r] = x[order[r] // k]."""
-    return _GatherRows.apply(x, torch.div(order, top_k, rounding_mode="floor"), inv, top_k)
+class _PermuteTriton(torch.autograd.Function):
+    """x_perm = x[order // k]; backward grad_x[n] = sum_j grad[inv[n*k + j]] in one Triton pass."""
+
+    @staticmethod
+    def forward(ctx, x, src, inv, k):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .moe_permute_triton import gather_sum
+
+        (inv,) = ctx.saved_tensors
+        return gather_sum(grad, inv, ctx.k), None, None, None
+
+
+class _UnpermuteTriton(torch.autograd.Function):
+    """y[n] = sum_j w[n, j] * y_perm[inv[n*k + j]] and its backward, one Triton pass each."""
+
+    @staticmethod
+    def forward(ctx, y_perm, inv, weights):
+        from .moe_permute_triton import gather_sum
+
+        ctx.save_for_backward(y_perm, inv, weights)
+        return gather_sum(y_perm, inv, weights.shape[1], weights.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .moe_permute_triton import scatter_scale_dot
+
+        y_perm, inv, weights = ctx.saved_tensors
+        g_y, g_w = scatter_scale_dot(grad, y_perm, inv, weights.reshape(-1))
+        return g_y, None, g_w.view_as(weights).to(weights.dtype)
+
+
+def _use_triton(t: torch.Tensor, impl: str) -> bool:
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"moe permute impl must be auto|torch|triton, got {impl!r}")
+    if impl == "auto":
+        return t.is_cuda and triton_available()
+    return impl == "triton"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def permute(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, top_k: int,
+            impl: str = "auto") -> torch.Tensor:
+    """x_perm (N*k, d) with x_perm[r] = x[order[r] // k]. impl: auto (Triton backward on CUDA
+    when Triton imports) | torch | triton."""
+    src = torch.div(order, top_k, rounding_mode="floor")
+    if _use_triton(x, impl):
+        return _PermuteTriton.apply(x, src, inv, top_k)
+    return _GatherRows.apply(x, src, inv, top_k)
 
 
 def unpermute(y_perm: torch.Tensor, order: torch.Tensor, inv: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
-    """y (N, d) in y_perm's dtype: y[n] = sum_j weights[n, j] * y_perm[inv[n*k + j]]."""
+              weights: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """y (N, d) in y_perm's dtype: y[n] = sum_j weights[n, j] * y_perm[inv[n*k + j]]
+    (products and sum in fp32 on the Triton path, in y_perm's dtype on the torch path)."""
     n, k = weights.shape
+    if _use_triton(y_perm, impl):
+        return _UnpermuteTriton.apply(y_perm, inv, weights)
     slots = _GatherRows.apply(y_perm, inv, order, 1).view(n, k, y_perm.shape[-1])
+    w = weights.to(slots.dtype).unsqueeze(-1)
     if k == 1:
-        return slots[:, 0] * weights.to(slots.dtype)
-    return torch.bmm(weights.to(slots.dtype).unsqueeze(1), slots).squeeze(1)
+        return slots[:, 0] * w[:, 0]
+    return (slots * w).sum(1)
 
 
 def permute_ref(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:

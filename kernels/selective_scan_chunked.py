@@ -26,11 +26,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._utils import check_selective_scan_args, compute_dtype
 
-DEFAULT_CHUNK_SIZE = 32
+DEFAULT_CHUNK_SIZE = None  # None: auto_chunk_size(); see there for the measurements behind it
+CHUNK_ELEMENTS = 1 << 18  # per-chunk buffer size of the auto choice: 1 MiB in float32
 _SOFTPLUS_THRESHOLD = 20.0  # as F.softplus: softplus(x) = x above it, derivative 1
+_LOG2E = 1.4426950408889634
+
+
+def auto_chunk_size(batch: int, dim: int, dstate: int, seqlen: int) -> int:
+    """Chunk length whose (chunk, batch, dstate, dim) buffers hold about CHUNK_ELEMENTS values,
+    clamped to [8, 256]: small enough that the chunk's buffers stay in cache, large enough that
+    the ~25 vectorised ops per chunk do not dominate."""
+    per_step = max(1, batch * dim * dstate)
+    return max(1, min(seqlen, max(8, min(256, CHUNK_ELEMENTS // per_step))))
 
 
 def _time_major(t: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
@@ -66,6 +77,7 @@ class _Prepared:
         self.B = _time_major_groups(B, ct)  # (l, b, n, gB)
         self.C = _time_major_groups(C, ct)  # (l, b, n, gC)
         self.At = A.to(ct).t().contiguous()  # (n, d)
+        self.At_log2e = self.At * _LOG2E  # exp(x A) = exp2(x A log2(e)), exp2 is cheaper
         self.D = D.to(ct) if D is not None else None
         self.z = _time_major(z, ct) if z is not None else None
 
@@ -82,8 +94,6 @@ def _sum_over_n(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 def _sum_over_d(X: torch.Tensor, w: torch.Tensor, g: int) -> torch.Tensor:
     """out[t, b, n, k] = sum_{i in group k} w[t, b, i] X[t, b, n, i]; X (T, b, n, d), w (T, b, d)."""
     T, b, n, d = X.shape
-    if g == 1:
-        return torch.bmm(X.view(T * b, n, d), w.reshape(T * b, d, 1)).view(T, b, n, 1)
     return (X.view(T, b, n, g, d // g) * w.view(T, b, 1, g, d // g)).sum(-1)
 
 
@@ -100,12 +110,13 @@ def _states(P: _Prepared, s: int, e: int, h0: torch.Tensor, dA_buf, h_buf):
     (T, b, n, d), written into the front of the buffers."""
     T = e - s
     dA = dA_buf[:T]
-    torch.mul(P.dt[s:e].unsqueeze(2), P.At, out=dA)
-    dA.exp_()
+    torch.mul(P.dt[s:e].unsqueeze(2), P.At_log2e, out=dA)
+    torch.exp2(dA, out=dA)
     H = _outer(P.dtu[s:e], P.B[s:e], h_buf[:T])
-    H[0].addcmul_(dA[0], h0)
+    Hs, dAs = H.unbind(0), dA.unbind(0)  # one call for all the step views
+    Hs[0].addcmul_(dAs[0], h0)
     for i in range(1, T):
-        H[i].addcmul_(dA[i], H[i - 1])
+        Hs[i].addcmul_(dAs[i], Hs[i - 1])
     return dA, H
 
 
@@ -118,6 +129,19 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk,
                 ct, return_final):
+        with torch.autocast(u.device.type, enabled=False):  # our own precision rules
+            return _ChunkedScan._forward(ctx, u, delta, A, B, C, D, z, delta_bias,
+                                         initial_state, softplus, chunk, ct, return_final)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dh_last=None):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _ChunkedScan._backward(ctx, dout, dh_last)
+
+    @staticmethod
+    def _forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk,
+                 ct, return_final):
         P = _Prepared(u, delta, A, B, C, D, z, delta_bias, softplus, ct)
         b, l, d, n = P.b, P.l, P.d, P.n
         T = max(1, min(chunk, l))
@@ -150,7 +174,7 @@ class _ChunkedScan(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dout, dh_last=None):
+    def _backward(ctx, dout, dh_last):
         u, delta, A, B, C, D, z, delta_bias, initial_state, starts, y_pre = ctx.saved_tensors
         softplus, T, ct = ctx.cfg
         P = _Prepared(u, delta, A, B, C, D, z, delta_bias, softplus, ct)
@@ -189,9 +213,10 @@ class _ChunkedScan(torch.autograd.Function):
             dC[s:e] = _sum_over_d(H, dy_c, P.C.shape[-1])
             # adjoint recurrence, backwards over the chunk
             G = _outer(dy_c, P.C[s:e], g_buf[:Tc])
-            G[Tc - 1].add_(q)
+            Gs, dAs = G.unbind(0), dA.unbind(0)
+            Gs[Tc - 1].add_(q)
             for i in range(Tc - 2, -1, -1):
-                G[i].addcmul_(dA[i + 1], G[i + 1])
+                Gs[i].addcmul_(dAs[i + 1], Gs[i + 1])
             q = dA[0] * G[0]
             # through X_t = dt_t u_t B_t
             S = _sum_over_n(G, P.B[s:e])  # sum_n g_t B_t: (Tc, b, d)
@@ -204,7 +229,7 @@ class _ChunkedScan(torch.autograd.Function):
             if Tc > 1:
                 W[1:].mul_(H[:-1])
             ddt[s:e] += torch.linalg.vecdot(W, P.At, dim=2)
-            dAt += (W * P.dt[s:e].unsqueeze(2)).sum((0, 1))
+            dAt += W.mul_(P.dt[s:e].unsqueeze(2)).sum((0, 1))
 
         if softplus:
             ddelta = ddt * torch.where(P.pre > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(P.pre))
@@ -248,11 +273,14 @@ def selective_scan_chunked(
     """Selective scan with the contract of ``selective_scan_ref``, computed chunk by chunk with
     a hand-written backward (see the module docstring). Float32 compute (float64 when an input
     is float64); returns y in u's dtype, or (y, h_last (b, d, n)) in the compute dtype with
-    ``return_final_state``. ``chunk_size`` trades Python overhead (small chunks) against cache
-    misses and the size of the per-chunk buffers (large chunks)."""
+    ``return_final_state``. ``chunk_size`` (None: ``auto_chunk_size``) trades the per-chunk
+    op count (small chunks) against cache misses and buffer size (large chunks); it does not
+    change the result beyond rounding."""
     check_selective_scan_args(
         "selective_scan_chunked", u, delta, A, B, C, D, z, delta_bias, initial_state
     )
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(u.shape[0], u.shape[2], A.shape[1], u.shape[1])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
             f"selective_scan_chunked: chunk_size must be a positive int, got {chunk_size!r}"

@@ -23,13 +23,13 @@ from ._utils import check_selective_scan_args
 from .selective_scan_triton_bwd import _scan_bwd_kernel
 from .selective_scan_triton_fwd import _scan_fwd_kernel
 
-# Block shapes. ``TUNING["fwd"|"bwd"]`` = (BLOCK_T, BLOCK_D, num_warps) overrides the heuristic
-# (used by `hybridseq bench scan --sweep`); None means the heuristic below.
+# Block shapes. ``TUNING["fwd"|"bwd"]`` = (BLOCK_T, BLOCK_D, NO, num_warps) overrides the
+# heuristic (used by the tests and by `hybridseq bench scan --sweep`); None: the heuristic.
+# NO is the number of lanes that share one channel's states (each holds BLOCK_N / NO of them).
 TUNING: dict = {"fwd": None, "bwd": None}
-# Elements of the (BLOCK_T, BLOCK_D, BLOCK_N) tile each program works on (register budget).
-_TILE_ELEMS = {"fwd": 8192, "bwd": 4096}
-_DEFAULT_T = {"fwd": 16, "bwd": 16}
-_MAX_D = 64
+_DEFAULTS = {"fwd": (8, 32, 4, 4), "bwd": (8, 32, 4, 4)}
+# Per-thread work elements (BLOCK_T * NI * channels per thread) the heuristic allows.
+_THREAD_ELEMS = {"fwd": 32, "bwd": 32}
 # Tests set this to fill every output with NaN before the kernels run (catches unwritten ones).
 POISON_OUTPUTS = False
 
@@ -43,21 +43,19 @@ def _lowbit(x: int) -> int:
 
 
 def _config(kind: str, seqlen: int, dim: int, nstate: int, d_per_g: int, grouped: bool):
-    """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps) for one launch."""
+    """(BLOCK_T, BLOCK_D, NI, NO, num_warps) for one launch; NI * NO = next_pow2(dstate)."""
     bn = _next_pow2(nstate)
     over = TUNING.get(kind)
-    if over is not None:
-        bt, bd, nw = over
-    else:
-        budget = _TILE_ELEMS[kind]
-        bt = min(_DEFAULT_T[kind], max(1, budget // bn))
-        bd = max(1, min(_MAX_D, budget // (bt * bn)))
-        nw = 4
+    bt, bd, no, nw = over if over is not None else _DEFAULTS[kind]
+    no = min(no, bn)
+    ni = bn // no
+    if over is None:  # keep BLOCK_T * NI (registers per thread) within budget for big dstate
+        bt = max(1, min(bt, _THREAD_ELEMS[kind] // ni))
     bt = min(bt, _next_pow2(seqlen))
     bd = min(bd, _next_pow2(dim))
     if grouped:  # a dim block must lie inside one group of B/C
         bd = min(bd, _lowbit(d_per_g))
-    return bt, bd, bn, nw
+    return bt, bd, ni, no, nw
 
 
 def _empty(shape, dtype, device):
@@ -81,7 +79,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlas
     if gC != g:  # the kernel indexes B and C with one group id; give them the same grouping
         B, C = _expand_to(B, d), _expand_to(C, d)
         g = d
-    bt, bd, bn, nw = _config("fwd", l, d, n, d // g, g > 1)
+    bt, bd, ni, no, nw = _config("fwd", l, d, n, d // g, g > 1)
     n_chunks = triton_cdiv(l, bt)
     dev = u.device
     y = _empty((b, l, d), u.dtype, dev)
@@ -100,7 +98,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlas
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=initial_state is not None, STORE_HLAST=want_hlast,
         STORE_CKPT=want_ckpt,
-        BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=bn, num_warps=nw,
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
     )
     return y, (hlast if want_hlast else None), (ckpt if want_ckpt else None), bt
 
@@ -138,7 +136,7 @@ def _bwd(ctx_tensors, softplus, has_h0, dout, dhlast, bt_fwd):
     Bk, Ck, g = B, C, gB_
     if gC_ != gB_:
         Bk, Ck, g = _expand_to(B, d), _expand_to(C, d), d
-    bt, bd, bn, nw = _config("bwd", l, d, n, d // g, g > 1)
+    bt, bd, ni, no, nw = _config("bwd", l, d, n, d // g, g > 1)
     bt = bt_fwd  # the chunk-start states were saved every bt_fwd steps
     dev = u.device
     n_chunks = ckpt.shape[1]
@@ -165,7 +163,7 @@ def _bwd(ctx_tensors, softplus, has_h0, dout, dhlast, bt_fwd):
         *dout.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_DHLAST=dhlast is not None, STORE_DH0=has_h0,
-        BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=bn, num_warps=nw,
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
     )
     if Bk is B:
         dB = _reduce_bc(dBp, B, d, n_dblocks, bd, g)

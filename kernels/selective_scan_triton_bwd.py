@@ -1,4 +1,5 @@
-"""Triton backward kernel of the selective scan (see selective_scan_triton_fwd.py for the math).
+"""Triton backward kernel of the selective scan (see selective_scan_triton_fwd.py for the math and
+the tile layout).
 
 With g_t the gradient of the gated output, the adjoint of the recurrence runs backwards in time:
 
@@ -10,11 +11,12 @@ With g_t the gradient of the gated output, the adjoint of the recurrence runs ba
     gA    = sum_t gh_t a_t h_{t-1} dt_t     g(initial_state) = a_0 gh_0
     gdelta = gdt * sigmoid(delta + delta_bias) under softplus, else gdt;  g(delta_bias) = sum gdelta
 
-Grid (batch, dim blocks), like the forward. Each program walks its chunks in reverse. Per chunk
-it reloads the inputs, recomputes h_t from the chunk-start state that the forward saved (a
-forward ``tl.associative_scan``), then solves the adjoint recurrence with a reverse
-``tl.associative_scan`` over (a_{t+1}, gy_t C_t) (a_{t+1} from the next row of delta, loaded
-shifted by one step), carrying gh across chunk boundaries.
+Grid (batch, dim blocks), the forward's 4-D (time, ni, dim, no) tile. Each program walks its
+chunks in reverse. Per chunk it reloads the inputs, recomputes h_t from the chunk-start state
+that the forward saved (forward ``tl.associative_scan``, carry folded into the first step), then
+solves the adjoint recurrence with a reverse ``tl.associative_scan`` over (a_{t+1}, gy_t C_t)
+(a_{t+1} from the next row of delta, loaded shifted by one step; the carry gh folded into the
+last step).
 
 Reductions across programs are deterministic (no atomics): gB and gC are written as float32
 partials per dim block, (n_dblocks, batch, seqlen, dstate), and summed by the host; gA, gD and
@@ -25,7 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan_triton_fwd import _linrec_combine, _softplus
+from .selective_scan_triton_fwd import LOG2E, _linrec_combine, _softplus
+
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -42,66 +46,75 @@ def _scan_bwd_kernel(
     s_g_b, s_g_l, s_g_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, STORE_DH0: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     n_bat = tl.num_programs(0)
     d0 = pid_d * BLOCK_D
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NSTATE
-    mask_dn = mask_d[:, None] & mask_n[None, :]
     grp = d0 // D_PER_G
 
-    state_off = offs_d[:, None] * NSTATE + offs_n[None, :]
-    A = tl.load(A_ptr + state_off, mask=mask_dn, other=0.0).to(tl.float32)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
+    ni = tl.arange(0, NI)
+    no = tl.arange(0, NO)
+    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
+    d3 = offs_d[None, :, None]
+    mask_s = (d3 < DIM) & (n3 < NSTATE)
+    state_off = d3 * NSTATE + n3
+    # (time, ni, no) tiles: B / C loads (broadcast along dim afterwards) and gB / gC partials
+    t3 = offs_t[:, None, None]
+    n3p = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO)
+
+    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_DHLAST:
-        G = tl.load(dhlast_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_dn, other=0.0)
+        G = tl.load(dhlast_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
     else:
-        G = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        G = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
 
     # Pointers at the last chunk; every iteration steps them one chunk back.
-    t_last = ((n_chunks - 1) * BLOCK_T).to(tl.int64)
+    t_last = tl.full((), (n_chunks - 1) * BLOCK_T, tl.int64)
     td = offs_t[:, None]
-    u_p = u_ptr + pid_b * s_u_b + t_last * s_u_l + td * s_u_l + offs_d[None, :] * s_u_d
-    dt_p = delta_ptr + pid_b * s_dt_b + t_last * s_dt_l + td * s_dt_l + offs_d[None, :] * s_dt_d
-    z_p = z_ptr + pid_b * s_z_b + t_last * s_z_l + td * s_z_l + offs_d[None, :] * s_z_d
-    g_p = dout_ptr + pid_b * s_g_b + t_last * s_g_l + td * s_g_l + offs_d[None, :] * s_g_d
-    # outputs du / ddelta / dz are contiguous (b, l, d)
-    o_off = pid_b * L * DIM + t_last * DIM + td * DIM + offs_d[None, :]
-    B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + t_last * s_B_l + td * s_B_l + offs_n[None, :] * s_B_n
-    C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + t_last * s_C_l + td * s_C_l + offs_n[None, :] * s_C_n
-    # partial gB / gC: (n_dblocks, batch, L, NSTATE) contiguous
-    p_off = (pid_d * n_bat + pid_b) * L * NSTATE + t_last * NSTATE + td * NSTATE + offs_n[None, :]
+    u_p = u_ptr + pid_b * s_u_b + (t_last + td) * s_u_l + offs_d[None, :] * s_u_d
+    dt_p = delta_ptr + pid_b * s_dt_b + (t_last + td) * s_dt_l + offs_d[None, :] * s_dt_d
+    z_p = z_ptr + pid_b * s_z_b + (t_last + td) * s_z_l + offs_d[None, :] * s_z_d
+    g_p = dout_ptr + pid_b * s_g_b + (t_last + td) * s_g_l + offs_d[None, :] * s_g_d
+    # du / ddelta / dz are contiguous (b, l, d)
+    o_off = pid_b * L * DIM + (t_last + td) * DIM + offs_d[None, :]
+    B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + (t_last + t3) * s_B_l + n3p * s_B_n
+    C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + (t_last + t3) * s_C_l + n3p * s_C_n
+    # gB / gC partials: (n_dblocks, batch, L, NSTATE) contiguous
+    p_off = (pid_d * n_bat + pid_b) * L * NSTATE + (t_last + t3) * NSTATE + n3p
     ck_p = ckpt_ptr + pid_b * n_chunks * DIM * NSTATE + (n_chunks - 1) * DIM * NSTATE + state_off
 
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    first = offs_t[:, None, None] == 0
+    first = t4 == 0
+    last = t4 == BLOCK_T - 1
 
     for k in range(0, n_chunks):
-        t = (n_chunks - 1 - k) * BLOCK_T + offs_t
-        mask_t = t < L
-        mask_t1 = (t + 1) < L
+        t0 = (n_chunks - 1 - k) * BLOCK_T
+        mask_t = (t0 + offs_t) < L
         mask_td = mask_t[:, None] & mask_d[None, :]
-        mask_t1d = mask_t1[:, None] & mask_d[None, :]
-        mask_tn = mask_t[:, None] & mask_n[None, :]
+        mask_t1d = ((t0 + offs_t + 1) < L)[:, None] & mask_d[None, :]
+        mask_p = ((t0 + t3) < L) & (n3p < NSTATE)
 
         u = tl.load(u_p, mask=mask_td, other=0.0).to(tl.float32)
         dl = tl.load(dt_p, mask=mask_td, other=0.0).to(tl.float32)
         dln = tl.load(dt_p + s_dt_l, mask=mask_t1d, other=0.0).to(tl.float32)
         gout = tl.load(g_p, mask=mask_td, other=0.0).to(tl.float32)
-        Bt = tl.load(B_p, mask=mask_tn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_p, mask=mask_tn, other=0.0).to(tl.float32)
-        h0 = tl.load(ck_p, mask=mask_dn, other=0.0)
+        Bt = tl.load(B_p, mask=mask_p, other=0.0).to(tl.float32)[:, :, None, :]
+        Ct = tl.load(C_p, mask=mask_p, other=0.0).to(tl.float32)[:, :, None, :]
+        h0 = tl.load(ck_p, mask=mask_s, other=0.0)
+        if HAS_Z:
+            zz = tl.load(z_p, mask=mask_td, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dl = dl + bias[None, :]
             dln = dln + bias[None, :]
@@ -117,38 +130,39 @@ def _scan_bwd_kernel(
 
         # recompute the states of this chunk
         dtu = dt * u
-        a = tl.exp(dt[:, :, None] * A[None, :, :])
-        bx = dtu[:, :, None] * Bt[:, None, :]
-        sa, sb = tl.associative_scan((a, bx), 0, _linrec_combine)
-        hs = sa * h0[None, :, :] + sb
+        a = tl.exp2(dt[:, None, :, None] * A[None])
+        bx = dtu[:, None, :, None] * Bt
+        _, hs = tl.associative_scan((a, tl.where(first, bx + a * h0[None], bx)), 0,
+                                    _linrec_combine)
         if HAS_Z:
-            zz = tl.load(z_p, mask=mask_td, other=0.0).to(tl.float32)
-            sz = 1.0 / (1.0 + tl.exp(-zz))
-            y = tl.sum(hs * Ct[:, None, :], axis=2)
+            y = tl.sum(tl.sum(hs * Ct, axis=1), axis=2)
             if HAS_D:
                 y += Dv[None, :] * u
+            sz = 1.0 / (1.0 + tl.exp(-zz))
             gz = gout * y * sz * (1.0 + zz * (1.0 - sz))
             tl.store(dz_ptr + o_off, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)
             gy = gout * zz * sz
-            z_p -= BLOCK_T * s_z_l
         else:
             gy = gout
+        gy4 = gy[:, None, :, None]
+        tl.store(dCp_ptr + p_off, tl.sum(hs * gy4, axis=2), mask=mask_p)
+        hm = hs - bx  # a_t h_{t-1}
 
-        # adjoint: gh_t = gy_t C_t + a_{t+1} gh_{t+1}, a reverse scan with carry G
-        an = tl.exp(dtn[:, :, None] * A[None, :, :])
-        cc = gy[:, :, None] * Ct[:, None, :]
-        ra, rb = tl.associative_scan((an, cc), 0, _linrec_combine, reverse=True)
-        gh = ra * G[None, :, :] + rb
+        # adjoint: gh_t = gy_t C_t + a_{t+1} gh_{t+1}, a reverse scan, carry G folded in
+        an = tl.exp2(dtn[:, None, :, None] * A[None])
+        cc = gy4 * Ct
+        _, gh = tl.associative_scan((an, tl.where(last, cc + an * G[None], cc)), 0,
+                                    _linrec_combine, reverse=True)
         G = tl.sum(tl.where(first, gh, 0.0), axis=0)
 
-        ga = gh * (hs - bx)  # gh_t * a_t * h_{t-1}
-        ghB = tl.sum(gh * Bt[:, None, :], axis=2)
-        gdt = tl.sum(ga * A[None, :, :], axis=2) + ghB * u
+        ga = gh * hm  # gh_t * a_t * h_{t-1}
+        ghB = tl.sum(tl.sum(gh * Bt, axis=1), axis=2)
+        gdt = tl.sum(tl.sum(ga * A[None], axis=1), axis=2) * LN2 + ghB * u
         gu = ghB * dt
         if HAS_D:
             gu += Dv[None, :] * gy
             dD_acc += tl.sum(gy * u, axis=0)
-        dA_acc += tl.sum(ga * dt[:, :, None], axis=0)
+        dA_acc += tl.sum(ga * dt[:, None, :, None], axis=0)
         if SOFTPLUS:
             gdl = gdt * sig
         else:
@@ -157,14 +171,11 @@ def _scan_bwd_kernel(
         dbias_acc += tl.sum(gdl, axis=0)
         tl.store(du_ptr + o_off, gu.to(du_ptr.dtype.element_ty), mask=mask_td)
         tl.store(ddelta_ptr + o_off, gdl.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
-
-        gBp = tl.sum(gh * dtu[:, :, None], axis=1)
-        gCp = tl.sum(hs * gy[:, :, None], axis=1)
-        tl.store(dBp_ptr + p_off, gBp, mask=mask_tn)
-        tl.store(dCp_ptr + p_off, gCp, mask=mask_tn)
+        tl.store(dBp_ptr + p_off, tl.sum(gh * dtu[:, None, :, None], axis=2), mask=mask_p)
 
         u_p -= BLOCK_T * s_u_l
         dt_p -= BLOCK_T * s_dt_l
+        z_p -= BLOCK_T * s_z_l
         g_p -= BLOCK_T * s_g_l
         B_p -= BLOCK_T * s_B_l
         C_p -= BLOCK_T * s_C_l
@@ -172,7 +183,7 @@ def _scan_bwd_kernel(
         p_off -= BLOCK_T * NSTATE
         ck_p -= DIM * NSTATE
 
-    tl.store(dAp_ptr + pid_b * DIM * NSTATE + state_off, dA_acc, mask=mask_dn)
+    tl.store(dAp_ptr + pid_b * DIM * NSTATE + state_off, dA_acc, mask=mask_s)
     if HAS_D:
         tl.store(dDp_ptr + pid_b * DIM + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:
@@ -185,5 +196,5 @@ def _scan_bwd_kernel(
             dl0 = dl0 + bias
         if SOFTPLUS:
             dl0 = _softplus(dl0)
-        a0 = tl.exp(dl0[:, None] * A)
-        tl.store(dh0_ptr + pid_b * DIM * NSTATE + state_off, a0 * G, mask=mask_dn)
+        a0 = tl.exp2(dl0[None, :, None] * A)
+        tl.store(dh0_ptr + pid_b * DIM * NSTATE + state_off, a0 * G, mask=mask_s)

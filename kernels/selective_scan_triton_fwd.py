@@ -7,14 +7,20 @@ Math (DESIGN.md), per batch b, channel d, state index n, time t:
     h_t  = a_t * h_{t-1} + b_t                     (float32, h_{-1} = initial_state or 0)
     y_t  = sum_n C_t[n] h_t[n] + D[d] u_t          y_t *= silu(z_t) when z is given
 
-Kernel design. The grid is (batch, dim blocks). One program owns a (BLOCK_D, BLOCK_N) tile of the
-state in registers and walks time in chunks of BLOCK_T steps. Each chunk loads (BLOCK_T, BLOCK_D)
-tiles of u / delta / z (contiguous along dim: coalesced in our (b, l, d) layout) and (BLOCK_T,
-BLOCK_N) tiles of B / C, forms (a_t, b_t) on a (BLOCK_T, BLOCK_D, BLOCK_N) tile and solves the
-linear recurrence with ``tl.associative_scan`` along time, combine
-(a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2), then h_t = A_t h_carry + B_t. The carry for the next
-chunk is the last row. Steps past the sequence end get a = 1, b = 0 so that the carry passes
-through unchanged; padded state columns (n >= dstate) and channels (d >= dim) stay zero.
+Kernel design. The grid is (batch, dim blocks). One program owns BLOCK_D channels x BLOCK_N
+states of h in registers and walks time in chunks of BLOCK_T steps. Each chunk loads
+(BLOCK_T, BLOCK_D) tiles of u / delta / z (contiguous along dim: coalesced in our (b, l, d)
+layout) and (BLOCK_T, BLOCK_N) tiles of B / C; the next chunk's tiles are loaded before the
+current one is computed (register double buffering hides the memory latency).
+
+The work tile is 4-D, (BLOCK_T, NI, BLOCK_D, NO), state index n = no * NI + ni. Triton's default
+layout gives lanes to the last dimensions first, so NO and dim go to lanes and warps while time
+and NI stay inside each thread: the recurrence over time (``tl.associative_scan`` along axis 0,
+combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2)) runs sequentially in registers, and the
+contraction y = sum_n C h needs only log2(NO) shuffles. The carried state enters the scan
+folded into the first step (b_0 += a_0 h), so only the b half of the scan is used; the next
+carry is the last row. Steps past the sequence end get a = 1, b = 0 (the carry passes through);
+padded states (n >= dstate) and channels (d >= dim) stay zero.
 
 When gradients are needed the kernel also writes the state at the start of every chunk,
 ``ckpt`` (batch, n_chunks, dim, dstate) float32, which the backward kernel recomputes from: the
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -52,78 +60,105 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HLAST: tl.constexpr,
     STORE_CKPT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d0 = pid_d * BLOCK_D
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NSTATE
-    mask_dn = mask_d[:, None] & mask_n[None, :]
     grp = d0 // D_PER_G  # the host picks BLOCK_D so that a block never straddles two groups
 
-    A = tl.load(A_ptr + offs_d[:, None] * NSTATE + offs_n[None, :], mask=mask_dn, other=0.0)
-    A = A.to(tl.float32)
+    # 2-D (time, dim) tiles
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    # 4-D (time, ni, dim, no) work tile; 3-D (ni, dim, no) state
+    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
+    ni = tl.arange(0, NI)
+    no = tl.arange(0, NO)
+    # B / C are loaded as 3-D (time, ni, no) tiles and then broadcast along dim: a 4-D load
+    # would make the compiler give the whole 4-D computation the load's layout
+    t3 = offs_t[:, None, None]
+    nb = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO)
+    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
+    d3 = offs_d[None, :, None]  # (1, D, 1)
+    mask_s = (d3 < DIM) & (n3 < NSTATE)
+    state_off = d3 * NSTATE + n3
+
+    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    state_off = offs_d[:, None] * NSTATE + offs_n[None, :]
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_dn, other=0.0)
+        h = tl.load(h0_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
     else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
 
     u_p = u_ptr + pid_b * s_u_b + offs_t[:, None] * s_u_l + offs_d[None, :] * s_u_d
     dt_p = delta_ptr + pid_b * s_dt_b + offs_t[:, None] * s_dt_l + offs_d[None, :] * s_dt_d
     z_p = z_ptr + pid_b * s_z_b + offs_t[:, None] * s_z_l + offs_d[None, :] * s_z_d
     y_p = y_ptr + pid_b * s_y_b + offs_t[:, None] * s_y_l + offs_d[None, :] * s_y_d
-    B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + offs_t[:, None] * s_B_l + offs_n[None, :] * s_B_n
-    C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + offs_t[:, None] * s_C_l + offs_n[None, :] * s_C_n
+    B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + t3 * s_B_l + nb * s_B_n
+    C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + t3 * s_C_l + nb * s_C_n
     ck_p = ckpt_ptr + pid_b * n_chunks * DIM * NSTATE + state_off
 
-    last = offs_t[:, None, None] == BLOCK_T - 1
+    # chunk 0's inputs; each iteration then prefetches the next chunk before computing
+    mask_td = (offs_t < L)[:, None] & mask_d[None, :]
+    mask_tn = (t3 < L) & (nb < NSTATE)
+    u_n = tl.load(u_p, mask=mask_td, other=0.0)
+    dt_n = tl.load(dt_p, mask=mask_td, other=0.0)
+    B_n = tl.load(B_p, mask=mask_tn, other=0.0)
+    C_n = tl.load(C_p, mask=mask_tn, other=0.0)
+    if HAS_Z:
+        z_n = tl.load(z_p, mask=mask_td, other=0.0)
+    first = t4 == 0
+    last = t4 == BLOCK_T - 1
     for c in range(0, n_chunks):
         if STORE_CKPT:
-            tl.store(ck_p, h, mask=mask_dn)
+            tl.store(ck_p, h, mask=mask_s)
             ck_p += DIM * NSTATE
-        t = c * BLOCK_T + offs_t
-        mask_t = t < L
-        mask_td = mask_t[:, None] & mask_d[None, :]
-        mask_tn = mask_t[:, None] & mask_n[None, :]
-        u = tl.load(u_p, mask=mask_td, other=0.0).to(tl.float32)
-        dt = tl.load(dt_p, mask=mask_td, other=0.0).to(tl.float32)
-        Bt = tl.load(B_p, mask=mask_tn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_p, mask=mask_tn, other=0.0).to(tl.float32)
+        t0 = c * BLOCK_T
+        mask_td = ((t0 + offs_t) < L)[:, None] & mask_d[None, :]
+        u = u_n.to(tl.float32)
+        dt = dt_n.to(tl.float32)
+        Bt = B_n.to(tl.float32)[:, :, None, :]
+        Ct = C_n.to(tl.float32)[:, :, None, :]
+        if HAS_Z:
+            zz = z_n.to(tl.float32)
+        # prefetch chunk c + 1 (fully masked after the last chunk: no memory traffic)
+        u_p += BLOCK_T * s_u_l
+        dt_p += BLOCK_T * s_dt_l
+        B_p += BLOCK_T * s_B_l
+        C_p += BLOCK_T * s_C_l
+        mask_nd = ((t0 + BLOCK_T + offs_t) < L)[:, None] & mask_d[None, :]
+        mask_nn = ((t0 + BLOCK_T + t3) < L) & (nb < NSTATE)
+        u_n = tl.load(u_p, mask=mask_nd, other=0.0)
+        dt_n = tl.load(dt_p, mask=mask_nd, other=0.0)
+        B_n = tl.load(B_p, mask=mask_nn, other=0.0)
+        C_n = tl.load(C_p, mask=mask_nn, other=0.0)
+        if HAS_Z:
+            z_p += BLOCK_T * s_z_l
+            z_n = tl.load(z_p, mask=mask_nd, other=0.0)
+
         if HAS_BIAS:
             dt = dt + bias[None, :]
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(mask_td, dt, 0.0)  # a = 1, b = 0 past the end: the carry passes through
-
-        a = tl.exp(dt[:, :, None] * A[None, :, :])
-        bx = (dt * u)[:, :, None] * Bt[:, None, :]
-        sa, sb = tl.associative_scan((a, bx), 0, _linrec_combine)
-        hs = sa * h[None, :, :] + sb
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        dt4 = dt[:, None, :, None]
+        a = tl.exp2(dt4 * A[None])
+        bx = (dt * u)[:, None, :, None] * Bt
+        bx = tl.where(first, bx + a * h[None], bx)  # fold the carry into the first step
+        _, hs = tl.associative_scan((a, bx), 0, _linrec_combine)
+        y = tl.sum(tl.sum(hs * Ct, axis=1), axis=2)
         h = tl.sum(tl.where(last, hs, 0.0), axis=0)
 
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
-            zz = tl.load(z_p, mask=mask_td, other=0.0).to(tl.float32)
             y *= zz / (1.0 + tl.exp(-zz))
-            z_p += BLOCK_T * s_z_l
         tl.store(y_p, y.to(y_ptr.dtype.element_ty), mask=mask_td)
-        u_p += BLOCK_T * s_u_l
-        dt_p += BLOCK_T * s_dt_l
         y_p += BLOCK_T * s_y_l
-        B_p += BLOCK_T * s_B_l
-        C_p += BLOCK_T * s_C_l
 
     if STORE_HLAST:
-        tl.store(hlast_ptr + pid_b * DIM * NSTATE + state_off, h, mask=mask_dn)
+        tl.store(hlast_ptr + pid_b * DIM * NSTATE + state_off, h, mask=mask_s)

@@ -82,6 +82,23 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     tl.store(y_ptr + pid_b * syb + c * syd, y.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _args_plain(state, x, dt, A, B, C, D, z, dt_bias) -> bool:
+    """A quick validity check (the full one, slower, only names the problem when this says no)."""
+    if state.dim() != 3 or x.dim() != 2 or B.dim() not in (2, 3) or C.dim() not in (2, 3):
+        return False
+    b, d, n = state.shape
+    dev = x.device
+    ok = lambda t, shape: t.dtype in _FLOATS and t.shape == shape and t.device == dev  # noqa: E731
+    bc_ok = lambda t: (ok(t, (b, n)) if t.dim() == 2  # noqa: E731
+                       else ok(t, (b, t.shape[1], n)) and t.shape[1] >= 1 and d % t.shape[1] == 0)
+    return (ok(state, (b, d, n)) and ok(x, (b, d)) and ok(dt, (b, d)) and ok(A, (d, n))
+            and bc_ok(B) and bc_ok(C) and (D is None or ok(D, (d,)))
+            and (z is None or ok(z, (b, d))) and (dt_bias is None or ok(dt_bias, (d,))))
+
+
 def _block_dim(n_pad: int, dim: int) -> int:
     """Channels per program: about 2048 state elements per program, at least 1 channel."""
     if _INTERPRET:
@@ -97,8 +114,10 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     dstate up to 256 (any larger n works but spills registers); B/C (b, n) or grouped (b, g, n).
     No autograd: the outputs carry no gradient (decoding runs under ``torch.no_grad()``).
     """
-    b, d, n = check_selective_state_update_args("selective_state_update_triton", state, x, dt, A,
-                                                B, C, D, z, dt_bias)
+    if not _args_plain(state, x, dt, A, B, C, D, z, dt_bias):
+        check_selective_state_update_args("selective_state_update_triton", state, x, dt, A, B, C,
+                                          D, z, dt_bias)  # raises the precise error
+    b, d, n = state.shape
     Bg = B if B.dim() == 3 else B.unsqueeze(1)
     Cg = C if C.dim() == 3 else C.unsqueeze(1)
     y = _alloc((b, d), dtype=x.dtype, device=x.device)

@@ -13,7 +13,7 @@ from conftest import requires_cuda
 def _grads(blk, x):
     x = x.detach().clone().requires_grad_(True)
     y = blk(x)
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(blk.aux_loss).backward()
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device, dtype=y.dtype).view_as(y)).sum().add(blk.aux_loss).backward()
     out = {"y": y.detach(), "x": x.grad}
     out.update({n: p.grad.clone() for n, p in blk.named_parameters()})
     return out
@@ -37,6 +37,21 @@ def test_grouped_matches_loop(cfg, seqlen):
     a, b = _grads(loop, x), _grads(grouped, x)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-10, rtol=1e-8), k
+
+
+def test_grouped_with_triton_permutation_matches_loop():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    spec = {"n_experts": 5, "top_k": 2, "d_ff": 20, "capacity_factor": 0.8}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    loop = MoEBlock(12, {**spec, "impl": "loop"}).to(dev)
+    grouped = MoEBlock(12, {**spec, "impl": "grouped"}).to(dev)
+    grouped.permute_impl = "triton"
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(2, 9, 12, device=dev)
+    a, b = _grads(loop, x), _grads(grouped, x)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
 def test_experts_with_no_tokens_get_zero_grad():
@@ -76,6 +91,30 @@ def test_permute_unpermute_match_refs_with_drops():
         outs.append((xp, yu, *g))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,d", [(1, 5), (2, 7), (3, 1100)])
+def test_permute_triton_matches_ref(k, d):
+    """The fused Triton gather-sum / scatter-scale-dot kernels (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    n, e = 6, 4
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    indices = torch.randint(0, e + 1, (n, k), device=dev)
+    order, counts, inv = sort_by_expert(indices, e)
+    x = torch.randn(n, d, device=dev, requires_grad=True)
+    y = torch.randn(n * k, d, device=dev, requires_grad=True)
+    w = torch.rand(n, k, device=dev, requires_grad=True)
+    outs = []
+    for impl in ("triton", "ref"):
+        if impl == "ref":
+            xp, yu = permute_ref(x, order, k), unpermute_ref(y, order, w)
+        else:
+            xp, yu = permute(x, order, inv, k, impl="triton"), unpermute(y, order, inv, w, impl="triton")
+        g = torch.autograd.grad(xp.cos().sum() + yu.sin().sum(), (x, y, w))
+        outs.append((xp, yu, *g))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
 @pytest.mark.parametrize("impl", ["padded", "loop"])
@@ -129,3 +168,38 @@ def test_grouped_matches_loop_cuda_bf16(top_k):
         err = (a[k].float() - b[k].float()).abs().max().item()
         scale = a[k].float().abs().max().item() + 1e-6
         assert err <= 0.02 * scale, (k, err, scale)
+
+
+@requires_cuda
+def test_megablocks_matches_loop_cuda_bf16():
+    from hybridseq.blocks.moe import megablocks_available
+
+    if not megablocks_available():
+        pytest.skip("megablocks / grouped_gemm not installed")
+    torch.manual_seed(0)
+    spec = {"n_experts": 8, "top_k": 2, "d_ff": 256}
+    loop = MoEBlock(128, {**spec, "impl": "loop"}).cuda().bfloat16()
+    mb = MoEBlock(128, {**spec, "impl": "megablocks"}).cuda().bfloat16()
+    mb.load_state_dict(loop.state_dict())
+    x = torch.randn(2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    a, b = _grads(loop, x), _grads(mb, x)
+    for k in a:
+        err = (a[k].float() - b[k].float()).abs().max().item()
+        assert err <= 0.02 * (a[k].float().abs().max().item() + 1e-6), (k, err)
+
+
+@requires_cuda
+def test_grouped_under_bf16_autocast_cuda():
+    """fp32 parameters, bf16 autocast (the trainer's GPU mode): grouped runs in bf16 like loop."""
+    torch.manual_seed(0)
+    spec = {"n_experts": 4, "top_k": 2, "d_ff": 96}
+    loop = MoEBlock(64, {**spec, "impl": "loop"}).cuda()
+    grouped = MoEBlock(64, {**spec, "impl": "grouped"}).cuda()
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(2, 33, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = _grads(loop, x), _grads(grouped, x)
+    assert b["y"].dtype == torch.bfloat16 and b["w_in"].dtype == torch.float32
+    for k in a:
+        err = (a[k].float() - b[k].float()).abs().max().item()
+        assert err <= 0.02 * (a[k].float().abs().max().item() + 1e-6), (k, err)

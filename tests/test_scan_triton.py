@@ -105,11 +105,11 @@ def check(res, tol):
 # (b, l, d, n, groups, fwd tuning, bwd tuning): odd sizes, several chunks and dim blocks
 CASES = {
     "seqlen1": (2, 1, 4, 4, None, None, None),
-    "seqlen7_dstate3": (2, 7, 5, 3, None, (4, 4, 4), (4, 2, 4)),
-    "seqlen33_dstate16": (1, 33, 2, 16, None, (8, 2, 4), (8, 1, 4)),
-    "dstate1_chunks": (2, 21, 6, 1, None, (4, 4, 4), (4, 8, 4)),
-    "grouped": (1, 19, 8, 3, 2, (8, 4, 4), (8, 2, 4)),
-    "grouped_odd_group_width": (1, 9, 6, 2, 2, (4, 4, 4), (4, 4, 4)),
+    "seqlen7_dstate3": (2, 7, 5, 3, None, (4, 4, 2, 4), (4, 2, 2, 4)),
+    "seqlen33_dstate16": (1, 33, 2, 16, None, (8, 2, 4, 4), (8, 1, 16, 4)),
+    "dstate1_chunks": (2, 21, 6, 1, None, (4, 4, 2, 4), (4, 8, 2, 4)),
+    "grouped": (1, 19, 8, 3, 2, (8, 4, 1, 4), (8, 2, 4, 4)),
+    "grouped_odd_group_width": (1, 9, 6, 2, 2, (4, 4, 2, 4), (4, 4, 2, 4)),
     "default_blocks": (1, 37, 3, 5, None, None, None),
 }
 
@@ -123,7 +123,7 @@ def test_fp32_forward_and_grads(case, tuning):
 
 def test_options_off_no_softplus(tuning):
     """No z, D, delta_bias, initial_state; raw delta as dt; y only."""
-    tuning((4, 4, 4), (4, 4, 4))
+    tuning((4, 4, 2, 4), (4, 4, 2, 4))
     t = make(2, 10, 5, 4, z=False, D=False, bias=False, h0=False)
     with torch.no_grad():
         t["delta"].abs_()  # dt > 0 without softplus
@@ -132,13 +132,13 @@ def test_options_off_no_softplus(tuning):
 
 def test_grad_through_final_state_only(tuning):
     """Loss on h_last alone: the gradient must flow back through every step, into h0 too."""
-    tuning((4, 4, 4), (4, 4, 4))
+    tuning((4, 4, 2, 4), (4, 4, 2, 4))
     check(run_both(make(1, 11, 4, 3), loss_on=("h",)), 1e-5)
 
 
 def test_b_and_c_grouped_differently(tuning):
     """B shared by all channels, C in 2 groups."""
-    tuning((4, 4, 4), (4, 4, 4))
+    tuning((4, 4, 2, 4), (4, 4, 2, 4))
     t = make(1, 6, 4, 2, groups=2)
     t["B"] = torch.randn(1, 6, 2, device=DEV).requires_grad_()
     check(run_both(t), 1e-5)
@@ -146,7 +146,7 @@ def test_b_and_c_grouped_differently(tuning):
 
 def test_strided_inputs(tuning):
     """B, C sliced out of one projection and u, delta transposed views: any strides work."""
-    tuning((4, 4, 4), (4, 2, 4))
+    tuning((4, 4, 2, 4), (4, 2, 2, 4))
     b, l, d, n = 2, 9, 4, 3
     t = make(b, l, d, n)
     proj = torch.randn(b, l, 2 * n + 3, device=DEV)
@@ -174,7 +174,7 @@ def test_strided_inputs(tuning):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype, tuning):
-    tuning((8, 4, 4), (8, 4, 4))
+    tuning((8, 4, 2, 4), (8, 4, 2, 4))
     res = run_both(make(2, 13, 4, 4, dtype=dtype))
     assert res["y"][0].dtype == dtype and res["h_last"][0].dtype == torch.float32
     assert res["du"][0].dtype == dtype and res["dB"][0].dtype == dtype
@@ -183,7 +183,7 @@ def test_half_precision(dtype, tuning):
 
 def test_no_nan_extreme_dt(tuning):
     """Huge dt (decay underflows to 0) and tiny dt (decay 1) give finite outputs and gradients."""
-    tuning((4, 4, 4), (4, 4, 4))
+    tuning((4, 4, 2, 4), (4, 4, 2, 4))
     t = make(1, 9, 4, 3)
     with torch.no_grad():
         t["delta"].mul_(40.0)  # softplus(+-20): dt from ~2e-9 to ~20

@@ -138,3 +138,10 @@ def test_bad_groups_raise():
     inp["B"] = torch.randn(2, 4, 3)  # 4 groups do not divide 6 channels
     with pytest.raises(ValueError, match="groups"):
         selective_state_update_ref(**inp)
+
+
+def test_triton_entry_point_names_bad_arguments(poisoned):
+    inp = make_inputs(2, 6, 3)
+    inp["B"] = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="B has dstate 5"):
+        poisoned.selective_state_update_triton(**inp)

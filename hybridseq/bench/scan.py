@@ -16,11 +16,11 @@ import torch
 
 DEFAULT_SHAPES = ["8x2048x2048x16", "2x4096x8192x16"]  # batch x dim x seqlen x dstate (issue 3)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Sweep candidates: (BLOCK_T, BLOCK_D, num_warps)
-_SWEEP_FWD = [(16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8), (32, 32, 8), (64, 16, 8),
-              (16, 16, 2), (4, 64, 4), (1, 64, 2), (1, 128, 4)]
-_SWEEP_BWD = [(16, 16, 4), (16, 32, 4), (32, 16, 8), (8, 32, 4), (16, 32, 8), (32, 32, 8),
-              (8, 64, 8), (4, 64, 4)]
+# Sweep candidates: (BLOCK_T, BLOCK_D, NO, num_warps); lanes*warps cover BLOCK_D * NO / 32
+_SWEEP_FWD = [(8, 32, 4, 4), (16, 32, 4, 4), (4, 32, 4, 4), (8, 64, 4, 4), (8, 16, 8, 4),
+              (16, 16, 8, 4), (8, 64, 2, 4), (16, 8, 16, 4), (32, 8, 16, 4), (8, 16, 4, 2)]
+_SWEEP_BWD = [(8, 32, 4, 4), (4, 32, 4, 4), (8, 16, 8, 4), (16, 16, 8, 4), (8, 8, 16, 4),
+              (16, 8, 16, 4), (8, 16, 4, 2), (4, 16, 8, 4)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", type=int, default=0, help="B/C groups (0: (b, l, n) B/C)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-backward", action="store_true", help="forward only")
-    parser.add_argument("--torch-max-elems", type=float, default=3e8,
+    parser.add_argument("--torch-max-elems", type=float, default=6e8,
                         help="skip the chunked PyTorch path above this many b*l*d*n elements")
     parser.add_argument("--sweep", action="store_true",
                         help="time the Triton kernels over several block shapes instead")
@@ -152,16 +152,16 @@ def _sweep(shape, args, device) -> list[dict]:
             saved = dict(mod.TUNING)
             mod.TUNING[kind] = cfg
             if kind == "bwd":  # the backward reuses the forward's chunk length
-                mod.TUNING["fwd"] = (cfg[0], 32, 4)
+                mod.TUNING["fwd"] = (cfg[0], 16, 8, 4)
             try:
                 row = _time_shape(shape, "triton", argparse.Namespace(**{**vars(args),
                                   "no_backward": kind == "fwd"}), device)
-                row.update(kind=kind, BLOCK_T=cfg[0], BLOCK_D=cfg[1], warps=cfg[2])
+                row.update(kind=kind, BLOCK_T=cfg[0], BLOCK_D=cfg[1], NO=cfg[2], warps=cfg[3])
                 if kind == "bwd":
                     row["bwd_only_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
             except Exception as e:  # a block shape that does not compile: report, go on
                 row = {"shape": "x".join(map(str, shape)), "kind": kind, "BLOCK_T": cfg[0],
-                       "BLOCK_D": cfg[1], "warps": cfg[2], "error": f"{type(e).__name__}: {e}"[:80]}
+                       "BLOCK_D": cfg[1], "NO": cfg[2], "warps": cfg[3], "error": f"{type(e).__name__}: {e}"[:80]}
             finally:
                 mod.TUNING.clear()
                 mod.TUNING.update(saved)

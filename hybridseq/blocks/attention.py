@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config.schema import BLOCK_DEFAULTS
 from ..errors import ConfigError, HybridSeqError
-from .attention_backends import attention, attention_with_positions
+from .attention_backends import attention, attention_tail, attention_with_positions
 from .base import Block
 from .norm import RMSNorm
 from .rope import apply_rope, rope_tables
@@ -131,22 +131,21 @@ class AttentionBlock(Block):
             self._store(kc, vc, k, v, offset, ring)
             keys = kc[:, :, :offset + l].transpose(1, 2)
             vals = vc[:, :, :offset + l].transpose(1, 2)
-            k_pos = torch.arange(offset + l, device=dev)
-            q_pos = torch.arange(offset, offset + l, device=dev)
-            return attention_with_positions(q, keys, vals, q_pos, k_pos, window=self.window,
-                                            impl=self.impl)
+            # no window reaches past the cache here (a window is >= cap when the cache is
+            # linear), so the chunk's queries see every earlier key: bottom-right causal
+            if l == 1:  # the newest position sees every cached key: no mask at all
+                return attention_with_positions(q, keys, vals, impl=self.impl)
+            return attention_tail(q, keys, vals, impl=self.impl)
         w = cap  # ring buffer of the last `window` keys
         if l == 1:
-            # decode: store first; the ring then holds exactly the visible keys (any order)
+            # decode: store first; the ring then holds exactly the visible keys (in ring order,
+            # which softmax attention does not care about): no mask
             slot = offset % w
             kc[:, :, slot] = k[:, 0]
             vc[:, :, slot] = v[:, 0]
             n = min(offset + 1, w)
             keys, vals = kc[:, :, :n].transpose(1, 2), vc[:, :, :n].transpose(1, 2)
-            k_pos = self._slot_positions(w, offset + 1, n, dev)
-            q_pos = torch.full((1,), offset, device=dev)
-            return attention_with_positions(q, keys, vals, q_pos, k_pos, window=self.window,
-                                            impl=self.impl)
+            return attention_with_positions(q, keys, vals, impl=self.impl)
         n_past = min(offset, w)
         keys = torch.cat([kc[:, :, :n_past].transpose(1, 2), k], dim=1)
         vals = torch.cat([vc[:, :, :n_past].transpose(1, 2), v], dim=1)

@@ -235,6 +235,8 @@ def _flex_block_mask(length: int, window, device: torch.device):
 def _flex(q, k, v, *, window, scale):
     import warnings
 
+    if not torch.is_grad_enabled():  # torch's CPU path refuses inputs that require grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     bm = _flex_block_mask(q.shape[1], window, q.device)
     with warnings.catch_warnings():
@@ -277,20 +279,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window=None,
     return _torch_ref(q, k, v, _causal_mask(q.shape[1], window, q.device), scale)
 
 
-def attention_with_positions(q, k, v, q_pos, k_pos, *, window=None, impl: str = "auto",
+def attention_with_positions(q, k, v, q_pos=None, k_pos=None, *, window=None, impl: str = "auto",
                              scale: float | None = None) -> torch.Tensor:
     """Attention of queries at positions ``q_pos`` (lq,) to keys at ``k_pos`` (lk,) (any order;
-    ``-1`` = empty slot), with the causal / window rule of this module. Backend: the torch
-    reference when ``impl == "torch"``, else sdpa (no mask at all for one query that sees every
-    key: the usual decode step)."""
+    ``-1`` = empty slot), with the causal / window rule of this module. ``q_pos = k_pos = None``:
+    every key is visible to every query (the caller knows it, e.g. a decode step), so no mask is
+    built and nothing waits on the device. Backend: the torch reference when ``impl == "torch"``,
+    else sdpa."""
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    if q_pos is None:
+        if impl == "torch":
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
+            return _torch_ref(q, k, v, mask, scale)
+        return _sdpa(q, k, v, scale=scale)
     mask = position_mask(q_pos, k_pos, window)
     if impl == "torch":
         return _torch_ref(q, k, v, mask, scale)
-    if q.shape[1] == 1 and bool(mask.all()):
-        return _sdpa(q, k, v, scale=scale)
     return _sdpa(q, k, v, mask=mask, scale=scale)
+
+
+def attention_tail(q, k, v, *, impl: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """Causal attention of the last ``lq`` positions of a sequence to all its ``lk >= lq`` keys
+    (in order, no window): query i sits at key position ``lk - lq + i`` ("bottom-right" causal,
+    a chunk prefilled after cached keys). Backends: flash_attn (native), sdpa (a lower-right
+    ``CausalBias``, which the flash / efficient kernels run without a mask tensor), torch."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    lq, lk = q.shape[1], k.shape[1]
+    if impl == "torch":
+        pos = torch.arange(lk, device=q.device)
+        return _torch_ref(q, k, v, position_mask(pos[lk - lq:], pos, None), scale)
+    name, _ = select_backend(impl, q.device.type, q.dtype, d, None, False)
+    if name == "flash_attn":
+        return _flash_attn(q, k, v, window=None, scale=scale)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return _sdpa(q, k, v, mask=causal_lower_right(lq, lk), scale=scale)
 
 
 def attention_flops(batch: int, n_heads: int, seqlen: int, head_dim: int, *, causal: bool = True,
@@ -307,5 +332,5 @@ def attention_flops(batch: int, n_heads: int, seqlen: int, head_dim: int, *, cau
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode]
 
 
-__all__ = ["BACKENDS", "IMPLS", "attention", "attention_with_positions", "backend_available",
+__all__ = ["BACKENDS", "IMPLS", "attention", "attention_tail", "attention_with_positions", "backend_available",
            "describe_attention_backend", "position_mask", "select_backend", "attention_flops"]

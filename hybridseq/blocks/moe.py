@@ -20,14 +20,23 @@ Spec keys (defaults in ``hybridseq.config.schema.BLOCK_DEFAULTS["moe"]``):
   ``out.aux_loss``).
 - ``shared_experts`` S, ``shared_d_ff`` (None: d_ff): S always-on experts of the same activation,
   summed; stored fused as one dense MLP of hidden size S * shared_d_ff (the same function).
-- ``ep_size``: expert parallelism (``moe_parallel.py``); ``impl``: auto|grouped|megablocks|loop.
+- ``ep_size``: expert parallelism (``moe_parallel.py``; the group comes from the ``ep_group``
+  argument, ``set_expert_parallel_group(group)`` or consecutive world ranks).
+- ``impl`` (``moe_experts.py``): ``loop`` (reference), ``grouped`` (permute by expert, one grouped
+  GEMM per projection: torch._grouped_mm + fused Triton (un)permutation on CUDA, padded bmm on
+  CPU; no host synchronisation when dropless on CUDA), ``megablocks`` (``moe_megablocks.py``,
+  optional), ``auto`` (= grouped, see ``resolve_impl``). Capacity mode costs one host
+  synchronisation per forward (the kept row count).
 
 Sigmoid router bias (aux-loss-free balancing): the per-expert selection bias is updated once per
 training forward+backward: a gradient hook on the router logits applies
 b_i += rate * sign(mean_load - load_i) with the load of that forward, when the backward reaches
 this layer. So it never changes between a forward and its activation-checkpoint recomputation,
 and it does not move in eval mode or under ``torch.no_grad``. Under expert parallelism the loads
-are summed over the EP group first, so every rank keeps the same bias.
+are summed over the EP group first, so every rank of that group keeps the same bias; data-parallel
+replicas outside the EP group each update their own copy (the bias is a persistent buffer,
+``router.expert_bias``, saved in checkpoints; DDP's buffer broadcast re-syncs it, DeepSpeed does
+not).
 
 ``self.metrics`` after a forward (detached tensors, no host synchronisation): ``load`` (E,) the
 fraction of token-slots routed to each expert (before drops), ``entropy`` the mean routing
@@ -44,13 +53,16 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridseq.errors import ConfigError
 
+from hybridseq.kernels.moe_permute import histogram
+
 from .base import Block
 from .moe_experts import expert_activation, experts_grouped, experts_loop
+from .moe_parallel import (expert_parallel_experts, get_expert_parallel_group,  # noqa: F401
+                           resolve_ep_group, set_expert_parallel_group)
 from .moe_router import Router, load_balancing_loss, routing_entropy, z_loss
 
 try:  # the config package's shared rule; the inline copy below is the same rule
@@ -114,7 +126,7 @@ def apply_capacity(indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
     """
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = histogram(flat, n_experts)
     start = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(flat.numel(), device=flat.device) - start[flat[order]]
@@ -135,9 +147,12 @@ def megablocks_available() -> bool:
     return _avail()
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto``: ``grouped`` everywhere (CUDA: torch._grouped_mm; CPU: padded bmm, measured faster
-    than the loop here); ``megablocks`` only when asked for."""
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> ``grouped`` on every device: on CUDA it runs torch._grouped_mm and the fused
+    Triton permutation; on CPU the padded bmm, measured 1.3-5x faster than the loop on 2 cores
+    (d_model 64-128, 4-16 experts, 4096 tokens, fwd+bwd). ``megablocks`` is never picked by
+    ``auto``: it could not be built on our GPU machine, so it was never measured against
+    ``grouped``."""
     if impl == "auto":
         return "grouped"
     return impl
@@ -155,19 +170,22 @@ class MoEBlock(Block):
         self.n_in = 2 if self.activation == "swiglu" else 1
         self.capacity_factor = s["capacity_factor"]
         self.impl = s["impl"]
-        if self.impl == "megablocks" and not megablocks_available():
-            raise ConfigError(
-                "impl 'megablocks' needs the megablocks package (pip install --no-deps megablocks; "
-                "see hybridseq/blocks/moe_megablocks.py), which is not importable here",
-                key="moe.impl")
+        self.permute_impl = "auto"  # grouped backend: auto (Triton on CUDA) | torch | triton
+        if self.impl == "megablocks":
+            if not megablocks_available():
+                raise ConfigError(
+                    "impl 'megablocks' needs the megablocks and grouped_gemm packages (pip install "
+                    "--no-deps megablocks; see hybridseq/blocks/moe_megablocks.py), not importable here",
+                    key="moe.impl")
+            if self.capacity_factor is not None:
+                raise ConfigError("impl 'megablocks' is dropless: capacity_factor must be null",
+                                  key="moe.capacity_factor")
         self.router = Router(d_model, self.n_experts, self.top_k, s["router"], bool(s["renormalize"]),
                              float(s["bias_update_rate"]))
         self.ep_size = s["ep_size"]
         self.ep_group = None
         self.ep_rank = 0
         if self.ep_size > 1:
-            from .moe_parallel import resolve_ep_group
-
             self.ep_group, self.ep_rank = resolve_ep_group(self.ep_size, ep_group)
         self.n_local_experts = self.n_experts // self.ep_size
         self.w_in = nn.Parameter(torch.empty(self.n_local_experts, d_model, self.n_in * self.d_ff))
@@ -202,8 +220,6 @@ class MoEBlock(Block):
 
     def set_expert_parallel_group(self, group) -> None:
         """Use ``group`` (a torch.distributed process group of size ep_size) for the all-to-all."""
-        from .moe_parallel import resolve_ep_group
-
         self.ep_group, rank = resolve_ep_group(self.ep_size, group)
         if rank != self.ep_rank:
             raise ValueError(f"the new EP group gives this process rank {rank}, but its experts were "
@@ -248,13 +264,11 @@ class MoEBlock(Block):
 
         dt = compute_dtype(x)
         xc = xf.to(dt)
-        w = weights.to(dt)
+        w = weights  # fp32 combine weights; each backend applies them in fp32 or its compute dtype
         if self.ep_size > 1:
-            from .moe_parallel import expert_parallel_experts
-
             y = expert_parallel_experts(xc, indices, w, self.w_in.to(dt), self.w_out.to(dt),
                                         self.activation, self.n_experts, self.ep_group,
-                                        impl=resolve_impl(self.impl, x.device),
+                                        impl=resolve_impl(self.impl),
                                         may_drop=self.capacity_factor is not None)
         else:
             y = self._experts(xc, indices, w, self.w_in.to(dt), self.w_out.to(dt))
@@ -266,12 +280,13 @@ class MoEBlock(Block):
         return y.view(*shape[:-1], shape[-1])
 
     def _experts(self, x, indices, weights, w_in, w_out):
-        impl = resolve_impl(self.impl, x.device)
+        impl = resolve_impl(self.impl)
         if impl == "loop":
             return experts_loop(x, indices, weights, w_in, w_out, self.activation)
         if impl == "grouped":
             return experts_grouped(x, indices, weights, w_in, w_out, self.activation,
-                                   may_drop=self.capacity_factor is not None)
+                                   may_drop=self.capacity_factor is not None,
+                                   permute_impl=self.permute_impl)
         from .moe_megablocks import experts_megablocks
 
         return experts_megablocks(x, indices, weights, w_in, w_out, self.activation,
@@ -279,11 +294,11 @@ class MoEBlock(Block):
 
     def _losses_and_metrics(self, r, dropped) -> None:
         s = self.spec
-        lb = load_balancing_loss(r.probs, r.indices, self.n_experts)
+        counts = histogram(r.indices, self.n_experts)
+        lb = load_balancing_loss(r.probs, r.indices, self.n_experts, counts=counts)
         zl = z_loss(r.logits)
         self.aux_loss = float(s["aux_loss_coef"]) * lb + float(s["z_loss_coef"]) * zl
         with torch.no_grad():
-            counts = torch.bincount(r.indices.reshape(-1), minlength=self.n_experts)[: self.n_experts]
             self.metrics = {
                 "load": counts.float() / max(r.indices.numel(), 1),
                 "entropy": routing_entropy(r.probs).detach(),

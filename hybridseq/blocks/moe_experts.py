@@ -8,7 +8,8 @@ act(a) = silu(a[:, :d_ff]) * a[:, d_ff:] (SwiGLU) or gelu(a) (GELU, exact erf fo
 Every backend computes, for x (N, d), indices (N, k) in [0, E] (E: a dropped slot) and
 weights (N, k) fp32,
     y[n] = sum_{j: indices[n, j] < E} weights[n, j] * expert_{indices[n, j]}(x[n])
-in x's dtype (the caller casts the weights to the compute dtype first).
+in x's dtype (weights stay fp32: the loop and the Triton un-permute combine in fp32, the torch
+un-permute in x's dtype).
 
 - ``loop``: the reference: for each expert, pick its token-slots (nonzero), run it, index_add the
   weighted result (accumulated in fp32, or fp64 for fp64 inputs). One host synchronisation per expert.
@@ -55,15 +56,16 @@ def run_sorted_experts(x_sorted, counts, w_in, w_out, activation, gemm_impl="aut
 
 
 def experts_grouped(x, indices, weights, w_in, w_out, activation, gemm_impl="auto",
-                    may_drop=False):
+                    may_drop=False, permute_impl="auto"):
     """Permute -> grouped GEMMs -> weighted un-permute. ``may_drop``: some indices equal E
-    (capacity mode); their rows are cut before the GEMMs (one host synchronisation)."""
+    (capacity mode); their rows are cut before the GEMMs (one host synchronisation).
+    ``permute_impl``: auto|torch|triton (``kernels.moe_permute``)."""
     n, k = indices.shape
     n_experts = w_in.shape[0]
     order, counts, inv = sort_by_expert(indices, n_experts)
-    x_perm = permute(x, order, inv, k)
+    x_perm = permute(x, order, inv, k, impl=permute_impl)
     n_kept = int(counts[:n_experts].sum().item()) if may_drop else n * k
     y = run_sorted_experts(x_perm[:n_kept], counts[:n_experts], w_in, w_out, activation, gemm_impl)
     if n_kept < n * k:
         y = torch.cat([y, y.new_zeros(n * k - n_kept, y.shape[-1])], 0)
-    return unpermute(y, order, inv, weights)
+    return unpermute(y, order, inv, weights, impl=permute_impl)

@@ -116,9 +116,8 @@ def expert_parallel_experts(x, indices, weights, w_in, w_out, activation, n_expe
     send_counts = counts[:n_experts].contiguous()
     n_send = int(send_counts.sum().item()) if may_drop else n * k
 
-    comm_device = x.device
     recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts.to(comm_device), group=group)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
     send_splits = send_counts.view(p, e_local).sum(1).tolist()
     recv_by_src = recv_counts.view(p, e_local)                  # [source rank, local expert]
     recv_splits = recv_by_src.sum(1).tolist()

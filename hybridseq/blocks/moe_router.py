@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridseq.kernels.moe_permute import histogram
+
 ROUTER_KINDS = ("softmax", "sigmoid", "sinkhorn")
 
 
@@ -48,10 +50,13 @@ class RouterOutput:
     weights: torch.Tensor  # (N, k) fp32
 
 
-def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch load-balancing loss E * sum_i f_i * P_i (see the module docstring)."""
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch load-balancing loss E * sum_i f_i * P_i (see the module docstring); ``counts`` (E,)
+    the token-slots per expert when already computed."""
     n_slots = indices.numel()
-    counts = torch.bincount(indices.reshape(-1), minlength=n_experts)[:n_experts]
+    if counts is None:
+        counts = histogram(indices, n_experts)
     f = counts.to(torch.float32) / max(n_slots, 1)
     p = probs.float().mean(dim=0)
     return n_experts * torch.sum(f * p)

@@ -220,7 +220,8 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
             if not isinstance(train.get("task"), Mapping):
                 train["task"] = {"name": TRAIN_DEFAULTS["task"]}  # the default task, made explicit
             task = train["task"]
-            known = TASK_DEFAULTS.get(task.get("name"))
+            name = task.get("name")
+            known = TASK_DEFAULTS.get(name) if isinstance(name, str) else None
             if known is not None and parts[2] != "name" and parts[2] not in known:
                 _unknown_override(key, "train.task", ["name", *known], parts[2], f"{task.get('name')} task key")
     elif top == "blocks" and depth > 2:
@@ -229,6 +230,7 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
             _unknown_override(key, "blocks", list(blocks), parts[1], "block symbol")
         spec = blocks[parts[1]]
         kind = spec.get("kind") if isinstance(spec, Mapping) else None
+        kind = kind if isinstance(kind, str) else None
         known = ("kind", *BLOCK_DEFAULTS.get(kind, {}))
         if depth > 3 or (kind in BLOCK_DEFAULTS and parts[2] not in known):
             _unknown_override(key, f"blocks.{parts[1]}", list(known), ".".join(parts[2:]), f"{kind} key")
@@ -286,7 +288,7 @@ def _merge_block(symbol, spec, file) -> dict:
     if "kind" not in spec:
         fail(file, key, "missing 'kind'", "one of: " + ", ".join(BLOCK_DEFAULTS))
     kind = spec["kind"]
-    if kind not in BLOCK_DEFAULTS:
+    if not isinstance(kind, str) or kind not in BLOCK_DEFAULTS:
         suggestion = did_you_mean(str(kind), BLOCK_DEFAULTS)
         fail(file, f"{key}.kind", f"unknown block kind {describe(kind)}",
              (f"did you mean '{suggestion}'? " if suggestion else "") + "one of: " + ", ".join(BLOCK_DEFAULTS))
@@ -297,7 +299,7 @@ def _merge_block(symbol, spec, file) -> dict:
 
 def _merge_task(task: dict, file) -> dict:
     name = task.get("name")
-    if name not in TASK_DEFAULTS:
+    if not isinstance(name, str) or name not in TASK_DEFAULTS:
         suggestion = did_you_mean(str(name), TASK_DEFAULTS)
         fail(file, "train.task.name", f"unknown task {describe(name)}",
              (f"did you mean '{suggestion}'? " if suggestion else "") + "one of: " + ", ".join(TASK_DEFAULTS))

@@ -139,7 +139,7 @@ class LocalEngine:
         from ..api import save_pretrained
 
         def write(folder: str) -> None:
-            save_pretrained(self.unwrap_for_export(), folder, cfg=self.cfg)
+            save_pretrained(self.unwrap_for_export(), cfg=self.cfg, folder=folder)
             torch.save({"engine": self.state_dict(), "client": client_state},
                        os.path.join(folder, ckpt.STATE_FILE))
 

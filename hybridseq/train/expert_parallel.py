@@ -11,3 +11,7 @@ def uses_expert_parallel(model: nn.Module) -> bool:
 
 def expert_param_groups(groups: list[dict]) -> list[dict]:
     raise NotImplementedError("expert parallelism (moe.ep_size > 1) under DeepSpeed is not wired yet")
+
+
+def setup_groups(ep_size: int) -> None:
+    raise NotImplementedError("expert parallelism (moe.ep_size > 1) under DeepSpeed is not wired yet")

@@ -1,0 +1,87 @@
+"""Block timings: one block of each kind, forward and forward+backward, per implementation.
+
+Default: d_model 1024, batch 8, seqlen 2048, bf16 (the Mamba block of the kernel issue).
+Rows: ``mamba`` with ``impl`` triton and torch (chunked PyTorch scan), ``attention`` (auto
+backend; ``--attn-impls`` for more), ``moe`` (``--moe-impls``), ``mlp``. ``TFLOPs`` uses the
+block's closed-form ``flops_per_token`` (x3 for forward+backward).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .common import time_fn
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--kinds", default="mamba,attention,moe,mlp", help="comma list of block kinds")
+    parser.add_argument("--mamba-impls", default="triton,torch")
+    parser.add_argument("--attn-impls", default="auto")
+    parser.add_argument("--moe-impls", default="auto")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default=None)
+
+
+def _specs(args):
+    yield from (("mamba", {"impl": i}) for i in args.mamba_impls.split(",") if i)
+    yield from (("attention", {"n_heads": args.heads, "impl": i}) for i in args.attn_impls.split(",") if i)
+    yield from (("moe", {"n_experts": args.experts, "top_k": args.top_k, "impl": i})
+                for i in args.moe_impls.split(",") if i)
+    yield "mlp", {}
+
+
+def run(args) -> list[dict]:
+    from ..blocks import BLOCKS, build_block
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype]
+    kinds = set(args.kinds.split(","))
+    d, b, l = args.d_model, args.batch, args.seqlen
+    rows = []
+    for kind, spec in _specs(args):
+        if kind not in kinds:
+            continue
+        row = {"block": kind, "impl": spec.get("impl", "-"), "shape": f"B{b} L{l} d{d}"}
+        try:
+            blk = build_block(kind, d, spec).to(device=device, dtype=dtype)
+            x = torch.randn(b, l, d, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(b, l, d, device=device, dtype=dtype)
+            params = [p for p in blk.parameters() if p.requires_grad]
+
+            def fwd():
+                with torch.no_grad():
+                    blk(x)
+
+            def fwd_bwd():
+                torch.autograd.grad(blk(x), [x, *params], dy)
+
+            fwd_bwd()
+            t_f = time_fn(fwd, iters=args.iters, device=device)["median_ms"]
+            t_fb = time_fn(fwd_bwd, iters=args.iters, device=device)["median_ms"]
+        except Exception as e:  # an impl that cannot run here: say why, keep going
+            rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:90]}"})
+            continue
+        flops = BLOCKS[kind].flops_per_token(d, blk.spec, l) * b * l
+        rows.append({**row, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+                     "fwd_TFLOPs": flops / t_f / 1e9, "fwd_bwd_TFLOPs": 3 * flops / t_fb / 1e9,
+                     "tokens_per_s_fwd_bwd": b * l / t_fb * 1e3, "status": "ok"})
+        del blk, x, dy
+    return rows
+
+
+if __name__ == "__main__":  # python -m hybridseq.bench.block
+    from .common import format_table
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    print(format_table(run(p.parse_args())))

@@ -1,0 +1,264 @@
+"""`hybridseq bench moe`: the MoE layer's forward+backward against a dense SwiGLU MLP with the same
+active FLOPs.
+
+For each expert configuration "E x k" (d_ff per expert scaled so that k * d_ff is the same for all
+configurations: the default 8x2 at d_ff 5632 and the fine-grained 64x8 at d_ff 1408) and each
+routing:
+- ``balanced``: a fixed assignment, token n -> experts (n*k + j) mod E: exactly N*k/E per expert;
+- ``skewed``: a fixed assignment drawn per token without replacement with P(e) ~ 1/(e+1)
+  (Zipf; expert 0 gets about 3x the mean load at 8x2);
+- ``router``: the layer's own (randomly initialised) router;
+the rows give the fwd and fwd+bwd times of each backend (``impl``), the TFLOP/s of its active
+matmul FLOPs (router + k experts; fwd+bwd = 3x fwd) and ``vs_dense``: dense fwd+bwd time / MoE
+fwd+bwd time, the dense layer being x -> silu(x W_g) * (x W_u) -> W_d with d_ff_dense = k * d_ff
+(gate and up fused in one GEMM). Forced routings keep the router's cost (its logits, softmax,
+losses) and replace only the chosen experts (weights = renormalised router probabilities).
+Anchors measured in the same run: one dense bf16 matmul and one ``torch._grouped_mm`` of the
+expert shape (TFLOP/s), and the permutation micro-benchmark (gather-only permute/unpermute vs
+index/index_add) when ``--permute`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from hybridseq.bench.common import format_table, time_fn
+from hybridseq.blocks.moe import MoEBlock, megablocks_available
+from hybridseq.blocks.moe_router import RouterOutput
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--d-ff", type=int, default=5632, help="expert d_ff of the first config")
+    parser.add_argument("--configs", default="8x2,64x8",
+                        help="comma-separated EXPERTSxTOPK; d_ff scaled to keep top_k * d_ff fixed")
+    parser.add_argument("--routings", default="balanced,skewed,router")
+    parser.add_argument("--impls", default="grouped,grouped:torch,megablocks",
+                        help="backends to time, IMPL[:PERMUTE] with PERMUTE auto|torch|triton for "
+                             "grouped (megablocks skipped when not importable; loop allowed)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--permute", action="store_true", help="also time the permutation variants")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a torch.profiler kernel table of one fwd+bwd per configuration (first impl)")
+
+
+def fixed_assignment(kind: str, n: int, e: int, k: int, device) -> torch.Tensor:
+    if kind == "balanced":
+        s = torch.arange(n * k, device=device).view(n, k)
+        return s.remainder(e)
+    if kind == "skewed":
+        g = torch.Generator(device="cpu").manual_seed(0)
+        p = 1.0 / torch.arange(1, e + 1, dtype=torch.float64)
+        return torch.multinomial(p.expand(n, e), k, replacement=False, generator=g).to(device)
+    raise ValueError(kind)
+
+
+def force_routing(blk: MoEBlock, indices: torch.Tensor) -> None:
+    """Make ``blk.router`` choose ``indices`` (N, k) while still computing its logits/losses."""
+    router = blk.router
+    orig = router.forward
+
+    def forward(x):
+        r = orig(x)
+        w = r.probs.gather(1, indices)
+        return RouterOutput(r.logits, r.probs, indices, w / w.sum(-1, keepdim=True))
+
+    router.forward = forward
+
+
+def _fwd_bwd(fn, inputs, grads_out):
+    def step():
+        outs = fn()
+        torch.autograd.grad(outs, inputs, grads_out)
+    return step
+
+
+def _matmul_anchors(args, dtype, device, d, f_exp, e):
+    rows = []
+    m = args.tokens * 2 // 1
+    a = torch.randn(m, d, device=device, dtype=dtype)
+    b = torch.randn(d, 2 * f_exp, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, warmup=args.warmup, iters=args.iters, device=device)["median_ms"]
+    fl = 2 * m * d * 2 * f_exp
+    rows.append({"what": f"anchor dense matmul {m}x{d}x{2 * f_exp}", "fwd_ms": t, "tflops": fl / t / 1e9})
+    if device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
+        bs = torch.randn(e, d, 2 * f_exp, device=device, dtype=dtype)
+        offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * (m // e)
+        t = time_fn(lambda: torch._grouped_mm(a, bs, offs=offs), warmup=args.warmup, iters=args.iters,
+                    device=device)["median_ms"]
+        rows.append({"what": f"anchor torch._grouped_mm {e} groups", "fwd_ms": t, "tflops": fl / t / 1e9})
+    return rows
+
+
+def _permute_rows(args, dtype, device, d):
+    from hybridseq.kernels.moe_permute import (permute, permute_ref, sort_by_expert, unpermute,
+                                               unpermute_ref)
+
+    rows = []
+    n, k, e = args.tokens, 2, 8
+    idx = fixed_assignment("skewed", n, e, k, device)
+    order, counts, inv = sort_by_expert(idx, e)
+    x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    y = torch.randn(n * k, d, device=device, dtype=dtype, requires_grad=True)
+    w = torch.rand(n, k, device=device, dtype=torch.float32, requires_grad=True)
+    gx = torch.randn(n * k, d, device=device, dtype=dtype)
+    gy = torch.randn(n, d, device=device, dtype=dtype)
+    variants = {
+        "permute triton (fused bwd)": (lambda: permute(x, order, inv, k, impl="triton"), [x], gx),
+        "permute torch gathers": (lambda: permute(x, order, inv, k, impl="torch"), [x], gx),
+        "permute index (ref)": (lambda: permute_ref(x, order, k), [x], gx),
+        "unpermute triton (fused fwd, bwd)": (lambda: unpermute(y, order, inv, w, impl="triton"), [y, w], gy),
+        "unpermute torch gather+mul+sum": (lambda: unpermute(y, order, inv, w, impl="torch"), [y, w], gy),
+        "unpermute index_add (ref)": (lambda: unpermute_ref(y, order, w), [y, w], gy),
+    }
+    if device.type != "cuda":
+        variants = {k_: v for k_, v in variants.items() if "triton" not in k_}
+    for name, (fn, inputs, g) in variants.items():
+        t = time_fn(_fwd_bwd(fn, inputs, g), warmup=args.warmup, iters=args.iters, device=device)
+        rows.append({"what": name, "fwd_bwd_ms": t["median_ms"]})
+    return rows
+
+
+def count_host_syncs(fn, device) -> int | None:
+    """Host synchronisations during ``fn()`` (CUDA sync debug mode), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(c.message).lower() for c in caught)
+
+
+def _profile(fn, title, device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"--- profile: {title} (one fwd+bwd) ---")
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
+def _dense_row(args, x, gy, active_ff, label):
+    d = x.shape[-1]
+    w_in = (torch.randn(d, 2 * active_ff, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()
+    w_out = (torch.randn(active_ff, d, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()
+
+    def dense():
+        gate, up = (x @ w_in).chunk(2, -1)
+        return (F.silu(gate) * up) @ w_out
+
+    t_f = time_fn(dense, warmup=args.warmup, iters=args.iters, device=x.device)["median_ms"]
+    t_b = time_fn(_fwd_bwd(dense, [x, w_in, w_out], gy), warmup=args.warmup, iters=args.iters,
+                  device=x.device)["median_ms"]
+    flops = 3 * 2 * 3 * d * active_ff * x.shape[0]
+    return {"what": f"dense swiglu d_ff={active_ff} ({label})", "fwd_ms": t_f, "fwd_bwd_ms": t_b,
+            "tflops": flops / t_b / 1e9, "vs_dense": None}
+
+
+def _moe_rows(args, x, gy, e, k, f, impl, t_dense, profile) -> list[dict]:
+    device, dtype = x.device, x.dtype
+    n, d = x.shape
+    spec = {"n_experts": e, "top_k": k, "d_ff": f}
+    fwd_flops = MoEBlock.flops_per_token(d, spec, n) * n
+    torch.manual_seed(0)
+    base, _, perm = impl.partition(":")
+    blk = MoEBlock(d, {**spec, "impl": base}).to(device=device, dtype=dtype)
+    blk.permute_impl = perm or "auto"
+    params = list(blk.parameters())
+    xb = x.detach().view(1, n, d).requires_grad_()
+    rows = []
+    for routing in args.routings.split(","):
+        what = f"moe {e}x{k} d_ff={f} {routing}"
+        try:
+            blk.router.__dict__.pop("forward", None)  # undo a previous forcing
+            if routing in ("balanced", "skewed"):
+                force_routing(blk, fixed_assignment(routing, n, e, k, device))
+            blk(xb)
+            load = blk.metrics["load"]
+            what += f" (max/mean load {float(load.max() / load.mean()):.2f})"
+
+            def fwd():
+                return blk(xb)
+
+            def both():
+                y = blk(xb)
+                torch.autograd.grad([y, blk.aux_loss], [xb] + params,
+                                    [gy.view(1, n, d), torch.ones((), device=device)])
+
+            t_f = time_fn(fwd, warmup=args.warmup, iters=args.iters, device=device)["median_ms"]
+            t_b = time_fn(both, warmup=args.warmup, iters=args.iters, device=device)["median_ms"]
+            if profile and routing == args.routings.split(",")[0]:
+                _profile(both, f"moe {e}x{k} {impl} {routing}", device)
+            rows.append({"what": what, "impl": impl, "fwd_ms": t_f, "fwd_bwd_ms": t_b,
+                         "host_syncs": count_host_syncs(both, device),
+                         "tflops": 3 * fwd_flops / t_b / 1e9, "vs_dense": t_dense / t_b})
+        except Exception as exc:  # keep the other rows: report the failure in the table
+            rows.append({"what": what, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:160]})
+    return rows
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    d, n = args.d_model, args.tokens
+    configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs.split(",") if c]
+    e0, k0 = configs[0]
+    active_ff = k0 * args.d_ff
+    impls = [i for i in args.impls.split(",") if i]
+    if not megablocks_available():
+        impls = [i for i in impls if not i.startswith("megablocks")]
+    torch.manual_seed(0)
+    x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn(n, d, device=device, dtype=dtype)
+
+    # dense anchor (SwiGLU, d_ff = k * d_ff_expert), timed before and after the MoE rows
+    first = _dense_row(args, x, gy, active_ff, "anchor, first")
+    t_dense = first["fwd_bwd_ms"]
+    rows: list[dict] = [first]
+    for e, k in configs:
+        for impl in impls:
+            rows += _moe_rows(args, x, gy, e, k, active_ff // k, impl, t_dense,
+                              args.profile and impl == impls[0])
+    rows.append(_dense_row(args, x, gy, active_ff, "anchor, again at the end"))
+    rows += _matmul_anchors(args, dtype, device, d, args.d_ff, e0)
+    if args.permute:
+        try:
+            rows += _permute_rows(args, dtype, device, d)
+        except Exception as exc:
+            rows.append({"what": "permute micro-benchmark", "error": f"{type(exc).__name__}: {exc}"[:160]})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="hybridseq bench moe", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    rows = run(args)
+    cols = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "host_syncs"]
+    if any("error" in r for r in rows):
+        cols.append("error")
+    print(format_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()

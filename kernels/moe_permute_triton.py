@@ -1,0 +1,95 @@
+"""Triton kernels for the MoE un-permutation (and the permutation's backward), one pass each.
+
+With K slots per token and ``idx`` (N*K,) the row of each slot in the permuted layout:
+
+- ``gather_sum``:  out[n] = sum_j w[n*K+j] * src[idx[n*K+j]]    (w optional: all ones)
+  = the un-permute forward (src = expert outputs, idx = inv) and the permute backward
+  (src = grad of the permuted rows, no w).
+- ``scatter_scale_dot`` (un-permute backward), for g = grad of out:
+      grad_src[idx[n*K+j]] = w[n*K+j] * g[n]          (every row of src written once)
+      grad_w[n*K+j]      = <g[n], src[idx[n*K+j]]>  (fp32)
+
+One program per token (and, for ``gather_sum``, per block of columns); accumulation in fp32.
+Compared with PyTorch (an index_select materialising (N, K, d), a product, a sum, and their
+backwards), each pass reads and writes every row once. Strides: rows may be strided, columns must
+be contiguous. ``permute``/``unpermute`` in ``moe_permute.py`` choose these kernels on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, D, stride_src, stride_out,
+                       K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(K):
+        r = tl.load(idx_ptr + n * K + j).to(tl.int64)
+        v = tl.load(src_ptr + r * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            v = v * tl.load(w_ptr + n * K + j).to(tl.float32)
+        acc += v
+    tl.store(out_ptr + n * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scatter_scale_dot_kernel(g_ptr, src_ptr, idx_ptr, w_ptr, gsrc_ptr, gw_ptr, D,
+                              stride_g, stride_src, stride_gsrc,
+                              K: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    for j in tl.static_range(K):
+        r = tl.load(idx_ptr + n * K + j).to(tl.int64)
+        wj = tl.load(w_ptr + n * K + j).to(tl.float32)
+        dot = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            g = tl.load(g_ptr + n * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(src_ptr + r * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(gsrc_ptr + r * stride_gsrc + cols, (g * wj).to(gsrc_ptr.dtype.element_ty), mask=mask)
+            dot += g * s
+        tl.store(gw_ptr + n * K + j, tl.sum(dot, axis=0))
+
+
+def _block(d: int) -> int:
+    return min(1024, triton.next_power_of_2(max(d, 16)))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int, w: torch.Tensor | None = None) -> torch.Tensor:
+    """out (N, d) in src's dtype, N = idx.numel() // k (see the module docstring)."""
+    src = _rows(src)
+    idx = idx.contiguous()
+    n, d = idx.numel() // k, src.shape[-1]
+    out = torch.empty(n, d, dtype=src.dtype, device=src.device)
+    if n == 0:
+        return out
+    bd = _block(d)
+    w_arg = w.contiguous() if w is not None else idx
+    _gather_sum_kernel[(n, triton.cdiv(d, bd))](src, idx, w_arg, out, d, src.stride(0), out.stride(0),
+                                                K=k, HAS_W=w is not None, BLOCK_D=bd)
+    return out
+
+
+def scatter_scale_dot(g: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """(grad_src like src, grad_w (N*k,) fp32) of out = gather_sum(src, idx, k, w)."""
+    g, src = _rows(g), _rows(src)
+    idx, w = idx.contiguous(), w.contiguous()
+    n = g.shape[0]
+    k = idx.numel() // max(n, 1)
+    d = src.shape[-1]
+    gsrc = torch.empty_like(src)
+    gw = torch.empty(idx.numel(), dtype=torch.float32, device=src.device)
+    if n == 0:
+        return gsrc, gw
+    _scatter_scale_dot_kernel[(n,)](g, src, idx, w, gsrc, gw, d, g.stride(0), src.stride(0), gsrc.stride(0),
+                                    K=k, BLOCK_D=_block(d))
+    return gsrc, gw

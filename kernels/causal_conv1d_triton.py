@@ -19,7 +19,11 @@ deterministic, no atomics. The final state is sliced from (initial_state, x) wit
 so autograd differentiates it without a kernel.
 
 Tiles are (rows of time) x (channels); channels are the contiguous axis, so every load is a
-coalesced row. The w shifted loads of one tile overlap and are served by L1.
+coalesced row. The w shifted loads of one tile overlap and are served by L1/L2. Measured on an
+H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU): forward 0.104 ms kernel time, the same as a
+device copy of the same bytes in that run (0.106 ms). The backward (about 1.4 ms) is far from
+its bandwidth floor (about 0.15 ms) and not yet profiled: it recomputes the pre-activation w
+times per tile and reduces dweight across warps on every tile. See ``hybridseq bench conv``.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _alloc(shape, dtype, device):
     """Uninitialised output buffer (tests replace this to poison outputs with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
 # Rows of time reduced by one backward program (dweight/dbias partials are per chunk). A multiple
 # of every BL below. Tests lower it to exercise several chunks at small sizes.
 BWD_CHUNK_ROWS = 256

@@ -111,7 +111,8 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     """One decode step on CUDA (or the interpreter); see ``selective_state_update_ref``.
 
     Returns (y (b, d) in x's dtype, new_state (b, d, n) float32); ``state`` is not modified.
-    dstate up to 256 (any larger n works but spills registers); B/C (b, n) or grouped (b, g, n).
+    Any dstate (a program holds about 2048 state values: fewer channels for larger dstate);
+    B/C (b, n) or grouped (b, g, n), B and C each with their own ngroups.
     No autograd: the outputs carry no gradient (decoding runs under ``torch.no_grad()``).
     """
     if not _args_plain(state, x, dt, A, B, C, D, z, dt_bias):

@@ -302,8 +302,9 @@ def attention_with_positions(q, k, v, q_pos=None, k_pos=None, *, window=None, im
 def attention_tail(q, k, v, *, impl: str = "auto", scale: float | None = None) -> torch.Tensor:
     """Causal attention of the last ``lq`` positions of a sequence to all its ``lk >= lq`` keys
     (in order, no window): query i sits at key position ``lk - lq + i`` ("bottom-right" causal,
-    a chunk prefilled after cached keys). Backends: flash_attn (native), sdpa (a lower-right
-    ``CausalBias``, which the flash / efficient kernels run without a mask tensor), torch."""
+    a chunk prefilled after cached keys). Backends: flash_attn (native), sdpa (on CUDA a
+    lower-right ``CausalBias``, which the flash / efficient kernels run without a mask tensor;
+    elsewhere a boolean mask), torch."""
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     lq, lk = q.shape[1], k.shape[1]
@@ -313,9 +314,12 @@ def attention_tail(q, k, v, *, impl: str = "auto", scale: float | None = None) -
     name, _ = select_backend(impl, q.device.type, q.dtype, d, None, False)
     if name == "flash_attn":
         return _flash_attn(q, k, v, window=None, scale=scale)
-    from torch.nn.attention.bias import causal_lower_right
+    if q.is_cuda:  # no mask tensor; (importing the bias module pulls in torch._dynamo: CUDA only)
+        from torch.nn.attention.bias import causal_lower_right
 
-    return _sdpa(q, k, v, mask=causal_lower_right(lq, lk), scale=scale)
+        return _sdpa(q, k, v, mask=causal_lower_right(lq, lk), scale=scale)
+    pos = torch.arange(lk, device=q.device)
+    return _sdpa(q, k, v, mask=position_mask(pos[lk - lq:], pos, None), scale=scale)
 
 
 def attention_flops(batch: int, n_heads: int, seqlen: int, head_dim: int, *, causal: bool = True,

@@ -281,6 +281,10 @@ class HybridLM(nn.Module):
         return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, eos_token_id=eos_token_id, **kwargs)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (its rows: the padded vocabulary)."""
+        return self.embed
+
     # --- accounting ----------------------------------------------------------------------------
     def num_params(self, active: bool = False) -> int:
         """Exact total (or active: routed experts counted top_k of n_experts) parameters, from the

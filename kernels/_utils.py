@@ -169,7 +169,8 @@ def compute_dtype(*tensors) -> torch.dtype:
 
 
 def expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
-    """B or C as (b, l, dim, n) (a broadcast view for (b, l, n); one copy for (b, l, g, n))."""
+    """B or C per channel: (b, l, 1, n) (a view that broadcasts over dim) for (b, l, n);
+    (b, l, dim, n) (one copy, channel i takes group i // (dim // g)) for (b, l, g, n)."""
     if BC.dim() == 3:
         return BC.unsqueeze(2)
     g = BC.shape[2]

@@ -94,10 +94,25 @@ def _scan_bwd_kernel(
     ck_p = ckpt_ptr + pid_b * n_chunks * DIM * NSTATE + (n_chunks - 1) * DIM * NSTATE + state_off
 
     dA_acc = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)  # summed over time at the end
+    dbias_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     first = t4 == 0
     last = t4 == BLOCK_T - 1
+
+    # the last chunk's inputs; each iteration then prefetches the chunk before it
+    t0 = (n_chunks - 1) * BLOCK_T
+    mask_td = ((t0 + offs_t) < L)[:, None] & mask_d[None, :]
+    mask_t1d = ((t0 + offs_t + 1) < L)[:, None] & mask_d[None, :]
+    mask_p = ((t0 + t3) < L) & (n3p < NSTATE)
+    u_n = tl.load(u_p, mask=mask_td, other=0.0)
+    dl_n = tl.load(dt_p, mask=mask_td, other=0.0)
+    dln_n = tl.load(dt_p + s_dt_l, mask=mask_t1d, other=0.0)
+    g_n = tl.load(g_p, mask=mask_td, other=0.0)
+    B_n = tl.load(B_p, mask=mask_p, other=0.0)
+    C_n = tl.load(C_p, mask=mask_p, other=0.0)
+    h0_n = tl.load(ck_p, mask=mask_s, other=0.0)
+    if HAS_Z:
+        z_n = tl.load(z_p, mask=mask_td, other=0.0)
 
     for k in range(0, n_chunks):
         t0 = (n_chunks - 1 - k) * BLOCK_T
@@ -105,16 +120,37 @@ def _scan_bwd_kernel(
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_t1d = ((t0 + offs_t + 1) < L)[:, None] & mask_d[None, :]
         mask_p = ((t0 + t3) < L) & (n3p < NSTATE)
-
-        u = tl.load(u_p, mask=mask_td, other=0.0).to(tl.float32)
-        dl = tl.load(dt_p, mask=mask_td, other=0.0).to(tl.float32)
-        dln = tl.load(dt_p + s_dt_l, mask=mask_t1d, other=0.0).to(tl.float32)
-        gout = tl.load(g_p, mask=mask_td, other=0.0).to(tl.float32)
-        Bt = tl.load(B_p, mask=mask_p, other=0.0).to(tl.float32)[:, :, None, :]
-        Ct = tl.load(C_p, mask=mask_p, other=0.0).to(tl.float32)[:, :, None, :]
-        h0 = tl.load(ck_p, mask=mask_s, other=0.0)
+        u = u_n.to(tl.float32)
+        dl = dl_n.to(tl.float32)
+        dln = dln_n.to(tl.float32)
+        gout = g_n.to(tl.float32)
+        Bt = B_n.to(tl.float32)[:, :, None, :]
+        Ct = C_n.to(tl.float32)[:, :, None, :]
+        h0 = h0_n
         if HAS_Z:
-            zz = tl.load(z_p, mask=mask_td, other=0.0).to(tl.float32)
+            zz = z_n.to(tl.float32)
+
+        # prefetch chunk k + 1 (= the previous time chunk; all masked after the first chunk)
+        u_p -= BLOCK_T * s_u_l
+        dt_p -= BLOCK_T * s_dt_l
+        g_p -= BLOCK_T * s_g_l
+        B_p -= BLOCK_T * s_B_l
+        C_p -= BLOCK_T * s_C_l
+        ck_p -= DIM * NSTATE
+        pre_t = (t0 - BLOCK_T + offs_t) >= 0
+        pre_td = pre_t[:, None] & mask_d[None, :]
+        pre_p = ((t0 - BLOCK_T + t3) >= 0) & (n3p < NSTATE)
+        u_n = tl.load(u_p, mask=pre_td, other=0.0)
+        dl_n = tl.load(dt_p, mask=pre_td, other=0.0)
+        dln_n = tl.load(dt_p + s_dt_l, mask=pre_td, other=0.0)
+        g_n = tl.load(g_p, mask=pre_td, other=0.0)
+        B_n = tl.load(B_p, mask=pre_p, other=0.0)
+        C_n = tl.load(C_p, mask=pre_p, other=0.0)
+        h0_n = tl.load(ck_p, mask=mask_s & ((d3 * 0 + t0) >= BLOCK_T), other=0.0)
+        if HAS_Z:
+            z_p -= BLOCK_T * s_z_l
+            z_n = tl.load(z_p, mask=pre_td, other=0.0)
+
         if HAS_BIAS:
             dl = dl + bias[None, :]
             dln = dln + bias[None, :]
@@ -161,33 +197,26 @@ def _scan_bwd_kernel(
         gu = ghB * dt
         if HAS_D:
             gu += Dv[None, :] * gy
-            dD_acc += tl.sum(gy * u, axis=0)
+            dD_acc += gy * u
         dA_acc += tl.sum(ga * dt[:, None, :, None], axis=0)
         if SOFTPLUS:
             gdl = gdt * sig
         else:
             gdl = gdt
         gdl = tl.where(mask_td, gdl, 0.0)
-        dbias_acc += tl.sum(gdl, axis=0)
+        dbias_acc += gdl
         tl.store(du_ptr + o_off, gu.to(du_ptr.dtype.element_ty), mask=mask_td)
         tl.store(ddelta_ptr + o_off, gdl.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
         tl.store(dBp_ptr + p_off, tl.sum(gh * dtu[:, None, :, None], axis=2), mask=mask_p)
 
-        u_p -= BLOCK_T * s_u_l
-        dt_p -= BLOCK_T * s_dt_l
-        z_p -= BLOCK_T * s_z_l
-        g_p -= BLOCK_T * s_g_l
-        B_p -= BLOCK_T * s_B_l
-        C_p -= BLOCK_T * s_C_l
         o_off -= BLOCK_T * DIM
         p_off -= BLOCK_T * NSTATE
-        ck_p -= DIM * NSTATE
 
     tl.store(dAp_ptr + pid_b * DIM * NSTATE + state_off, dA_acc, mask=mask_s)
     if HAS_D:
-        tl.store(dDp_ptr + pid_b * DIM + offs_d, dD_acc, mask=mask_d)
+        tl.store(dDp_ptr + pid_b * DIM + offs_d, tl.sum(dD_acc, axis=0), mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbiasp_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
+        tl.store(dbiasp_ptr + pid_b * DIM + offs_d, tl.sum(dbias_acc, axis=0), mask=mask_d)
     if STORE_DH0:
         # g(initial_state) = a_0 * gh_0, with a_0 recomputed from the first row of delta
         dl0 = tl.load(delta_ptr + pid_b * s_dt_b + offs_d * s_dt_d, mask=mask_d, other=0.0)

@@ -137,10 +137,11 @@ def test_attention_flops_convention():
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["sdpa", "flex", "flash_attn"])
 @pytest.mark.parametrize("window", [None, 64])
-def test_cuda_backends_match_torch(impl, window):
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_cuda_backends_match_torch(impl, window, kv_heads):
     if not backend_available(impl, "cuda", dtype=torch.bfloat16, head_dim=64)[0]:
         pytest.skip(f"{impl} unavailable")
-    q, k, v = _qkv(2, 300, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    q, k, v = _qkv(2, 300, 8, kv_heads, 64, dtype=torch.bfloat16, device="cuda")
     o_ref = attention(q, k, v, window=window, impl="torch")
     g = torch.randn_like(o_ref)
     grads_ref = torch.autograd.grad(o_ref, (q, k, v), g)
@@ -149,3 +150,19 @@ def test_cuda_backends_match_torch(impl, window):
     torch.testing.assert_close(o, o_ref, atol=2e-2, rtol=2e-2)
     for a, r in zip(grads, grads_ref):
         torch.testing.assert_close(a, r, atol=5e-2, rtol=5e-2)
+
+
+def test_bench_attention_runs_on_cpu():
+    import argparse
+
+    from hybridseq.bench import attention as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    rows = bench.run(p.parse_args(["--batch", "1", "--heads", "2", "--seqlen", "16", "--head-dim", "8",
+                                   "--dtype", "fp32", "--iters", "1", "--backends", "auto,sdpa,torch,flash_attn"]))
+    by = {r["backend"]: r for r in rows}
+    assert by["auto"]["runs"] == "sdpa" and by["flash_attn"]["status"].startswith("skipped")
+    for name in ("auto", "sdpa", "torch"):
+        assert by[name]["status"] == "ok" and by[name]["fwd_bwd_TFLOPs"] > 0
+    assert max(r.get("pct_of_best", 0) for r in rows) == 100.0

@@ -1,6 +1,5 @@
 """Blocks: closed-form accounting, causality, batch independence, the Mamba block against a naive
 sequential implementation, init, fp32 parameters, norms, RoPE, the registry."""
-import math
 
 import pytest
 import torch
@@ -318,3 +317,17 @@ def test_mamba_triton_impl_matches_torch_impl():
     with torch.no_grad():
         steps = [blk(x[:, :3], st, 0)] + [blk(x[:, t:t + 1], st, t) for t in range(3, 6)]
     _close(torch.cat(steps, 1), y.detach(), 1e-5)
+
+
+def test_bench_block_runs_on_cpu():
+    import argparse
+
+    from hybridseq.bench import block as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    rows = bench.run(p.parse_args(["--d-model", "16", "--batch", "1", "--seqlen", "8", "--dtype", "fp32",
+                                   "--iters", "1", "--mamba-impls", "torch", "--heads", "2",
+                                   "--experts", "2", "--top-k", "1"]))
+    assert [r["block"] for r in rows] == ["mamba", "attention", "moe", "mlp"]
+    assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 for r in rows)

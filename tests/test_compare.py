@@ -2,6 +2,7 @@
 finished runs, and a bad layout among good ones. CPU, tiny models, a few steps."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -42,6 +43,15 @@ blocks:
   A: {kind: attention, n_heads: 3}
 layout: "A"
 """
+# loads fine but cannot train here (no flash-attn package / no CUDA): fails at run time
+NO_BACKEND = """
+name: no-backend
+model: {d_model: 16}
+blocks:
+  A: {kind: attention, n_heads: 2, impl: flash_attn}
+  F: {kind: mlp, d_ff: 24}
+layout: "A F"
+"""
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMMON = ["--eval-lengths", "1x,2x", "--decode-tokens", "2", "--decode-batch", "1", "--sweep-iters", "1",
           "--no-progress", "--match", "params", "--seeds", "2"]
@@ -66,28 +76,41 @@ def compared(tmp_path_factory):
     m = _write(folder, "mamba.yaml", MAMBA)
     a = _write(folder, "attn.yaml", ATTENTION)
     bad = _write(folder, "broken.yaml", BAD)
+    nob = _write(folder, "nobackend.yaml", NO_BACKEND)
     out = folder / "out"
-    rc = main(["compare", m, a, bad, "--out", str(out), *COMMON])
-    return {"folder": folder, "out": out, "rc": rc, "layouts": (m, a, bad)}
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["compare", m, nob, a, bad, "--out", str(out), *COMMON])
+    return {"folder": folder, "out": out, "rc": rc, "layouts": (m, a, bad), "stderr": err.getvalue()}
 
 
-def test_bad_layout_is_reported_and_others_kept(compared, capfd):
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn installed")
+def test_bad_layout_is_reported_and_others_kept(compared):
     out = compared["out"]
     assert compared["rc"] == 2
+    err = compared["stderr"]
+    assert "2 of 4 layouts failed" in err
+    assert "broken" in err and "n_heads=3 does not divide d_model=16" in err
+    assert "no-backend" in err and "flash_attn" in err
     report = json.loads((out / "report.json").read_text())
-    fails = report["failures"]
-    assert [f["label"] for f in fails] == ["broken"]
-    assert "n_heads=3 does not divide d_model=16" in fails[0]["error"]
-    assert fails[0]["failed_at"] == "load"
+    fails = {f["label"]: f for f in report["failures"]}
+    assert set(fails) == {"no-backend", "broken"}
+    assert "n_heads=3 does not divide d_model=16" in fails["broken"]["error"]
+    assert fails["broken"]["failed_at"] == "load"
+    assert fails["no-backend"]["failed_at"] == "run" and "flash_attn" in fails["no-backend"]["error"]
+    assert (out / "runs" / "no-backend" / "seed0" / "error.txt").is_file()
     status = {x["label"]: x["status"] for x in report["layouts"]}
-    assert status == {"tiny-mamba": "ok", "tiny-attn": "ok", "broken": "failed"}
+    assert status == {"tiny-mamba": "ok", "no-backend": "failed", "tiny-attn": "ok", "broken": "failed"}
     for label in ("tiny-mamba", "tiny-attn"):
         for seed in (0, 1):
             assert (out / "runs" / label / f"seed{seed}" / "done.json").is_file()
     md = (out / "report.md").read_text()
     assert "## Failures" in md and "broken" in md and "n_heads=3" in md
     rows = _table_rows(md)
-    assert len(rows) == 3 and "FAILED" in rows[2]
+    assert len(rows) == 4 and "FAILED" in rows[1] and "FAILED" in rows[3] and "FAILED" not in rows[2]
 
 
 def test_report_json_has_every_metric(compared):
@@ -96,7 +119,7 @@ def test_report_json_has_every_metric(compared):
     for key in ("torch", "hybridseq", "python", "device"):
         assert env.get(key)
     assert report["train"]["steps"] == 3 and report["train"]["batch_size"] == 2  # the first layout's
-    for item in report["layouts"][:2]:
+    for item in [x for x in report["layouts"] if x["status"] == "ok"]:
         s = item["summary"]
         for key in ("final_eval_loss", "best_eval_loss", "eval_acc", "train_tokens_per_s", "peak_memory_bytes",
                     "decode_tokens_per_s", "cache_bytes_per_seq", "params", "active_params",
@@ -127,7 +150,7 @@ def test_match_params_within_5_percent(compared):
     from hybridseq.config import load_config
 
     report = json.loads((compared["out"] / "report.json").read_text())
-    ref, other = report["layouts"][0], report["layouts"][1]
+    ref, other = report["layouts"][0], report["layouts"][2]
     assert ref["match"]["overrides"] == []
     m = other["match"]
     assert m["mode"] == "params" and abs(m["rel_diff"]) <= 0.05
@@ -182,7 +205,7 @@ def test_rerun_reuses_finished_runs(compared, capfd):
     out = compared["out"]
     m, a, _ = compared["layouts"]
     done = {p: (os.stat(p).st_mtime_ns, p.read_bytes()) for p in out.glob("runs/*/seed*/done.json")}
-    logs = {p: os.stat(p).st_mtime_ns for p in out.glob("runs/*/seed*/metrics.jsonl")}
+    logs = {p: os.stat(p).st_mtime_ns for p in out.glob("runs/tiny-*/seed*/metrics.jsonl")}
     assert len(done) == 4 and len(logs) == 4
     capfd.readouterr()
     rc = main(["compare", m, a, "--out", str(out), *COMMON])
@@ -217,3 +240,25 @@ def test_parse_lengths():
     assert parse_lengths(None, 7) == [7]
     with pytest.raises(ValueError):
         parse_lengths("0x", 8)
+
+
+def test_match_keeps_heads_valid():
+    """3 RoPE heads: d_model (a multiple of 8) must be a multiple of 3 with an even head dim: 24,
+    48, 72, ...; an explicit head_dim tied to d_model follows it."""
+    from hybridseq.compare.match import count_params, match_one, rescale_settings
+    from hybridseq.config import load_config
+
+    base = {"model": {"d_model": 48}, "layout": "A F",
+            "blocks": {"A": {"kind": "attention", "n_heads": 3, "head_dim": 16}, "F": {"kind": "mlp"}},
+            "train": {"task": {"name": "induction_heads", "seq_len": 8, "vocab": 6}}}
+    cfg = load_config(base)
+    assert rescale_settings(cfg, 40) is None            # 40 / 3 is not whole
+    assert rescale_settings(cfg, 56) is None
+    assert rescale_settings(cfg, 72)["blocks.A.head_dim"] == 24
+    s = rescale_settings(cfg, 96)
+    assert s["model.d_model"] == 96 and s["blocks.A.head_dim"] == 32
+    target = count_params(load_config(base, overrides=["model.d_model=144", "blocks.A.head_dim=48"]))
+    r = match_one(cfg, target, "params")
+    assert abs(r.rel_diff) <= 0.05 and r.d_model % 24 == 0 and r.d_model != 48
+    matched = load_config(base, overrides=r.overrides)
+    assert matched.blocks.A.head_dim * 3 == matched.model.d_model

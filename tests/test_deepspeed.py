@@ -215,7 +215,9 @@ def test_sigkill_then_resume_reproduces_losses(tmp, zero1_run):
     out = os.path.join(tmp, "killed")
     proc = _launch(tmp, out, zero=1, env={"HS_KILL_AT": "6"}, check=False)
     assert proc.returncode != 0
-    assert [r["step"] for r in _metrics(out)][-1] == 6  # it died after step 6, last save at 4
+    # killed inside step 6 (after its optimizer step, before its log line); last save at step 4
+    assert [r["step"] for r in _metrics(out)][-1] == 5
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_00000004"]
     _launch(tmp, out, "--resume", zero=1)
     ref, got = _metrics(zero1_run), _metrics(out)
     assert [r["step"] for r in got] == list(range(1, 9))

@@ -203,3 +203,19 @@ def test_grouped_under_bf16_autocast_cuda():
     for k in a:
         err = (a[k].float() - b[k].float()).abs().max().item()
         assert err <= 0.02 * (a[k].float().abs().max().item() + 1e-6), (k, err)
+
+
+@requires_cuda
+def test_grouped_dropless_has_no_host_sync_cuda():
+    """The dropless grouped path (router, losses, metrics, sort, permute, grouped GEMMs, Triton
+    un-permute) never waits for the GPU: bincount/nonzero/.item() would show up here."""
+    torch.manual_seed(0)
+    blk = MoEBlock(64, {"n_experts": 8, "top_k": 2, "d_ff": 128, "impl": "grouped"}).cuda().bfloat16()
+    x = torch.randn(2, 40, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    (blk(x).float().sum() + blk.aux_loss).backward()  # warm-up: lazy init, Triton compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (blk(x).float().sum() + blk.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

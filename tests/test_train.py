@@ -210,3 +210,11 @@ def test_metrics_are_json_lines(tmp_path):
 def test_resume_without_a_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(hs.HybridSeqError, match="no run folder"):
         train(tiny(), out_dir=str(tmp_path / "nope"), resume=True, progress=False)
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    train(tiny(steps=2, eval_every=0), out_dir=str(tmp_path), progress=False)
+    with pytest.raises(hs.HybridSeqError, match="--resume"):
+        train(tiny(steps=2, eval_every=0), out_dir=str(tmp_path), progress=False)
+    done = train(tiny(steps=2, eval_every=0), out_dir=str(tmp_path), resume=True, progress=False)
+    assert done["steps"] == 2 and done["first_loss"] is None  # nothing left to do

@@ -12,6 +12,7 @@ attention: KV of P + steps tokens, or of the window). ``speedup`` is relative to
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -56,11 +57,19 @@ def _sync(device):
 
 
 @torch.no_grad()
+def _find_layout(path: str) -> str:
+    """``path`` as given, else relative to the source checkout (suites name ``layouts/...``)."""
+    if os.path.exists(path):
+        return path
+    alt = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", path)
+    return alt if os.path.exists(alt) else path
+
+
 def bench_layout(name, path, overrides, args, device, dtype) -> dict:
     from ..api import build_model
     from ..config import load_config
 
-    cfg = load_config(path, overrides=list(overrides))
+    cfg = load_config(_find_layout(path), overrides=list(overrides))
     model = build_model(cfg, vocab_size=args.vocab).to(device=device, dtype=dtype).eval()
     B, P, n = args.batch, args.prompt, args.new_tokens
     row = {"layout": name, "params_M": model.num_params() / 1e6,

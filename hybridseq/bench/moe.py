@@ -28,6 +28,7 @@ from hybridseq.bench.common import format_table, time_fn
 from hybridseq.blocks.moe import MoEBlock, megablocks_available
 from hybridseq.blocks.moe_router import RouterOutput
 
+COLUMNS = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "host_syncs"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -246,7 +247,8 @@ def run(args) -> list[dict]:
             rows += _permute_rows(args, dtype, device, d)
         except Exception as exc:
             rows.append({"what": "permute micro-benchmark", "error": f"{type(exc).__name__}: {exc}"[:160]})
-    return rows
+    cols = COLUMNS + (["error"] if any("error" in r for r in rows) else [])
+    return [{c: r.get(c) for c in cols} for r in rows]  # one column order for every row
 
 
 def main(argv=None) -> None:
@@ -254,10 +256,7 @@ def main(argv=None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     rows = run(args)
-    cols = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "host_syncs"]
-    if any("error" in r for r in rows):
-        cols.append("error")
-    print(format_table(rows, cols))
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

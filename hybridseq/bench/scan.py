@@ -36,6 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the chunked PyTorch path above this many b*l*d*n elements")
     parser.add_argument("--sweep", action="store_true",
                         help="time the Triton kernels over several block shapes instead")
+    parser.add_argument("--once", action="store_true",
+                        help="one untimed forward+backward of the Triton scan per shape (for "
+                             "profilers such as ncu); --fwd-configs/--bwd-configs pick the blocks")
+    parser.add_argument("--fwd-configs", nargs="*", default=None,
+                        help="--sweep candidates for the forward, each BLOCK_T,BLOCK_D,NO,num_warps")
+    parser.add_argument("--bwd-configs", nargs="*", default=None,
+                        help="--sweep candidates for the backward (BLOCK_T must equal the "
+                             "forward's: the forward runs with BLOCK_T,16,4,1)")
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -145,14 +153,17 @@ def _sweep(shape, args, device) -> list[dict]:
 
     mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
     rows = []
-    for kind, cands in (("fwd", _SWEEP_FWD), ("bwd", _SWEEP_BWD)):
+    parse = lambda cs: [tuple(int(v) for v in c.split(",")) for c in cs]  # noqa: E731
+    fwd_c = parse(args.fwd_configs) if args.fwd_configs is not None else _SWEEP_FWD
+    bwd_c = parse(args.bwd_configs) if args.bwd_configs is not None else _SWEEP_BWD
+    for kind, cands in (("fwd", fwd_c), ("bwd", bwd_c)):
         if kind == "bwd" and args.no_backward:
             continue
         for cfg in cands:
             saved = dict(mod.TUNING)
             mod.TUNING[kind] = cfg
             if kind == "bwd":  # the backward reuses the forward's chunk length
-                mod.TUNING["fwd"] = (cfg[0], 16, 8, 4)
+                mod.TUNING["fwd"] = (cfg[0], 16, 4, 1)
             try:
                 row = _time_shape(shape, "triton", argparse.Namespace(**{**vars(args),
                                   "no_backward": kind == "fwd"}), device)
@@ -170,11 +181,28 @@ def _sweep(shape, args, device) -> list[dict]:
     return rows
 
 
+def _once(shape, args, device) -> dict:
+    import importlib
+
+    mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+    for kind, cs in (("fwd", args.fwd_configs), ("bwd", args.bwd_configs)):
+        if cs:
+            mod.TUNING[kind] = tuple(int(v) for v in cs[0].split(","))
+    b, d, l, n = shape
+    t = make_inputs(b, d, l, n, _DTYPES[args.dtype], device, args.groups, requires_grad=True)
+    f, fb = _callables("triton", t, True)
+    fb()
+    torch.cuda.synchronize()
+    return {"shape": f"B{b} D{d} L{l} N{n}", "ran": "fwd+bwd once", "tuning": dict(mod.TUNING)}
+
+
 def run(args) -> list[dict]:
     if not torch.cuda.is_available():
         raise RuntimeError("hybridseq bench scan needs a CUDA device (the timings are GPU times)")
     device = "cuda"
     shapes = [parse_shape(s) for s in args.shapes]
+    if args.once:
+        return [_once(s, args, device) for s in shapes]
     if args.sweep:
         return [r for s in shapes for r in _sweep(s, args, device)]
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]

@@ -194,7 +194,17 @@ class _null_context:
         return False
 
 
+def _expand_kv(q, k, v):
+    """GQA -> MHA by repeating each key/value head h / h_kv times (for kernels without GQA)."""
+    g = q.shape[2] // k.shape[2]
+    if g == 1:
+        return k, v
+    return k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+
+
 def _sdpa(q, k, v, *, mask=None, causal=False, scale):
+    if mask is not None and q.is_cuda:  # the masked CUDA kernels take no GQA: expand the heads
+        k, v = _expand_kv(q, k, v)
     gqa = q.shape[2] != k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     with _sdpa_context(q.device.type):
@@ -213,7 +223,9 @@ def _flex_fn(device_type: str):
     if device_type != "cuda":
         return flex_attention
     if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+        # default dynamic: the second sequence length compiles a shape-generic kernel, so
+        # prompts of many lengths do not each pay a compilation
+        _FLEX_COMPILED = torch.compile(flex_attention)
     return _FLEX_COMPILED
 
 
@@ -317,6 +329,7 @@ def attention_tail(q, k, v, *, impl: str = "auto", scale: float | None = None) -
     if q.is_cuda:  # no mask tensor; (importing the bias module pulls in torch._dynamo: CUDA only)
         from torch.nn.attention.bias import causal_lower_right
 
+        k, v = _expand_kv(q, k, v)
         return _sdpa(q, k, v, mask=causal_lower_right(lq, lk), scale=scale)
     pos = torch.arange(lk, device=q.device)
     return _sdpa(q, k, v, mask=position_mask(pos[lk - lq:], pos, None), scale=scale)

@@ -147,15 +147,34 @@ def megablocks_available() -> bool:
     return _avail()
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, device: torch.device | str | None = None) -> str:
     """``auto`` -> ``grouped`` on every device: on CUDA it runs torch._grouped_mm and the fused
-    Triton permutation; on CPU the padded bmm, measured 1.3-5x faster than the loop on 2 cores
-    (d_model 64-128, 4-16 experts, 4096 tokens, fwd+bwd). ``megablocks`` is never picked by
+    Triton permutation; on CPU the padded bmm, measured 1.3-8x faster than the loop (fwd+bwd, d_model 64-128,
+    4-16 experts, 2048-4096 tokens, on the shared 2-core CPU). ``megablocks`` is never picked by
     ``auto``: it could not be built on our GPU machine, so it was never measured against
-    ``grouped``."""
+    ``grouped``. ``device`` is accepted for callers that ask per device (``hybridseq doctor``);
+    the answer is the same on every device."""
     if impl == "auto":
         return "grouped"
     return impl
+
+
+def describe_moe_backend(spec: Mapping[str, Any], device=None) -> tuple[str, str]:
+    """(backend, why) that a ``moe`` block of ``spec`` uses on ``device`` (for ``hybridseq doctor``)."""
+    impl = resolve_impl(dict(spec).get("impl", "auto"))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    mb = "megablocks installed" if megablocks_available() else "megablocks not installed"
+    if impl == "grouped":
+        if dev.type == "cuda":
+            why = ("tokens sorted by expert, torch._grouped_mm per projection (bf16; padded bmm for "
+                   "other dtypes), Triton fused un-permutation, no host synchronisation")
+        else:
+            why = "tokens sorted by expert, one padded bmm per projection (faster than the loop on CPU)"
+    elif impl == "loop":
+        why = "reference: one matmul pair per expert"
+    else:
+        why = "MegaBlocks gather/scatter + grouped_gemm"
+    return impl, f"{why}; {mb}"
 
 
 class MoEBlock(Block):

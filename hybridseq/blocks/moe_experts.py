@@ -65,7 +65,9 @@ def experts_grouped(x, indices, weights, w_in, w_out, activation, gemm_impl="aut
     order, counts, inv = sort_by_expert(indices, n_experts)
     x_perm = permute(x, order, inv, k, impl=permute_impl)
     n_kept = int(counts[:n_experts].sum().item()) if may_drop else n * k
-    y = run_sorted_experts(x_perm[:n_kept], counts[:n_experts], w_in, w_out, activation, gemm_impl)
+    if n_kept < n * k:  # (a no-op slice would still cost a zero-fill + copy in its backward)
+        x_perm = x_perm[:n_kept]
+    y = run_sorted_experts(x_perm, counts[:n_experts], w_in, w_out, activation, gemm_impl)
     if n_kept < n * k:
         y = torch.cat([y, y.new_zeros(n * k - n_kept, y.shape[-1])], 0)
     return unpermute(y, order, inv, weights, impl=permute_impl)

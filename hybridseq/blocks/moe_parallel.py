@@ -105,8 +105,10 @@ def expert_parallel_experts(x, indices, weights, w_in, w_out, activation, n_expe
                             impl="grouped", may_drop=False):
     """y (N, d) = the MoE expert output for this rank's tokens, experts sharded over ``group``.
 
-    x (N, d), indices (N, k) in [0, E] (E: dropped), weights (N, k) in the compute dtype;
-    w_in/w_out hold this rank's E/P experts. Every rank of the group must call it (collective).
+    x (N, d), indices (N, k) in [0, E] (E: dropped), weights (N, k) fp32; w_in/w_out hold this
+    rank's E/P experts. Every rank of the group must call it (collective). The split sizes of the
+    all-to-all must be known on the host: one synchronisation per forward (and one more in
+    capacity mode). ``impl`` "loop" runs the local experts one by one, any other the grouped GEMM.
     """
     n, k = indices.shape
     p = dist.get_world_size(group)
@@ -122,7 +124,9 @@ def expert_parallel_experts(x, indices, weights, w_in, w_out, activation, n_expe
     recv_by_src = recv_counts.view(p, e_local)                  # [source rank, local expert]
     recv_splits = recv_by_src.sum(1).tolist()
 
-    x_recv = all_to_all(x_perm[:n_send], send_splits, recv_splits, group)
+    if n_send < n * k:  # drop the capacity-dropped rows (a full slice would cost a copy in backward)
+        x_perm = x_perm[:n_send]
+    x_recv = all_to_all(x_perm, send_splits, recv_splits, group)
     # received rows are ordered (source rank, local expert): regroup them by local expert
     local_eid = torch.repeat_interleave(
         torch.arange(e_local, device=x.device).repeat(p), recv_by_src.reshape(-1),

@@ -8,12 +8,15 @@ layout (after overrides) is used for all, so they share task, data order, seeds 
 
 Exit status: 0 when every layout ran; 2 when a layout failed (its message is printed and
 recorded in the report, the others' results are kept) or on a usage error; 130 on Ctrl-C
-(finished runs are kept and the report covers them; rerun the same command to continue).
+or SIGTERM (finished runs are kept and a partial report covers them; rerun the same command
+to continue).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from ..errors import HybridSeqError
 from .match import MODES
@@ -77,7 +80,7 @@ def options_from_args(args) -> tuple[list[str], CompareOptions]:
     for flag, text in (("--eval-lengths", args.eval_lengths), ("--sweep-lengths", args.sweep_lengths)):
         if text is not None:
             try:
-                parse_lengths(text, 1)
+                parse_lengths(text, 1 << 20)  # the base only scales "Nx" items
             except ValueError as e:
                 raise HybridSeqError(f"hybridseq compare: {flag}: {e}") from None
     if args.device:
@@ -100,11 +103,24 @@ def _argv(args) -> list[str]:
     return out
 
 
+def _stop_on_sigterm():
+    """SIGTERM (``timeout``, a batch scheduler) stops like Ctrl-C: finished runs are kept and a
+    partial report is written. Returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run(args) -> int:
     from .report import write_report
 
     layouts, opts = options_from_args(args)
     entries = load_entries(layouts, opts)
+    previous = _stop_on_sigterm()
     try:
         run_entries(entries, opts)
     except KeyboardInterrupt:
@@ -112,6 +128,9 @@ def run(args) -> int:
         print(f"interrupted: finished runs are kept; rerun the same command to continue "
               f"(partial report: {os.path.join(opts.out, 'report.md')})", file=sys.stderr)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     write_report(opts.out, entries, opts, _argv(args))
     for e in entries:
         m = e.runs[-1] if e.runs else {}

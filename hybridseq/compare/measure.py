@@ -9,7 +9,8 @@
   several lengths (``length extrapolation``): the task's ``seq_len`` key set to each length, the
   same number of sequences at every length, in batches holding about as many tokens as a
   training batch (at least one sequence). Out-of-memory at a length marks it and every longer
-  one ``"oom"``; ``budget_s`` stops once that much time was spent (later lengths ``"skipped"``).
+  one ``"oom"``; ``budget_s`` skips a length (and the longer ones: ``"skipped"``) when the time spent
+  plus its predicted time (extrapolated from the previous lengths) would pass the budget.
 - ``decode_speed(...)``: greedy one-token steps through the model's inference cache after a
   short prefill: tokens/s over ``batch`` sequences, and the cache's measured bytes per sequence.
 - ``seqlen_sweep(...)``: training throughput (forward + backward, tokens/s) and peak memory at
@@ -126,6 +127,20 @@ def parse_lengths(text: str | Iterable | None, base: int) -> list[int]:
     return sorted(out)
 
 
+def _predict(rows: list[dict], L: int) -> float:
+    """Seconds the evaluation at length ``L`` should take, extrapolated from the last two done
+    lengths as ``t ~ L^p`` with p in [1, 2] (p = 2 from a single point: attention's worst case)."""
+    done = [r for r in rows if r.get("status") == "ok" and r.get("seconds")]
+    if not done:
+        return 0.0
+    last = done[-1]
+    p = 2.0
+    if len(done) > 1 and last["seq_len"] > done[-2]["seq_len"] and done[-2]["seconds"] > 0:
+        p = math.log(max(last["seconds"], 1e-9) / done[-2]["seconds"]) / math.log(last["seq_len"] / done[-2]["seq_len"])
+        p = min(2.0, max(1.0, p))
+    return last["seconds"] * (L / last["seq_len"]) ** p
+
+
 def eval_lengths(trainer, task_cfg: dict, lengths: list[int], seed: int, n_seqs: int,
                  tokens_per_batch: int, budget_s: float = 0.0, log=None) -> list[dict]:
     """Evaluate ``trainer.model`` on ``task_cfg`` with its ``seq_len`` key set to each length.
@@ -143,7 +158,7 @@ def eval_lengths(trainer, task_cfg: dict, lengths: list[int], seed: int, n_seqs:
         if stop_reason:
             rows.append({**row, "status": stop_reason})
             continue
-        if budget_s and time.perf_counter() - start > budget_s:
+        if budget_s and time.perf_counter() - start + _predict(rows, L) > budget_s:
             stop_reason = "skipped"
             rows.append({**row, "status": stop_reason})
             continue

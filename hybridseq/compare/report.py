@@ -191,7 +191,7 @@ def plot_all(folder: str, entries: list[Entry], summaries: dict[str, dict], trai
         s = summaries[e.label]
         xs, m, sd = _mean_curve([c["loss"] for c in s["curves"]], 1)
         if xs:
-            ax.plot(xs, m, color=colors[e.label], label=f"{e.label} (train)")
+            ax.plot(xs, m, "-" if len(xs) > 2 else "-o", color=colors[e.label], label=f"{e.label} (train)")
             if any(sd):
                 ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
                                 color=colors[e.label], alpha=0.2)
@@ -281,7 +281,8 @@ def build_report(entries: list[Entry], opts: CompareOptions, argv: list[str] | N
     train = OmegaConf.to_container(ref.cfg.train, resolve=True) if ref is not None else None
     layouts = []
     for e in entries:
-        item: dict[str, Any] = {"label": e.label, "file": e.path, "status": "ok" if e.ok else "failed"}
+        status = "failed" if not e.ok else ("ok" if e.runs else "not run")
+        item: dict[str, Any] = {"label": e.label, "file": e.path, "status": status}
         if not e.ok:
             item.update({"error": e.error, "failed_at": e.failed_at})
         if e.cfg is not None:
@@ -315,6 +316,7 @@ def _markdown(report: dict, entries: list[Entry], summaries: dict, plots: dict) 
     lines = [f"# hybridseq compare: {task.get('name', '?')}", ""]
     if report.get("command"):
         lines += ["```", "hybridseq compare " + " ".join(report["command"]), "```", ""]
+    devices = ", ".join(sorted({str(r.get("device_name") or r.get("device")) for e in entries for r in e.runs}))
     tokens = None
     for e in entries:
         m = summaries[e.label]["metrics"]
@@ -328,7 +330,7 @@ def _markdown(report: dict, entries: list[Entry], summaries: dict, plots: dict) 
         + (f"; {_fmt(tokens, 'count')} training tokens per run" if tokens else ""),
         f"- seeds: {', '.join(map(str, seeds)) or '-'} (mean ± std over seeds where more than one)",
         f"- parameter matching: `{report['options'].get('match')}`",
-        f"- device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"- device: {devices or env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, "
         f"hybridseq {env.get('hybridseq')}, python {env.get('python')}",
         f"- created: {report['created']}",
         "",
@@ -341,8 +343,9 @@ def _markdown(report: dict, entries: list[Entry], summaries: dict, plots: dict) 
     rows = []
     for e in entries:
         m = summaries[e.label]["metrics"]
-        if not e.ok and not e.runs:
-            rows.append([e.label, "-", "-", "-", f"FAILED ({e.failed_at})", "-", "-", "-", "-", "-", "-"])
+        if not e.runs:
+            why = f"FAILED ({e.failed_at})" if not e.ok else "not run (interrupted)"
+            rows.append([e.label, "-", "-", "-", why, "-", "-", "-", "-", "-", "-"])
             continue
         params = _cell(m.get("params"), "count")
         if m.get("active_params") and m.get("params") and m["active_params"]["mean"] != m["params"]["mean"]:

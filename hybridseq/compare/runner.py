@@ -267,6 +267,8 @@ def run_one(entry: Entry, seed_index: int, seed: int, run_dir: str, opts: Compar
     train_wall = time.time() - t0
     record: dict[str, Any] = {"format": RUN_FORMAT, "key": key, "label": entry.label, "layout_file": entry.path,
                               "seed": int(seed), "run_dir": run_dir, "device": str(trainer.device),
+                              "device_name": (torch.cuda.get_device_name(trainer.device)
+                                              if trainer.device.type == "cuda" else "cpu"),
                               "precision": summary.get("precision"), "steps": summary.get("steps"),
                               "train_wall_s": train_wall, "peak_memory_bytes": int(peak.bytes),
                               "memory_kind": peak.kind, "resumed": bool(resume)}

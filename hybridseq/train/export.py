@@ -90,3 +90,16 @@ def run(args) -> int:
     out = export(args.path, args.out, from_shards=args.from_shards)
     print(f"exported {resolve_checkpoint(args.path)} -> {out} (load with hs.load_pretrained({out!r}))")
     return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m hybridseq.train.export", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    try:
+        sys.exit(run(parser.parse_args()))
+    except HybridSeqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -9,18 +9,20 @@ split into ``P_e`` routed-expert weights (``w_in``/``w_out`` of every MoE layer)
 ``E`` the expert-parallel size (each rank holds ``P_e / E`` expert weights; they are
 data-parallel over ``G / E`` ranks, the expert-data-parallel group).
 
-Bytes per parameter (mixed precision, DeepSpeed ``bf16``): weights ``w = 2`` (bf16),
-gradients ``g = 2`` (bf16), optimizer ``o = 12`` (fp32 master copy + AdamW m and v);
-``precision fp32``: ``w = 4``, ``g = 4``, ``o = 8``. Per GPU, with ``P_r = P_d + P_e / E`` the
-parameters a rank owns and ``D_r`` the size of the group that shards them (``G`` for dense
-weights, ``G / E`` for experts), summed over the two kinds:
+Bytes per parameter: hybridseq trains bf16 through DeepSpeed's ``torch_autocast`` mode (see
+``deepspeed_engine.py``: DeepSpeed's native bf16 mode would cast the fp32-only Mamba parameters),
+so weights and gradients are fp32 (``w = 4``, ``g = 4``; the weights *are* the fp32 master copy)
+and AdamW keeps m and v (``o = 8``); ``precision`` (bf16 or fp32) changes only the activations.
+(DeepSpeed's native bf16 would be 2 + 2 + 12: the same 16 bytes in total, split differently.)
+Per GPU, with ``P_r = P_d + P_e / E`` the parameters a rank owns and ``D_r`` the size of the
+group that shards them (``G`` for dense weights, ``G / E`` for experts), summed over both kinds:
 
     ZeRO-0 (plain data parallel):  w * P_r  +  g * P_r      +  o * P_r
     ZeRO-1 (optimizer sharded):    w * P_r  +  g * P_r      +  o * P_r / D_r
     ZeRO-2 (+ gradients sharded):  w * P_r  +  g * P_r / D_r +  o * P_r / D_r
     ZeRO-3 (+ weights sharded):    w * P_r / D_r + g * P_r / D_r + o * P_r / D_r
 
-(the ZeRO paper's 2+2+K model). ``--offload`` moves the optimizer states to host memory (the
+(the ZeRO paper's model). ``--offload`` moves the optimizer states to host memory (the
 ``zero3-offload`` config): ``o`` then counts in ``host_optimizer_gib``, not on the GPU.
 
 Activations (training, one micro-batch of ``B`` sequences of ``L`` tokens, ``a = 2`` bytes per
@@ -51,8 +53,8 @@ from ..errors import HybridSeqError
 
 GIB = 1024 ** 3
 
-BYTES = {  # (weights, gradients, optimizer states) bytes per parameter
-    "bf16": (2, 2, 12),
+BYTES = {  # (weights, gradients, optimizer states) bytes per parameter; see the module doc
+    "bf16": (4, 4, 8),
     "fp32": (4, 4, 8),
 }
 

@@ -123,6 +123,9 @@ class Trainer:
         self.resume = resume
         if resume and not os.path.isdir(self.out_dir):
             raise HybridSeqError(f"--resume: no run folder {self.out_dir}")
+        if not resume and ckpt.latest_checkpoint(self.ckpt_root) is not None:
+            raise HybridSeqError(f"{self.out_dir} already holds checkpoints: continue it with --resume, "
+                                 "or choose another output folder (--out)")
 
         seed_everything(self.seed)
         # Data: one task per process, seeded per rank so ranks see different batches.
@@ -264,6 +267,9 @@ class Trainer:
         writer = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"), resume_step=resume_step) \
             if self.engine.is_main else None
         bar = Progress(self.steps, initial=self.step, enabled=self.show_progress and self.engine.is_main)
+        if self.engine.is_main and self.show_progress:
+            bar.write(f"{self.cfg.get('name') or 'model'}: {self.n_params:,} parameters on {self.device}; "
+                      f"task {self.task.describe()}; run folder {self.out_dir}")
         if resume_step is not None:
             bar.write(f"resumed from {found} (step {resume_step})")
         elif self.resume:
@@ -272,7 +278,7 @@ class Trainer:
         log_every = max(1, int(tc.get("log_every") or 1))
         eval_every = int(tc.get("eval_every") or 0)
         save_every = int(tc.get("save_every") or 0)
-        start_step, start = self.step, time.perf_counter()
+        start_tokens, start = self.tokens_seen, time.perf_counter()
         interval_t0, interval_time = time.perf_counter(), 0.0
         last_saved = resume_step
         previous = self._install_sigint()
@@ -325,9 +331,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         return {"out_dir": self.out_dir, "steps": self.step, "n_params": self.n_params,
                 "first_loss": self.first_loss, "final_loss": self.last_loss, **self.last_eval,
-                "wall_s": wall,
-                "tokens_per_s": (self.tokens_seen and (self.step - start_step) * self.batch_size * self.grad_accum
-                                 * self.task.seq_len * self.engine.world_size / max(wall, 1e-9)),
+                "wall_s": wall, "tokens_per_s": (self.tokens_seen - start_tokens) / max(wall, 1e-9),
                 "checkpoint": latest, "resumed_from": resume_step, "last_saved": last_saved,
                 "device": str(self.device), "precision": getattr(self.engine, "precision", None)}
 

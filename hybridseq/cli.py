@@ -84,13 +84,17 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps({"name": cfg.get("name"), **acc}, indent=2))
         return 0
-    starts = set(cfg.get("stage_starts") or [0])
-    table = [{"#": r["index"], "sym": r["symbol"], "kind": r["kind"], "params": human(r["params"]),
-              **({"active": human(r["active_params"])} if t["params"] != t["active_params"] else {}),
-              "FLOP/tok": human(r["flops_per_token"]), "state": human(r["state_bytes"], "B"),
-              "settings": r["settings"], **({"stage": "|" if r["index"] in starts and len(starts) > 1 else ""}
-                                            if len(starts) > 1 else {})}
-             for r in rows]
+    starts = sorted(cfg.get("stage_starts") or [0])
+    table = []
+    for r in rows:
+        row = {"#": r["index"], "sym": r["symbol"], "kind": r["kind"], "params": human(r["params"])}
+        if t["params"] != t["active_params"]:
+            row["active"] = human(r["active_params"])
+        row.update({"FLOP/tok": human(r["flops_per_token"]), "state": human(r["state_bytes"], "B"),
+                    "settings": r["settings"]})
+        if len(starts) > 1:  # pipeline stages marked with | in the layout
+            row["stage"] = sum(1 for s in starts if s <= r["index"]) - 1
+        table.append(row)
     print(f"{cfg.get('name') or args.layout}: {t['n_sublayers']} sublayers, d_model {t['d_model']}, "
           f"vocab {t['vocab_size']}")
     print(format_table(table))
@@ -267,9 +271,17 @@ def cmd_plugin(name: str, argv: list[str]) -> int:
     module = importlib.import_module(modname)
     parser = _Parser(prog=f"hybridseq {name}", description=help_)
     module.add_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
-    rc = module.run(args)
-    return int(rc) if isinstance(rc, int) else 0
+    try:
+        args = parser.parse_intermixed_args(argv)
+    except TypeError:  # a parser argparse cannot parse intermixed (e.g. exclusive groups)
+        args = parser.parse_args(argv)
+    result = module.run(args)
+    if isinstance(result, list):  # rows, like a bench module
+        from .bench.common import format_table
+
+        print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else format_table(result))
+        return 0
+    return int(result) if isinstance(result, int) else 0
 
 
 # ----------------------------------------------------------------------------------------------

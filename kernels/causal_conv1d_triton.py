@@ -13,17 +13,20 @@ but the inputs is saved):
     dxc[i]       = sum_k weight[:, k] * g[i - k]          (0 <= i - k < l)
     dweight[:, k] = sum_{b, t} g[t] * xc[t + k],            dbias = sum_{b, t} g[t]
 
-``dxc`` gives dx (i >= w-1) and d initial_state (i < w-1) in one pass. dweight and dbias are
-reduced per program over a chunk of rows, and the (few) per-chunk partials are summed in PyTorch:
-deterministic, no atomics. The final state is sliced from (initial_state, x) with PyTorch ops,
-so autograd differentiates it without a kernel.
+``dxc`` gives dx (i >= w-1) and d initial_state (i < w-1) in one pass. The final state is sliced
+from (initial_state, x) with PyTorch ops, so autograd differentiates it without a kernel.
 
 Tiles are (rows of time) x (channels); channels are the contiguous axis, so every load is a
 coalesced row. The w shifted loads of one tile overlap and are served by L1/L2. Measured on an
 H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU): forward 0.104 ms kernel time, the same as a
-device copy of the same bytes in that run (0.106 ms). The backward (about 1.4 ms) is far from
-its bandwidth floor (about 0.15 ms) and not yet profiled: it recomputes the pre-activation w
-times per tile and reduces dweight across warps on every tile. See ``hybridseq bench conv``.
+device copy of the same bytes in that run (0.106 ms).
+
+Backward: one fused kernel, one pass over x and dy, one write of dx. A program owns a chunk of
+``BWD_CHUNK_ROWS`` rows of xc and walks it in tiles; for a tile it recomputes g at the w shifted
+times it needs (w sigmoids per element, no scratch buffer and no inter-program dependency; for
+w <= 4 the 2w-1 input tiles are loaded once and shared). dweight/dbias are accumulated
+element-wise in registers over the whole chunk and reduced across rows once per program into
+fp32 partials (b * n_chunks, w, d), summed in PyTorch: deterministic, no atomics.
 """
 from __future__ import annotations
 
@@ -94,7 +97,229 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
 
 
 @triton.jit
+def _silu_grad(dy, pre, FAST: tl.constexpr):
+    """dy * silu'(pre), silu'(p) = sig(p) * (1 + p * (1 - sig(p))).
+
+    FAST (compiled GPU code only): sig from the flush-to-zero approximate ex2 and rcp (two
+    instructions instead of about ten with the denormal/range fix-ups of ``tl.exp`` and ``/``;
+    relative error about 1e-7). The backward evaluates w sigmoids per element, so this matters.
+    """
+    if FAST:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f",
+                                      [pre * -1.4426950408889634], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        sig = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+    return dy * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _load_dy(g_base, t, c, cmask, L, sgl, sgd):
+    """fp32 tile of dy at output times ``t`` (BL,); 0 where t is outside [0, l)."""
+    return tl.load(g_base + t.to(tl.int64)[:, None] * sgl + c[None, :] * sgd,
+                   mask=((t >= 0) & (t < L))[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_w(w_ptr, c, cmask, k, swd, swk):
+    """fp32 (BD,) column k of the weight."""
+    return tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _g_generic(x_base, s_base, g_base, w_ptr, bias, t, c, cmask, L, sxl, sxd, ssl, ssd, sgl, sgd,
+               swd, swk, W: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
+               FAST: tl.constexpr):
+    """g at output times ``t``, any width: dy times silu'(pre), pre recomputed from xc."""
+    g = _load_dy(g_base, t, c, cmask, L, sgl, sgd)
+    if SILU:
+        pre = tl.zeros(g.shape, dtype=tl.float32) + bias[None, :]
+        for m in tl.static_range(W):
+            pre += _load_w(w_ptr, c, cmask, m, swd, swk)[None, :] * _load_xc(
+                x_base, s_base, t + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        g = _silu_grad(g, pre, FAST)
+    return g
+
+
+@triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
+                     L, D, CHUNK,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, sgb, sgl, sgd,
+                     sdxb, sdxl, sdxd, sdsb, sdsl, sdsd,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                     SILU: tl.constexpr, W_P2: tl.constexpr, FAST: tl.constexpr,
+                     BL: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
+    """dxc rows [pid_ch*CHUNK, +CHUNK) (tiles of BL rows) x channels [pid_d*BD, +BD) of batch
+    pid_b, and this program's dweight/dbias partials.
+
+    A tile of rows i needs g at times i - k (k < w); each is recomputed from the cached inputs
+    (w sigmoids per element), so programs are independent: no scratch, no barrier. For w <= 4
+    the 2w-1 input tiles xc[i + j] (|j| < w) are loaded once per tile and shared by the w
+    pre-activations; wider kernels reload them. g at times i (k = 0) also feeds dbias and
+    dweight: taps 0..3 are accumulated element-wise in registers over the whole chunk and
+    reduced across rows once at the end; taps >= 4 (widths above 4) are reduced per tile.
+    """
+    pid_ch = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    n_chunks = tl.num_programs(0)
+    pid_b64 = pid_b.to(tl.int64)
+    c = pid_d * BD + tl.arange(0, BD)
+    cmask = c < D
+    x_base = x_ptr + pid_b64 * sxb
+    s_base = s_ptr + pid_b64 * ssb
+    g_base = dy_ptr + pid_b64 * sgb
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BD,), dtype=tl.float32)
+    # loop-invariant taps (those past w are never used)
+    w0 = _load_w(w_ptr, c, cmask, 0, swd, swk)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if W > 1:
+        w1 = _load_w(w_ptr, c, cmask, 1, swd, swk)
+    if W > 2:
+        w2 = _load_w(w_ptr, c, cmask, 2, swd, swk)
+    if W > 3:
+        w3 = _load_w(w_ptr, c, cmask, 3, swd, swk)
+    acc0 = tl.zeros((BL, BD), dtype=tl.float32)  # sum over t of g[t] * xc[t + k], k = 0..3
+    acc1 = tl.zeros((BL, BD), dtype=tl.float32)
+    acc2 = tl.zeros((BL, BD), dtype=tl.float32)
+    acc3 = tl.zeros((BL, BD), dtype=tl.float32)
+    accb = tl.zeros((BL, BD), dtype=tl.float32)  # sum over t of g[t]
+    kk = tl.arange(0, W_P2)
+    dw_tail = tl.zeros((W_P2, BD), dtype=tl.float32)  # taps >= 4, reduced per tile
+    n_rows = L + W - 1
+    start = pid_ch * CHUNK
+    end = tl.minimum(start + CHUNK, n_rows)
+    # GATHER (w <= 4): tiles overlap by HALO = w-1 rows; g is computed once per tile row and
+    # shifted across rows with tl.gather (warp shuffles); a tile owns its last BL - HALO rows.
+    SHIFT = GATHER * (W <= 4)
+    HALO = (W - 1) * SHIFT
+    r = tl.arange(0, BL)
+    for i0 in range(start, end, BL - HALO):
+        i = i0 - HALO + r
+        # xc tiles at rows i + j; those of j >= 0 are kept for dweight
+        x0 = _load_xc(x_base, s_base, i, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        x1 = x0
+        x2 = x0
+        x3 = x0
+        if W > 1:
+            x1 = _load_xc(x_base, s_base, i + 1, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        if W > 2:
+            x2 = _load_xc(x_base, s_base, i + 2, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        if W > 3:
+            x3 = _load_xc(x_base, s_base, i + 3, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        # k = 0: g at times t = i (each time of the chunk once; 0 past l)
+        g = _load_dy(g_base, i, c, cmask, L, sgl, sgd)
+        if SILU:
+            pre = w0[None, :] * x0 + bias[None, :]
+            if W > 1:
+                pre += w1[None, :] * x1
+            if W > 2:
+                pre += w2[None, :] * x2
+            if W > 3:
+                pre += w3[None, :] * x3
+            for m in tl.static_range(4, W):
+                pre += _load_w(w_ptr, c, cmask, m, swd, swk)[None, :] * _load_xc(
+                    x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+            g = _silu_grad(g, pre, FAST)
+        if SHIFT:
+            own = (r >= HALO) & (i < end)  # rows of this tile that no other tile counts
+            go = tl.where(own[:, None], g, 0.0)
+        else:
+            go = g  # the tile lies inside the chunk (CHUNK is a multiple of BL)
+        accb += go
+        acc0 += go * x0
+        if W > 1:
+            acc1 += go * x1
+        if W > 2:
+            acc2 += go * x2
+        if W > 3:
+            acc3 += go * x3
+        for m in tl.static_range(4, W):
+            xm = _load_xc(x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+            dw_tail += tl.where((kk == m)[:, None], tl.sum(g * xm, axis=0)[None, :], 0.0)
+        # dxc[i] = sum_k weight[:, k] * g[i - k]
+        dxc = w0[None, :] * g
+        if SHIFT:  # g[i - k] is row r - k of this tile (rows r < HALO are not stored)
+            zi = tl.zeros((BL, BD), dtype=tl.int32)
+            if W > 1:
+                dxc += w1[None, :] * tl.gather(g, tl.maximum(r - 1, 0)[:, None] + zi, 0)
+            if W > 2:
+                dxc += w2[None, :] * tl.gather(g, tl.maximum(r - 2, 0)[:, None] + zi, 0)
+            if W > 3:
+                dxc += w3[None, :] * tl.gather(g, tl.maximum(r - 3, 0)[:, None] + zi, 0)
+        elif W <= 4:
+            if W > 1:
+                xm1 = _load_xc(x_base, s_base, i - 1, c, cmask, L, sxl, sxd, ssl, ssd, W,
+                               HAS_STATE)
+                g1 = _load_dy(g_base, i - 1, c, cmask, L, sgl, sgd)
+                if SILU:  # pre[i - 1] = bias + sum_m w_m xc[i - 1 + m]
+                    pre = w0[None, :] * xm1 + bias[None, :] + w1[None, :] * x0
+                    if W > 2:
+                        pre += w2[None, :] * x1
+                    if W > 3:
+                        pre += w3[None, :] * x2
+                    g1 = _silu_grad(g1, pre, FAST)
+                dxc += w1[None, :] * g1
+            if W > 2:
+                xm2 = _load_xc(x_base, s_base, i - 2, c, cmask, L, sxl, sxd, ssl, ssd, W,
+                               HAS_STATE)
+                g2 = _load_dy(g_base, i - 2, c, cmask, L, sgl, sgd)
+                if SILU:
+                    pre = w0[None, :] * xm2 + bias[None, :] + w1[None, :] * xm1 + w2[None, :] * x0
+                    if W > 3:
+                        pre += w3[None, :] * x1
+                    g2 = _silu_grad(g2, pre, FAST)
+                dxc += w2[None, :] * g2
+            if W > 3:
+                xm3 = _load_xc(x_base, s_base, i - 3, c, cmask, L, sxl, sxd, ssl, ssd, W,
+                               HAS_STATE)
+                g3 = _load_dy(g_base, i - 3, c, cmask, L, sgl, sgd)
+                if SILU:
+                    pre = (w0[None, :] * xm3 + bias[None, :] + w1[None, :] * xm2
+                           + w2[None, :] * xm1 + w3[None, :] * x0)
+                    g3 = _silu_grad(g3, pre, FAST)
+                dxc += w3[None, :] * g3
+        else:
+            for k in tl.static_range(1, W):
+                dxc += _load_w(w_ptr, c, cmask, k, swd, swk)[None, :] * _g_generic(
+                    x_base, s_base, g_base, w_ptr, bias, i - k, c, cmask, L, sxl, sxd, ssl, ssd,
+                    sgl, sgd, swd, swk, W, HAS_STATE, SILU, FAST)
+        ix = i - (W - 1)
+        mx = (ix >= 0) & (ix < L)
+        if SHIFT:
+            mx = mx & own
+        tl.store(dx_ptr + pid_b64 * sdxb + ix.to(tl.int64)[:, None] * sdxl + c[None, :] * sdxd,
+                 dxc.to(dx_ptr.dtype.element_ty), mask=mx[:, None] & cmask[None, :])
+        if HAS_STATE:
+            ms = (i >= 0) & (i < W - 1)
+            if SHIFT:
+                ms = ms & own
+            tl.store(ds_ptr + pid_b64 * sdsb + i[:, None] * sdsl + c[None, :] * sdsd,
+                     dxc.to(ds_ptr.dtype.element_ty), mask=ms[:, None] & cmask[None, :])
+    part = (pid_b * n_chunks + pid_ch).to(tl.int64)
+    dw_base = dw_ptr + part * W * D + c
+    tl.store(dw_base, tl.sum(acc0, axis=0), mask=cmask)
+    if W > 1:
+        tl.store(dw_base + D, tl.sum(acc1, axis=0), mask=cmask)
+    if W > 2:
+        tl.store(dw_base + 2 * D, tl.sum(acc2, axis=0), mask=cmask)
+    if W > 3:
+        tl.store(dw_base + 3 * D, tl.sum(acc3, axis=0), mask=cmask)
+    if W > 4:
+        tl.store(dw_base + kk[:, None] * D, dw_tail,
+                 mask=((kk >= 4) & (kk < W))[:, None] & cmask[None, :])
+    tl.store(db_ptr + part * D + c, tl.sum(accb, axis=0), mask=cmask)
+
+
+@triton.jit
+def _conv_bwd_kernel_old(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
                      L, D, CHUNK,
                      sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, sgb, sgl, sgd,
                      sdxb, sdxl, sdxd, sdsb, sdsl, sdsd,
@@ -120,8 +345,13 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
     n_rows = L + W - 1
     start = pid_ch * CHUNK
     end = tl.minimum(start + CHUNK, n_rows)
-    for i0 in range(start, end, BL):
-        i = i0 + tl.arange(0, BL)
+    # GATHER (w <= 4): tiles overlap by HALO = w-1 rows; g is computed once per tile row and
+    # shifted across rows with tl.gather (warp shuffles); a tile owns its last BL - HALO rows.
+    SHIFT = GATHER * (W <= 4)
+    HALO = (W - 1) * SHIFT
+    r = tl.arange(0, BL)
+    for i0 in range(start, end, BL - HALO):
+        i = i0 - HALO + r
         dxc = tl.zeros((BL, BD), dtype=tl.float32)
         for k in tl.static_range(W):
             t = i - k  # output time whose gradient reaches xc[i] through tap k
@@ -150,10 +380,14 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
                     dw_acc += tl.where((kk == m)[:, None], dw_m[None, :], 0.0)
         ix = i - (W - 1)
         mx = (ix >= 0) & (ix < L)
+        if SHIFT:
+            mx = mx & own
         tl.store(dx_ptr + pid_b64 * sdxb + ix.to(tl.int64)[:, None] * sdxl + c[None, :] * sdxd,
                  dxc.to(dx_ptr.dtype.element_ty), mask=mx[:, None] & cmask[None, :])
         if HAS_STATE:
             ms = (i >= 0) & (i < W - 1)
+            if SHIFT:
+                ms = ms & own
             tl.store(ds_ptr + pid_b64 * sdsb + i[:, None] * sdsl + c[None, :] * sdsd,
                      dxc.to(ds_ptr.dtype.element_ty), mask=ms[:, None] & cmask[None, :])
     part = pid_b * n_chunks + pid_ch
@@ -198,16 +432,32 @@ FWD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
     for bl, bd, nw in ((32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (64, 64, 2))
 ]
+# Backward, two variants (for w <= 4; wider kernels always recompute):
+# GATHER=1 computes g once per row and shifts it with tl.gather, on tiles that overlap by w-1
+# rows (tall tiles waste less); GATHER=0 recomputes g at the w shifts (about 16 live tiles).
+# ptxas for sm_90 (W4 bf16, 2026-11-22): GATHER=1 about 36 instructions per element in the loop,
+# 128 registers at 8 elements per thread; GATHER=0 about 91 per element, 168 registers (16
+# elements per thread spill).
 BWD_CONFIGS = [
+    triton.Config({"BL": bl, "BD": bd, "GATHER": gather}, num_warps=nw)
+    for bl, bd, nw, gather in ((32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 4, 1), (16, 128, 8, 1),
+                               (64, 64, 8, 1), (8, 128, 4, 0), (16, 64, 4, 0), (8, 256, 8, 0))
+]
+# TEMPORARY (one GPU comparison run, then removed): the previous backward kernel.
+_OLD_BWD = False
+_BWD_OLD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
     for bl, bd, nw in ((16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4))
 ]
+_conv_bwd_old_tuned = triton.autotune(_BWD_OLD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
+    _conv_bwd_kernel_old)
 _conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_fwd_kernel)
 _conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_bwd_kernel)
 # Under the interpreter (CPU tests) one small tile, no autotuning.
 _INTERP_META = {"BL": 32, "BD": 32, "num_warps": 1}
+_INTERP_BWD = {"GATHER": 1}  # the backward's variant under the interpreter (tests set both)
 # Autotuned choices, so that later launches skip the autotuner's Python overhead:
 # (kind, D, W, HAS_STATE, SILU, dtypes, device) -> (config kwargs, num_warps).
 _TUNED: dict = {}
@@ -269,11 +519,20 @@ def _launch_bwd(x, weight, bias, state, dy, silu):
             *(ds.stride() if ds is not None else (0, 0, 0)))
     consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu,
                   W_P2=triton.next_power_of_2(w))
+    if not _OLD_BWD:
+        consts["FAST"] = not _INTERPRET  # inline PTX: compiled code only
     grid_fn = lambda META: (n_chunks, triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
         if chunk % _INTERP_META["BL"]:
             raise ValueError(f"BWD_CHUNK_ROWS={chunk} must be a multiple of {_INTERP_META['BL']}")
-        _conv_bwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
+        if _OLD_BWD:
+            _conv_bwd_kernel_old[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
+        else:
+            _conv_bwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META,
+                                                    **_INTERP_BWD)
+    elif _OLD_BWD:
+        key = ("bwd_old", d, w, state is not None, silu, x.dtype, weight.dtype, dy.dtype, x.device)
+        _launch(_conv_bwd_kernel_old, _conv_bwd_old_tuned, grid_fn, args, consts, key)
     else:
         key = ("bwd", d, w, state is not None, silu, x.dtype, weight.dtype, dy.dtype, x.device)
         _launch(_conv_bwd_kernel, _conv_bwd_tuned, grid_fn, args, consts, key)

@@ -10,10 +10,16 @@ or (batch, seqlen, ngroups, dstate) with dim % ngroups == 0; A (dim, dstate); D,
     y_t = C_t . h_t + D u_t,   y = y * silu(z) when z is given.
 
 Returns y (u's dtype), or (y, h_last (batch, dim, dstate) float32) with ``return_final_state``.
-Every tensor input gets a gradient, h_last's included. Saved for backward: the inputs and the
-float32 state at the start of every BLOCK_T-step chunk, (batch, n_chunks, dim, dstate).
-The cross-block reductions of the backward (gB, gC, gA, gD, g(delta_bias)) go through float32
-partial buffers summed here, so results are deterministic run to run.
+Every tensor input gets a gradient, h_last's included.
+
+Saved for backward (only when a gradient is wanted): the inputs, y before the silu(z) gate
+(batch, seqlen, dim) in u's dtype, and the float32 state every CK steps, (batch, seqlen / CK,
+dim, dstate), with CK chosen by ``_plan`` so that this is at most about 4 floats per (b, l, d)
+element: O(batch * seqlen * dim), never (b, l, d, n).
+
+The cross-block reductions of the backward (gB, gC over dim blocks; gA, gD, g(delta_bias) over
+the batch) go through float32 partial buffers summed here, not atomics: results are
+deterministic run to run.
 """
 from __future__ import annotations
 
@@ -26,8 +32,14 @@ from .selective_scan_triton_fwd import _scan_fwd_kernel
 # Block shapes. ``TUNING["fwd"|"bwd"]`` = (BLOCK_T, BLOCK_D, NO, num_warps) overrides the
 # heuristic (used by the tests and by `hybridseq bench scan --sweep`); None: the heuristic.
 # NO is the number of lanes that share one channel's states (each holds BLOCK_N / NO of them).
-TUNING: dict = {"fwd": None, "bwd": None}
-_DEFAULTS = {"fwd": (8, 32, 4, 4), "bwd": (8, 32, 4, 4)}
+# ``TUNING["ckpt"]`` overrides the checkpoint spacing target (steps, see _plan).
+TUNING: dict = {"fwd": None, "bwd": None, "ckpt": None}
+# Defaults: the fastest in the H100 sweeps of 2026-11-22 at B8 D2048 L2048 N16 bf16
+_DEFAULTS = {"fwd": (4, 8, 4, 1), "bwd": (4, 16, 4, 1)}
+# Checkpoint spacing (see _plan): at most _CKPT_FLOATS saved state floats per (b, l, d)
+# element where _MAX_SUBCHUNKS backward chunks per checkpoint allow it.
+_CKPT_FLOATS = 4
+_MAX_SUBCHUNKS = 16
 # Per-thread work elements (BLOCK_T * NI * channels per thread) the heuristic allows.
 _THREAD_ELEMS = {"fwd": 32, "bwd": 32}
 # Tests set this to fill every output with NaN before the kernels run (catches unwritten ones).
@@ -71,36 +83,69 @@ def _bc_strides(X: torch.Tensor):
     return X.stride(0), X.stride(1), X.stride(2), X.stride(3)
 
 
+def _kernel_bc(B, C, d):
+    """B, C and their common group count as the kernels see them (one group id for both)."""
+    g = 1 if B.dim() == 3 else B.shape[2]
+    gC = 1 if C.dim() == 3 else C.shape[2]
+    if gC != g:  # different groupings: give each channel its own group
+        return _expand_to(B, d), _expand_to(C, d), d
+    return B, C, g
+
+
+def _plan(l, d, n, g, for_grad=True):
+    """Launch plan shared by forward and backward: both configs and the checkpoint spacing CK.
+
+    With gradients the forward saves the state every CK steps (a segment): b * l * d * n / CK
+    floats. CK = R * (backward BLOCK_T) with R the smallest count (at most _MAX_SUBCHUNKS) that
+    keeps this within _CKPT_FLOATS floats per (b, l, d) element, so the saved states stay
+    O(b * l * d) for any dstate. With R > 1 the backward recomputes the states at its chunk
+    starts from each segment's checkpoint (one extra forward pass, a small scratch buffer;
+    measured slower on the H100), so dstate <= 16 gets R = 1. The forward chunk is cut to CK
+    when it is longer."""
+    fwd = _config("fwd", l, d, n, d // g, g > 1)
+    bwd = _config("bwd", l, d, n, d // g, g > 1)
+    tb = bwd[0]
+    if TUNING.get("ckpt"):
+        r = max(1, TUNING["ckpt"] // tb)
+    else:
+        r = -(-_next_pow2(n) // (_CKPT_FLOATS * tb))
+    ck = tb * min(_MAX_SUBCHUNKS, _next_pow2(r))
+    if for_grad and fwd[0] > ck:
+        fwd = (ck,) + tuple(fwd[1:])
+    ck = max(ck, fwd[0])
+    return fwd, bwd, ck
+
+
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlast, want_ckpt):
     b, l, d = u.shape
     n = A.shape[1]
-    g = 1 if B.dim() == 3 else B.shape[2]
-    gC = 1 if C.dim() == 3 else C.shape[2]
-    if gC != g:  # the kernel indexes B and C with one group id; give them the same grouping
-        B, C = _expand_to(B, d), _expand_to(C, d)
-        g = d
-    bt, bd, ni, no, nw = _config("fwd", l, d, n, d // g, g > 1)
+    B, C, g = _kernel_bc(B, C, d)
+    (bt, bd, ni, no, nw), _, ck = _plan(l, d, n, g, for_grad=want_ckpt)
     n_chunks = triton_cdiv(l, bt)
+    n_seg = triton_cdiv(l, ck)
     dev = u.device
     y = _empty((b, l, d), u.dtype, dev)
     hlast = _empty((b, d, n), torch.float32, dev) if want_hlast else y
-    ckpt = _empty((b, n_chunks, d, n), torch.float32, dev) if want_ckpt else y
+    ckpt = _empty((b, n_seg, d, n), torch.float32, dev) if want_ckpt else y
+    # y before the silu(z) gate, for the gradient of z (saves recomputing C . h backward)
+    ypre = _empty((b, l, d), u.dtype, dev) if (want_ckpt and z is not None) else y
     h0 = initial_state.float().contiguous() if initial_state is not None else y
     zz = z if z is not None else u
     grid = (b, triton_cdiv(d, bd))
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, h0,
-        y, hlast, ckpt,
-        l, d, n, d // g, n_chunks,
+        y, hlast, ckpt, ypre,
+        l, d, n, d // g, n_chunks, n_seg,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
         *y.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=initial_state is not None, STORE_HLAST=want_hlast,
-        STORE_CKPT=want_ckpt,
+        STORE_CKPT=want_ckpt, CK_R=ck // bt, STORE_YPRE=want_ckpt and z is not None,
         BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
     )
-    return y, (hlast if want_hlast else None), (ckpt if want_ckpt else None), bt
+    return (y, (hlast if want_hlast else None), (ckpt if want_ckpt else None),
+            (ypre if want_ckpt and z is not None else None))
 
 
 def _expand_to(X, d):
@@ -114,32 +159,28 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _reduce_bc(part, X, d, n_dblocks, bd, g_kernel):
-    """Sum the (n_dblocks, b, l, n) float32 partials into X's shape and dtype."""
+def _reduce_bc(part, X, d, bd, g_kernel):
+    """Sum the (n_dblocks, b, l, n) float32 partials of the kernel's dim blocks into the
+    gradient of X ((b, l, n) or (b, l, g, n)), in X's dtype."""
+    b, l, n = part.shape[1:]
     if X.dim() == 3:
         return part.sum(0).to(X.dtype)
     g = X.shape[2]
-    if g_kernel != g:  # B/C were expanded to one group per channel for the kernel
-        raise AssertionError("unreachable: grouped partials are reduced per kernel group")
-    per_group = (d // g) // bd  # whole dim blocks per group
-    b, l, n = part.shape[1:]
-    out = part.view(g, per_group, b, l, n).sum(1)  # (g, b, l, n)
+    if g_kernel == g:  # every dim block lies in one group: sum the blocks of each group
+        out = part.view(g, (d // g) // bd, b, l, n).sum(1)
+    else:  # B/C were expanded to one group per channel, so bd == 1: one block per channel
+        out = part.view(g, d // g, b, l, n).sum(1)
     return out.permute(1, 2, 0, 3).to(X.dtype)
 
 
-def _bwd(ctx_tensors, softplus, has_h0, dout, dhlast, bt_fwd):
-    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx_tensors
+def _bwd(saved, softplus, has_h0, dout, dhlast):
+    u, delta, A, B, C, D, z, delta_bias, ckpt, ypre = saved
     b, l, d = u.shape
     n = A.shape[1]
-    gB_ = 1 if B.dim() == 3 else B.shape[2]
-    gC_ = 1 if C.dim() == 3 else C.shape[2]
-    Bk, Ck, g = B, C, gB_
-    if gC_ != gB_:
-        Bk, Ck, g = _expand_to(B, d), _expand_to(C, d), d
-    bt, bd, ni, no, nw = _config("bwd", l, d, n, d // g, g > 1)
-    bt = bt_fwd  # the chunk-start states were saved every bt_fwd steps
+    Bk, Ck, g = _kernel_bc(B, C, d)
+    _, (bt, bd, ni, no, nw), ck = _plan(l, d, n, g)
+    n_chunks = triton_cdiv(l, bt)
     dev = u.device
-    n_chunks = ckpt.shape[1]
     n_dblocks = triton_cdiv(d, bd)
     du = _empty((b, l, d), u.dtype, dev)
     ddelta = _empty((b, l, d), delta.dtype, dev)
@@ -150,27 +191,23 @@ def _bwd(ctx_tensors, softplus, has_h0, dout, dhlast, bt_fwd):
     dDp = _empty((b, d), torch.float32, dev) if D is not None else dAp
     dbp = _empty((b, d), torch.float32, dev) if delta_bias is not None else dAp
     dh0 = _empty((b, d, n), torch.float32, dev) if has_h0 else dAp
-    dout = dout if dout.dtype.is_floating_point else dout.float()
+    scratch = torch.empty((b, n_dblocks, ck // bt, bd * ni * no), dtype=torch.float32, device=dev)
     zz = z if z is not None else u
-    grid = (b, n_dblocks)
-    _scan_bwd_kernel[grid](
+    _scan_bwd_kernel[(b, n_dblocks)](
         u, delta, A, Bk, Ck, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, ckpt, dout,
         dhlast.float().contiguous() if dhlast is not None else dAp,
-        du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dh0,
-        l, d, n, d // g, n_chunks,
+        ypre if ypre is not None else du,
+        du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
+        l, d, n, d // g, n_chunks, ckpt.shape[1],
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(Bk), *_bc_strides(Ck),
         *dout.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_DHLAST=dhlast is not None, STORE_DH0=has_h0,
-        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw, CK_R=ck // bt,
     )
-    if Bk is B:
-        dB = _reduce_bc(dBp, B, d, n_dblocks, bd, g)
-        dC = _reduce_bc(dCp, C, d, n_dblocks, bd, g)
-    else:  # per-channel partials of expanded B/C: sum each original group's channels
-        dB = _reduce_expanded(dBp, B, d, bd)
-        dC = _reduce_expanded(dCp, C, d, bd)
+    dB = _reduce_bc(dBp, B, d, bd, g)
+    dC = _reduce_bc(dCp, C, d, bd, g)
     dA = dAp.sum(0).to(A.dtype)
     dD = dDp.sum(0).to(D.dtype) if D is not None else None
     dbias = dbp.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
@@ -178,32 +215,20 @@ def _bwd(ctx_tensors, softplus, has_h0, dout, dhlast, bt_fwd):
         (dh0 if has_h0 else None)
 
 
-def _reduce_expanded(part, X, d, bd):
-    """Partials of a per-channel-expanded B/C (bd == 1 there): sum into X's groups."""
-    b, l, n = part.shape[1:]
-    per_chan = part.view(d, b, l, n)  # bd == 1: one dim block per channel
-    if X.dim() == 3:
-        return per_chan.sum(0).to(X.dtype)
-    g = X.shape[2]
-    return per_chan.view(g, d // g, b, l, n).sum(1).permute(1, 2, 0, 3).to(X.dtype)
-
-
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                return_final_state):
-        need_grad = any(ctx.needs_input_grad)
+                return_final_state, need_grad):
         A = A.contiguous()
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-        y, hlast, ckpt, bt = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  initial_state, return_final_state, need_grad)
+        y, hlast, ckpt, ypre = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                    initial_state, return_final_state, need_grad)
         if need_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, ypre)
             ctx.softplus = bool(delta_softplus)
             ctx.has_h0 = initial_state is not None
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
-            ctx.bt = bt
         if return_final_state:
             return y, hlast
         return y
@@ -214,10 +239,10 @@ class _SelectiveScanTriton(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(saved[0])
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
-            saved, ctx.softplus, ctx.has_h0, dy, dhlast, ctx.bt)
+            saved, ctx.softplus, ctx.has_h0, dy.contiguous() if dy.stride(-1) != 1 else dy, dhlast)
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None, None
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -232,5 +257,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         h = (initial_state.float() if initial_state is not None
              else torch.zeros(dims.batch, dims.dim, dims.dstate, device=u.device))
         return y, h
+    # ctx.needs_input_grad is True under torch.no_grad() too: decide here whether the
+    # forward must save its checkpoints for a backward
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                      initial_state, return_final_state)
+                                      initial_state, return_final_state, need_grad)

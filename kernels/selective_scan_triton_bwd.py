@@ -35,9 +35,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
-    dhlast_ptr,
+    dhlast_ptr, ypre_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
-    L, DIM, NSTATE, D_PER_G, n_chunks,
+    scratch_ptr,
+    L, DIM, NSTATE, D_PER_G, n_chunks, n_seg,
     s_u_b, s_u_l, s_u_d,
     s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -47,10 +48,12 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, STORE_DH0: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
+    CK_R: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     n_bat = tl.num_programs(0)
+    n_dblk = tl.num_programs(1)
     d0 = pid_d * BLOCK_D
     grp = d0 // D_PER_G
 
@@ -91,7 +94,11 @@ def _scan_bwd_kernel(
     C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + (t_last + t3) * s_C_l + n3p * s_C_n
     # gB / gC partials: (n_dblocks, batch, L, NSTATE) contiguous
     p_off = (pid_d * n_bat + pid_b) * L * NSTATE + (t_last + t3) * NSTATE + n3p
-    ck_p = ckpt_ptr + pid_b * n_chunks * DIM * NSTATE + (n_chunks - 1) * DIM * NSTATE + state_off
+    ck_b = ckpt_ptr + pid_b * n_seg * DIM * NSTATE + state_off
+    # this program's scratch: the states at the CK_R sub-chunk starts of the current segment
+    SLOT = BLOCK_D * NI * NO
+    sc_p = scratch_ptr + (pid_b * n_dblk + pid_d) * (CK_R * SLOT) \
+        + tl.arange(0, BLOCK_D)[None, :, None] * (NI * NO) + n3
 
     dA_acc = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)  # summed over time at the end
@@ -110,12 +117,49 @@ def _scan_bwd_kernel(
     g_n = tl.load(g_p, mask=mask_td, other=0.0)
     B_n = tl.load(B_p, mask=mask_p, other=0.0)
     C_n = tl.load(C_p, mask=mask_p, other=0.0)
-    h0_n = tl.load(ck_p, mask=mask_s, other=0.0)
     if HAS_Z:
         z_n = tl.load(z_p, mask=mask_td, other=0.0)
+        yq_n = tl.load(ypre_ptr + o_off, mask=mask_td, other=0.0)
+    if CK_R == 1:  # a checkpoint at every chunk start: no recompute pass, no scratch
+        h0_n = tl.load(ck_b + (n_chunks - 1) * DIM * NSTATE, mask=mask_s, other=0.0)
+    else:
+        h0_n = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
 
     for k in range(0, n_chunks):
-        t0 = (n_chunks - 1 - k) * BLOCK_T
+        c = n_chunks - 1 - k
+        t0 = c * BLOCK_T
+        j = c % CK_R  # sub-chunk index inside its checkpoint segment
+        if CK_R > 1:
+            if (j == CK_R - 1) | (k == 0):
+                # Entering segment c // CK_R from its end: recompute forward from its
+                # checkpoint the states at the starts of its sub-chunks 0..j, into the scratch.
+                tl.debug_barrier()  # every thread is done reading the previous segment's slots
+                h = tl.load(ck_b + (c // CK_R) * DIM * NSTATE, mask=mask_s, other=0.0)
+                seg0 = tl.full((), (c - j) * BLOCK_T, tl.int64)
+                for jj in range(0, j):
+                    tl.store(sc_p + jj * SLOT, h)
+                    tq = seg0 + jj * BLOCK_T
+                    m_td = ((tq + offs_t) < L)[:, None] & mask_d[None, :]
+                    m_p = ((tq + t3) < L) & (n3p < NSTATE)
+                    uq = tl.load(u_ptr + pid_b * s_u_b + (tq + td) * s_u_l
+                                 + offs_d[None, :] * s_u_d, mask=m_td, other=0.0).to(tl.float32)
+                    dq = tl.load(delta_ptr + pid_b * s_dt_b + (tq + td) * s_dt_l
+                                 + offs_d[None, :] * s_dt_d, mask=m_td, other=0.0).to(tl.float32)
+                    Bq = tl.load(B_ptr + pid_b * s_B_b + grp * s_B_g + (tq + t3) * s_B_l
+                                 + n3p * s_B_n, mask=m_p, other=0.0).to(tl.float32)
+                    if HAS_BIAS:
+                        dq = dq + bias[None, :]
+                    if SOFTPLUS:
+                        dq = _softplus(dq)
+                    dq = tl.where(m_td, dq, 0.0)
+                    aq = tl.exp2(dq[:, None, :, None] * A[None])
+                    bq = (dq * uq)[:, None, :, None] * Bq[:, :, None, :]
+                    bq = tl.where(first, bq + aq * h[None], bq)
+                    _, hq = tl.associative_scan((aq, bq), 0, _linrec_combine)
+                    h = tl.sum(tl.where(last, hq, 0.0), axis=0)
+                tl.store(sc_p + j * SLOT, h)
+                tl.debug_barrier()  # other threads of the program read these slots
+                h0_n = tl.load(sc_p + j * SLOT)
         mask_t = (t0 + offs_t) < L
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_t1d = ((t0 + offs_t + 1) < L)[:, None] & mask_d[None, :]
@@ -129,6 +173,7 @@ def _scan_bwd_kernel(
         h0 = h0_n
         if HAS_Z:
             zz = z_n.to(tl.float32)
+            y = yq_n.to(tl.float32)  # y before the gate, saved by the forward
 
         # prefetch chunk k + 1 (= the previous time chunk; all masked after the first chunk)
         u_p -= BLOCK_T * s_u_l
@@ -136,7 +181,6 @@ def _scan_bwd_kernel(
         g_p -= BLOCK_T * s_g_l
         B_p -= BLOCK_T * s_B_l
         C_p -= BLOCK_T * s_C_l
-        ck_p -= DIM * NSTATE
         pre_t = (t0 - BLOCK_T + offs_t) >= 0
         pre_td = pre_t[:, None] & mask_d[None, :]
         pre_p = ((t0 - BLOCK_T + t3) >= 0) & (n3p < NSTATE)
@@ -146,10 +190,16 @@ def _scan_bwd_kernel(
         g_n = tl.load(g_p, mask=pre_td, other=0.0)
         B_n = tl.load(B_p, mask=pre_p, other=0.0)
         C_n = tl.load(C_p, mask=pre_p, other=0.0)
-        h0_n = tl.load(ck_p, mask=mask_s & ((d3 * 0 + t0) >= BLOCK_T), other=0.0)
         if HAS_Z:
             z_p -= BLOCK_T * s_z_l
             z_n = tl.load(z_p, mask=pre_td, other=0.0)
+            yq_n = tl.load(ypre_ptr + o_off - BLOCK_T * DIM, mask=pre_td, other=0.0)
+        if CK_R == 1:
+            h0_n = tl.load(ck_b + (c - 1) * DIM * NSTATE, mask=mask_s & ((d3 * 0 + c) > 0),
+                           other=0.0)
+        else:  # the next chunk's start state when it lies in this segment (else the pass
+            # above reloads it on entering the previous segment)
+            h0_n = tl.load(sc_p + (j - 1) * SLOT, mask=(d3 * 0 + j) > 0, other=0.0)
 
         if HAS_BIAS:
             dl = dl + bias[None, :]
@@ -171,9 +221,6 @@ def _scan_bwd_kernel(
         _, hs = tl.associative_scan((a, tl.where(first, bx + a * h0[None], bx)), 0,
                                     _linrec_combine)
         if HAS_Z:
-            y = tl.sum(tl.sum(hs * Ct, axis=1), axis=2)
-            if HAS_D:
-                y += Dv[None, :] * u
             sz = 1.0 / (1.0 + tl.exp(-zz))
             gz = gout * y * sz * (1.0 + zz * (1.0 - sz))
             tl.store(dz_ptr + o_off, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)

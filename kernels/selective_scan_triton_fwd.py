@@ -49,8 +49,8 @@ def _linrec_combine(a1, b1, a2, b2):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    y_ptr, hlast_ptr, ckpt_ptr,
-    L, DIM, NSTATE, D_PER_G, n_chunks,
+    y_ptr, hlast_ptr, ckpt_ptr, ypre_ptr,
+    L, DIM, NSTATE, D_PER_G, n_chunks, n_seg,
     s_u_b, s_u_l, s_u_d,
     s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -59,7 +59,7 @@ def _scan_fwd_kernel(
     s_y_b, s_y_l, s_y_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HLAST: tl.constexpr,
-    STORE_CKPT: tl.constexpr,
+    STORE_CKPT: tl.constexpr, CK_R: tl.constexpr, STORE_YPRE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -98,9 +98,10 @@ def _scan_fwd_kernel(
     dt_p = delta_ptr + pid_b * s_dt_b + offs_t[:, None] * s_dt_l + offs_d[None, :] * s_dt_d
     z_p = z_ptr + pid_b * s_z_b + offs_t[:, None] * s_z_l + offs_d[None, :] * s_z_d
     y_p = y_ptr + pid_b * s_y_b + offs_t[:, None] * s_y_l + offs_d[None, :] * s_y_d
+    yq_p = ypre_ptr + pid_b * L * DIM + offs_t[:, None] * DIM + offs_d[None, :]  # contiguous
     B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + t3 * s_B_l + nb * s_B_n
     C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + t3 * s_C_l + nb * s_C_n
-    ck_p = ckpt_ptr + pid_b * n_chunks * DIM * NSTATE + state_off
+    ck_p = ckpt_ptr + pid_b * n_seg * DIM * NSTATE + state_off
 
     # chunk 0's inputs; each iteration then prefetches the next chunk before computing
     mask_td = (offs_t < L)[:, None] & mask_d[None, :]
@@ -114,9 +115,10 @@ def _scan_fwd_kernel(
     first = t4 == 0
     last = t4 == BLOCK_T - 1
     for c in range(0, n_chunks):
-        if STORE_CKPT:
-            tl.store(ck_p, h, mask=mask_s)
-            ck_p += DIM * NSTATE
+        if STORE_CKPT:  # the state entering every CK_R-th chunk (a segment start); a
+            # predicated store rather than a branch keeps the loop body straight-line
+            tl.store(ck_p + (c // CK_R) * DIM * NSTATE, h,
+                     mask=mask_s & ((d3 * 0 + c % CK_R) == 0))
         t0 = c * BLOCK_T
         mask_td = ((t0 + offs_t) < L)[:, None] & mask_d[None, :]
         u = u_n.to(tl.float32)
@@ -155,6 +157,9 @@ def _scan_fwd_kernel(
 
         if HAS_D:
             y += Dv[None, :] * u
+        if STORE_YPRE:  # y before the gate, for the backward's gradient of z
+            tl.store(yq_p, y.to(ypre_ptr.dtype.element_ty), mask=mask_td)
+            yq_p += BLOCK_T * DIM
         if HAS_Z:
             y *= zz / (1.0 + tl.exp(-zz))
         tl.store(y_p, y.to(y_ptr.dtype.element_ty), mask=mask_td)

@@ -97,9 +97,11 @@ def test_ref_update_does_not_modify_state():
 
 @pytest.fixture
 def conv_mod(monkeypatch):
-    """The Triton module with small chunks (several dweight partials at tiny seqlen) and outputs
-    poisoned with NaN, so an element the kernel forgets to write fails the comparison."""
+    """The Triton module with small tiles and chunks (at seqlen 67: three backward chunks of two
+    tiles each, so dweight/dbias accumulate across tiles and across chunks) and outputs poisoned
+    with NaN, so an element the kernel forgets to write fails the comparison."""
     mod = importlib.import_module("hybridseq.kernels.causal_conv1d_triton")
+    monkeypatch.setitem(mod._INTERP_META, "BL", 16)
     monkeypatch.setattr(mod, "BWD_CHUNK_ROWS", 32)
     monkeypatch.setattr(mod, "_alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
@@ -119,6 +121,12 @@ CASES = [
     (67, 3, False, True, True, True, 8),
     (67, 4, True, True, True, True, 24),
     (67, 4, False, False, False, False, 8),
+    # width 1 (no state, no halo) and widths above 4 (taps >= 4 take the kernel's generic path)
+    (5, 1, True, True, False, True, 8),
+    (40, 1, False, False, False, False, 8),
+    (5, 5, True, True, True, True, 8),
+    (40, 6, False, True, True, True, 8),
+    (40, 6, True, False, False, True, 8),
 ]
 
 
@@ -143,8 +151,12 @@ def _run_both(conv_mod, l, w, bias, silu, st, fs, d, dtype, b=2, wdtype=None):
     return outs, refs, g, gr
 
 
-@pytest.mark.parametrize("l,w,bias,silu,st,fs,d", CASES)
-def test_triton_matches_ref_fp32(conv_mod, l, w, bias, silu, st, fs, d):
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_matches_ref_fp32(conv_mod, monkeypatch, case):
+    l, w, bias, silu, st, fs, d = CASES[case]
+    # the backward's two variants (g shifted by tl.gather / recomputed) on alternate cases: each
+    # width 2..4 and seqlen 67 gets both
+    monkeypatch.setitem(conv_mod._INTERP_BWD, "GATHER", case % 2)
     b = 1 if l == 67 and w == 4 and st else 2
     outs, refs, g, gr = _run_both(conv_mod, l, w, bias, silu, st, fs, d, torch.float32, b=b)
     for o, r in zip(outs, refs):

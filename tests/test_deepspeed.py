@@ -20,7 +20,7 @@ pytest.importorskip("deepspeed")
 torch = pytest.importorskip("torch")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 LAYOUT = """\
 name: ds-tiny
@@ -99,8 +99,7 @@ def _env(**extra):
     return env
 
 
-def _launch(tmp, out, *args, ranks=2, zero=1, env=None, check=True, timeout=240):
-    """Run the driver under ``deepspeed --num_gpus ranks`` (or plain python for 1 rank)."""
+def _files(tmp):
     layout = os.path.join(tmp, "layout.yaml")
     driver = os.path.join(tmp, "driver.py")
     if not os.path.exists(layout):
@@ -108,6 +107,12 @@ def _launch(tmp, out, *args, ranks=2, zero=1, env=None, check=True, timeout=240)
             fh.write(LAYOUT)
         with open(driver, "w") as fh:
             fh.write(DRIVER.format(repo=REPO))
+    return layout, driver
+
+
+def _launch(tmp, out, *args, ranks=2, zero=1, env=None, check=True, timeout=240):
+    """Run the driver under ``deepspeed --num_gpus ranks`` (or plain python for 1 rank)."""
+    layout, driver = _files(tmp)
     cmd = [driver, layout, "--deepspeed", os.path.join(REPO, "launch", f"zero{zero}.json"), "--out", out,
            "--no-progress", *args]
     if ranks > 1:
@@ -142,6 +147,36 @@ def tmp(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def init_model(tmp):
+    """A saved initial model: the ZeRO-2 and the expert-parallel runs both start from it."""
+    import hybridseq as hs
+
+    layout, _ = _files(tmp)
+    torch.manual_seed(3)
+    folder = os.path.join(tmp, "init")
+    hs.save_pretrained(hs.build_model(hs.load_config(layout)), None, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp, init_model):
+    out = os.path.join(tmp, "z2")
+    _launch(tmp, out, "--init-from", init_model, "model.checkpointing=[mamba,moe]", zero=2)
+    return out
+
+
+EP2_ARGS = ("model.checkpointing=[mamba,moe]", "blocks.E.ep_size=2")
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp, init_model):
+    """ZeRO-2 with expert parallelism 2 (and activation checkpointing), from ``init_model``."""
+    out = os.path.join(tmp, "ep2")
+    _launch(tmp, out, "--init-from", init_model, *EP2_ARGS, zero=2)
+    return out
+
+
+@pytest.fixture(scope="module")
 def zero1_run(tmp):
     out = os.path.join(tmp, "z1")
     _launch(tmp, out, zero=1)
@@ -155,6 +190,7 @@ def zero3_run(tmp):
     return out
 
 
+@slow
 def test_zero1_trains(zero1_run):
     losses = _losses(zero1_run)
     assert len(losses) == 8 and _lowered(losses), losses
@@ -162,13 +198,36 @@ def test_zero1_trains(zero1_run):
     assert sorted(os.listdir(ck)) == ["latest", "step_00000008"]  # keep_last 1 rotated step 4 away
 
 
-def test_zero2_trains(tmp):
-    out = os.path.join(tmp, "z2")
-    _launch(tmp, out, zero=2)
-    losses = _losses(out)
+@slow
+def test_zero2_with_activation_checkpointing_trains(zero2_run):
+    losses = _losses(zero2_run)
     assert len(losses) == 8 and _lowered(losses), losses
 
 
+@slow
+def test_expert_parallel_matches_data_parallel(ep2_run, zero2_run):
+    """ep_size 2 on 2 ranks (each rank holds 2 of the 4 experts, tokens exchanged by all-to-all)
+    trains the same model as plain data parallelism from the same initial weights."""
+    import hybridseq as hs
+    from safetensors.torch import load_file
+
+    out = ep2_run
+    ref, got = _metrics(zero2_run), _metrics(out)
+    assert len(got) == len(ref) == 8
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * abs(a["grad_norm"]), (a, b)
+    # the saved model is the ep_size 1 model with every expert gathered
+    ck = os.path.join(out, "checkpoints", "step_00000008")
+    model = hs.load_pretrained(ck)
+    assert all(getattr(layer.block, "ep_size", 1) == 1 for layer in model.layers)
+    a = load_file(os.path.join(ck, "model.safetensors"))
+    b = load_file(os.path.join(zero2_run, "checkpoints", "step_00000008", "model.safetensors"))
+    assert set(a) == set(b) and a["layers.1.block.w_in"].shape[0] == 4
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@slow
 def test_zero3_expert_skipped_by_one_rank_completes(zero3_run):
     losses = _losses(zero3_run)
     assert len(losses) == 8 and _lowered(losses), losses
@@ -186,6 +245,7 @@ def test_zero3_expert_skipped_by_one_rank_completes(zero3_run):
     assert set(names.values()) == {"torch.float32"}, names
 
 
+@slow
 def test_zero1_two_ranks_match_one_rank_same_global_batch(tmp, zero1_run):
     out = os.path.join(tmp, "one")
     _launch(tmp, out, "train.batch_size=8", ranks=1, zero=1)
@@ -211,21 +271,25 @@ def test_zero1_two_ranks_match_one_rank_same_global_batch(tmp, zero1_run):
     assert untrained > 20 * diff.mean().item()  # training moved the weights far more than that
 
 
-def test_sigkill_then_resume_reproduces_losses(tmp, zero1_run):
+@slow
+def test_sigkill_then_resume_reproduces_losses(tmp, init_model, ep2_run):
+    """The expert-parallel ZeRO-2 run, SIGKILLed after step 6 and resumed from its step-4 checkpoint
+    (DeepSpeed's partitioned optimizer states, each rank's expert shards, data position, RNG)."""
     out = os.path.join(tmp, "killed")
-    proc = _launch(tmp, out, zero=1, env={"HS_KILL_AT": "6"}, check=False)
+    proc = _launch(tmp, out, "--init-from", init_model, *EP2_ARGS, zero=2, env={"HS_KILL_AT": "6"}, check=False)
     assert proc.returncode != 0
     # killed inside step 6 (after its optimizer step, before its log line); last save at step 4
     assert [r["step"] for r in _metrics(out)][-1] == 5
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_00000004"]
-    _launch(tmp, out, "--resume", zero=1)
-    ref, got = _metrics(zero1_run), _metrics(out)
+    _launch(tmp, out, "--resume", *EP2_ARGS, zero=2)
+    ref, got = _metrics(ep2_run), _metrics(out)
     assert [r["step"] for r in got] == list(range(1, 9))
     for a, b in zip(ref, got):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"], (a, b)
     assert ref[-1]["eval_loss"] == got[-1]["eval_loss"]
 
 
+@slow
 def test_export_then_load_pretrained_same_logits(tmp, zero3_run):
     import hybridseq as hs
     from hybridseq.train.export import export
@@ -250,3 +314,50 @@ def test_export_then_load_pretrained_same_logits(tmp, zero3_run):
     assert set(shards) <= set(own)
     for k, v in shards.items():
         assert torch.equal(v.float(), own[k].float()), k
+
+
+# ---- the DeepSpeed config (no processes) -----------------------------------------------------
+TC = {"batch_size": 4, "grad_accum": 2, "grad_clip": 0.5, "precision": "auto", "lr": 3e-4,
+      "betas": [0.9, 0.95], "weight_decay": 0.1, "steps": 100, "warmup_steps": None, "min_lr_ratio": 0.1}
+
+
+def test_ds_config_autos_filled_from_train_section():
+    from hybridseq.train.deepspeed_engine import read_ds_config, resolve_ds_config
+
+    raw = read_ds_config(os.path.join(REPO, "launch", "zero2.json"))
+    ds = resolve_ds_config(raw, TC, world_size=4, device_type="cuda")
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 32 and ds["gradient_clipping"] == 0.5
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}     # auto -> bf16 on CUDA
+    assert "torch_autocast" not in resolve_ds_config(raw, TC, 4, "cpu")       # auto -> fp32 on CPU
+    # a number in the DeepSpeed file wins; train_batch_size alone determines the accumulation
+    ds = resolve_ds_config({**raw, "train_batch_size": 64}, TC, world_size=4, device_type="cpu")
+    assert ds["gradient_accumulation_steps"] == 4
+    off = resolve_ds_config(read_ds_config(os.path.join(REPO, "launch", "zero3-offload.json")), TC, 2, "cuda")
+    assert off["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    assert off["scheduler"]["params"]["total_num_steps"] == 100
+    assert off["scheduler"]["params"]["warmup_num_steps"] == 10
+    for name in ("zero1", "zero3"):
+        assert resolve_ds_config(read_ds_config(os.path.join(REPO, "launch", f"{name}.json")), TC, 2, "cuda")
+
+
+def test_ds_config_errors_name_the_key(tmp_path):
+    from hybridseq.errors import ConfigError
+    from hybridseq.train.deepspeed_engine import read_ds_config, resolve_ds_config
+
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        resolve_ds_config({"train_batch_size": 30}, TC, world_size=4, device_type="cpu")
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_ds_config({"fp16": {"enabled": True}}, TC, world_size=1, device_type="cuda")
+    with pytest.raises(ConfigError, match="offload_optimizer needs an 'optimizer'"):
+        resolve_ds_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, TC, 1, "cuda")
+    # DeepSpeed's native bf16 would cast the fp32-only parameters: it becomes torch_autocast
+    ds = resolve_ds_config({"bf16": {"enabled": True}}, TC, 1, "cpu")
+    assert "bf16" not in ds and ds["torch_autocast"]["enabled"] is True
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_ds_config(str(bad))
+    yml = tmp_path / "ds.yaml"
+    yml.write_text("zero_optimization: {stage: 3}\ntrain_micro_batch_size_per_gpu: auto\n")
+    assert read_ds_config(str(yml))["zero_optimization"]["stage"] == 3

@@ -25,8 +25,8 @@ def tuning():
     """Set TUNING block shapes for one test; restore the heuristic afterwards."""
     saved = dict(sst.TUNING)
 
-    def set_(fwd=None, bwd=None):
-        sst.TUNING.update(fwd=fwd, bwd=bwd)
+    def set_(fwd=None, bwd=None, ckpt=None):
+        sst.TUNING.update(fwd=fwd, bwd=bwd, ckpt=ckpt)
 
     yield set_
     sst.TUNING.clear()
@@ -102,22 +102,24 @@ def check(res, tol):
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
 
 
-# (b, l, d, n, groups, fwd tuning, bwd tuning): odd sizes, several chunks and dim blocks
+# (b, l, d, n, groups, fwd tuning, bwd tuning, checkpoint steps): odd sizes, several chunks,
+# checkpoint segments and dim blocks, forward and backward chunks of different lengths
 CASES = {
-    "seqlen1": (2, 1, 4, 4, None, None, None),
-    "seqlen7_dstate3": (2, 7, 5, 3, None, (4, 4, 2, 4), (4, 2, 2, 4)),
-    "seqlen33_dstate16": (1, 33, 2, 16, None, (8, 2, 4, 4), (8, 1, 16, 4)),
-    "dstate1_chunks": (2, 21, 6, 1, None, (4, 4, 2, 4), (4, 8, 2, 4)),
-    "grouped": (1, 19, 8, 3, 2, (8, 4, 1, 4), (8, 2, 4, 4)),
-    "grouped_odd_group_width": (1, 9, 6, 2, 2, (4, 4, 2, 4), (4, 4, 2, 4)),
-    "default_blocks": (1, 37, 3, 5, None, None, None),
+    "seqlen1": (2, 1, 4, 4, None, None, None, None),
+    "seqlen7_dstate3": (2, 7, 5, 3, None, (8, 4, 2, 4), (4, 2, 2, 4), None),
+    "seqlen33_dstate16": (1, 33, 2, 16, None, (8, 2, 4, 4), (4, 1, 16, 4), 8),
+    "dstate1_chunks": (2, 21, 6, 1, None, (2, 4, 2, 4), (4, 8, 2, 4), 8),
+    "grouped": (1, 19, 8, 3, 2, (8, 4, 1, 4), (8, 2, 4, 4), 16),
+    "grouped_odd_group_width": (1, 9, 6, 2, 2, (4, 4, 2, 4), (4, 4, 2, 4), None),
+    "default_blocks": (1, 37, 3, 5, None, None, None, None),
+    "dstate64_default_blocks": (1, 9, 2, 64, None, None, None, None),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_forward_and_grads(case, tuning):
-    b, l, d, n, g, tf, tb = CASES[case]
-    tuning(tf, tb)
+    b, l, d, n, g, tf, tb, ck = CASES[case]
+    tuning(tf, tb, ck)
     check(run_both(make(b, l, d, n, g)), 1e-5)
 
 
@@ -229,3 +231,37 @@ def test_gpu_real_shapes_poisoned(shape, monkeypatch):
         t["delta_bias"].sub_(3.0)  # Mamba-like dt ~ softplus(-3)
     res = run_both(t, ref_fn=selective_scan_chunked)
     check(res, 1e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_bench_scan_helpers_on_tiny_cpu_shape():
+    """`hybridseq bench scan` pieces: shape parsing, the fewest-bytes model, and one timed row
+    per implementation (on CPU the timings mean nothing; this checks the plumbing)."""
+    import argparse
+
+    from hybridseq.bench import scan
+
+    assert scan.parse_shape("8x2048x2048x16") == (8, 2048, 2048, 16)
+    with pytest.raises(ValueError, match="BxDxLxN"):
+        scan.parse_shape("8x2048")
+    # forward: u, delta, z read + y written (2 bytes each), B and C read, A, D, delta_bias read
+    b, d, l, n = 2, 8, 4, 3
+    assert scan.fewest_bytes(b, d, l, n, torch.bfloat16) == \
+        4 * b * l * d * 2 + 2 * b * l * n * 2 + d * n * 4 + 2 * d * 4
+    parser = argparse.ArgumentParser()
+    scan.add_arguments(parser)
+    args = parser.parse_args(["--dtype", "fp32", "--iters", "1", "--warmup", "0"])
+    for impl in ("triton", "torch"):
+        row = scan._time_shape((1, 4, 5, 2), impl, args, "cpu")
+        assert row["impl"] == impl and row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
+
+
+def test_checkpoint_spacing_keeps_saved_states_small():
+    """The forward saves the state every CK steps: at most 16 floats per (b, l, d) element for
+    any dstate up to 256 (4 for dstate <= 64), CK a multiple of both chunk lengths."""
+    for n in (1, 3, 16, 64, 256):
+        fwd, bwd, ck = sst._plan(4096, 64, n, 1)
+        assert ck % fwd[0] == 0 and ck % bwd[0] == 0
+        assert sst._next_pow2(n) / ck <= (4 if n <= 64 else 16), (n, ck)
+    # dstate 16 by default: a checkpoint at every backward chunk (no recompute pass)
+    _, bwd, ck = sst._plan(4096, 64, 16, 1)
+    assert ck == bwd[0]

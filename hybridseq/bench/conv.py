@@ -9,8 +9,10 @@ Rows (bf16 by default, CUDA events through ``common.time_fn``, median):
 - ``state_update``: one decoding token of the selective scan (selective_state_update), Triton vs
   ref, with z, D, dt_bias and softplus, B/C (b, n).
 
-``fwd_ms``/``fwdbwd_ms``: ``common.time_fn`` medians, one call per timed region after a cache
-flush, so they include the Python launch overhead that the GPU waits for at small sizes.
+``fwd_ms``/``fwdbwd_ms``/``bwd_ms``: ``common.time_fn`` medians, one call per timed region after a
+cache flush, so they include the Python launch overhead that the GPU waits for at small sizes.
+Gradients are taken with ``torch.autograd.grad`` (nothing accumulates into ``.grad``);
+``bwd_ms`` is the backward alone (``retain_graph`` on one forward's graph).
 ``graph_ms`` replays the forward 10 times in a CUDA graph (no launch gaps): the kernel's own time.
 ``*_GBps`` is the bandwidth of the fewest bytes (inputs read once, outputs written once); the
 ``copy (ceiling)`` row is a device copy of the same bytes, the in-run bandwidth ceiling.
@@ -192,6 +194,7 @@ def _conv_rows(shape, args) -> list[dict]:
     e = torch.tensor([], dtype=dtype).element_size()
     fwd_bytes = 2 * b * l * d * e
     fwdbwd_bytes = 5 * b * l * d * e  # fwd: x, y; bwd: x, dy, dx
+    bwd_bytes = 3 * b * l * d * e  # bwd alone: x, dy read, dx written
     dev = args.device
     x = torch.randn(b, l, d, device=dev, dtype=dtype)
     weight = (torch.randn(d, w, device=dev) / w ** 0.5).to(dtype)
@@ -210,6 +213,10 @@ def _conv_rows(shape, args) -> list[dict]:
     impls = {
         "triton": lambda t, wt, bi: causal_conv1d(t, wt, bi, "silu", impl="triton"),
         "triton (direct)": lambda t, wt, bi: tri.causal_conv1d_triton(t, wt, bi, "silu"),
+    }
+    if hasattr(tri, "_OLD_BWD"):  # TEMPORARY: the previous backward, for one comparison run
+        impls["triton (old bwd)"] = impls["triton"]
+    impls |= {
         "ref": lambda t, wt, bi: causal_conv1d_ref(t, wt, bi, "silu"),
         "F.conv1d+silu": lambda t, wt, bi: F.silu(F.conv1d(t, wt, bi, padding=w - 1,
                                                            groups=d)[..., :l]),
@@ -240,12 +247,25 @@ def _conv_rows(shape, args) -> list[dict]:
         row["fwd_GBps"] = fwd_bytes / row["fwd_ms"] / 1e6
         if not args.no_backward:
             ins = [t.detach().requires_grad_() for t in (xin, win, bias)]
+            old_flag = name == "triton (old bwd)"
+            if old_flag:
+                tri._OLD_BWD = True
+            try:
+                def fb():  # autograd.grad: no accumulation into .grad inside the timed region
+                    torch.autograd.grad(fn(*ins), ins, g)
 
-            def fb():
-                fn(*ins).backward(g)
-
-            row["fwdbwd_ms"] = time_fn(fb, iters=args.iters, warmup=min(5, args.iters))["median_ms"]
-            row["fwdbwd_GBps"] = fwdbwd_bytes / row["fwdbwd_ms"] / 1e6
+                row["fwdbwd_ms"] = time_fn(fb, iters=args.iters,
+                                           warmup=min(5, args.iters))["median_ms"]
+                row["fwdbwd_GBps"] = fwdbwd_bytes / row["fwdbwd_ms"] / 1e6
+                out_y = fn(*ins)
+                bw = lambda: torch.autograd.grad(out_y, ins, g, retain_graph=True)  # noqa: E731
+                row["bwd_ms"] = time_fn(bw, iters=args.iters,
+                                        warmup=min(5, args.iters))["median_ms"]
+                row["bwd_GBps"] = bwd_bytes / row["bwd_ms"] / 1e6
+                del out_y
+            finally:
+                if old_flag:
+                    tri._OLD_BWD = False
         if name == "F.conv1d+silu":
             anchor = row
         if name == "triton":

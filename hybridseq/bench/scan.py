@@ -10,17 +10,18 @@ in a Mamba block. ``*_GBps`` is the effective bandwidth of the fewest bytes the 
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
+import importlib
 
 import torch
 
 DEFAULT_SHAPES = ["8x2048x2048x16", "2x4096x8192x16"]  # batch x dim x seqlen x dstate (issue 3)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Sweep candidates: (BLOCK_T, BLOCK_D, NO, num_warps); lanes*warps cover BLOCK_D * NO / 32
-_SWEEP_FWD = [(8, 32, 4, 4), (16, 32, 4, 4), (4, 32, 4, 4), (8, 64, 4, 4), (8, 16, 8, 4),
-              (16, 16, 8, 4), (8, 64, 2, 4), (16, 8, 16, 4), (32, 8, 16, 4), (8, 16, 4, 2)]
-_SWEEP_BWD = [(8, 32, 4, 4), (4, 32, 4, 4), (8, 16, 8, 4), (16, 16, 8, 4), (8, 8, 16, 4),
-              (16, 8, 16, 4), (8, 16, 4, 2), (4, 16, 8, 4)]
+_SWEEP_FWD = [(8, 32, 2, 2), (4, 8, 4, 1), (4, 32, 2, 2), (8, 64, 2, 4), (16, 32, 4, 4),
+              (8, 16, 4, 1), (4, 16, 4, 1), (8, 32, 4, 4)]
+_SWEEP_BWD = [(4, 16, 4, 1), (2, 16, 4, 1), (4, 8, 4, 1), (2, 16, 2, 1), (8, 8, 4, 1),
+              (4, 32, 4, 2), (2, 32, 4, 1), (4, 16, 2, 1)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", default="triton,torch,mamba_ssm",
                         help="comma list of triton, torch (chunked PyTorch), mamba_ssm")
     parser.add_argument("--groups", type=int, default=0, help="B/C groups (0: (b, l, n) B/C)")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=20, help="timed repetitions (median)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--torch-max-elems", type=float, default=6e8,
                         help="skip the chunked PyTorch path above this many b*l*d*n elements")
@@ -40,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one untimed forward+backward of the Triton scan per shape (for "
                              "profilers such as ncu); --fwd-configs/--bwd-configs pick the blocks")
     parser.add_argument("--fwd-configs", nargs="*", default=None,
-                        help="--sweep candidates for the forward, each BLOCK_T,BLOCK_D,NO,num_warps")
+                        help="--sweep candidates for the forward, each BLOCK_T,BLOCK_D,NO,"
+                             "num_warps (without --sweep: the first one is timed)")
     parser.add_argument("--bwd-configs", nargs="*", default=None,
-                        help="--sweep candidates for the backward (BLOCK_T must equal the "
-                             "forward's: the forward runs with BLOCK_T,16,4,1)")
+                        help="--sweep candidates for the backward (the forward keeps its default)")
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -98,22 +100,32 @@ def _mamba_ssm_fn():
         return None
 
 
+def _bdl(x):
+    """(b, l, d) -> contiguous (b, d, l) leaf, mamba_ssm's layout."""
+    return x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
+
+
+def _bnl(x):
+    """B/C (b, l, n) -> (b, n, l), or (b, l, g, n) -> (b, g, n, l), as contiguous leaves."""
+    y = x.detach().permute(0, 2, 1) if x.dim() == 3 else x.detach().permute(0, 2, 3, 1)
+    return y.contiguous().requires_grad_(x.requires_grad)
+
+
 def _callables(impl, t, backward):
     """(forward closure, forward+backward closure or None) for one implementation."""
     from hybridseq.kernels import selective_scan
 
-    kw = dict(D=t["D"], z=t["z"], delta_bias=t["delta_bias"], delta_softplus=True)
-    args = (t["u"], t["delta"], t["A"], t["B"], t["C"])
     if impl in ("triton", "torch"):
-        f = lambda: selective_scan(*args, impl=impl, **kw)  # noqa: E731
+        def f():
+            return selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"],
+                                  z=t["z"], delta_bias=t["delta_bias"], delta_softplus=True,
+                                  impl=impl)
     elif impl == "mamba_ssm":
         fn = _mamba_ssm_fn()
-        tr = lambda x: x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)  # noqa
-        bc = lambda x: (x.detach().permute(0, 2, 1) if x.dim() == 3 else  # noqa: E731
-                        x.detach().permute(0, 2, 3, 1)).contiguous().requires_grad_(x.requires_grad)
-        u, dl, z = tr(t["u"]), tr(t["delta"]), tr(t["z"])
-        B, C = bc(t["B"]), bc(t["C"])
-        f = lambda: fn(u, dl, t["A"], B, C, t["D"], z, t["delta_bias"], True)  # noqa: E731
+        u, dl, z, B, C = _bdl(t["u"]), _bdl(t["delta"]), _bdl(t["z"]), _bnl(t["B"]), _bnl(t["C"])
+
+        def f():
+            return fn(u, dl, t["A"], B, C, t["D"], z, t["delta_bias"], True)
     else:
         raise ValueError(f"--impls: unknown implementation {impl!r} (triton, torch, mamba_ssm)")
     if not backward:
@@ -134,66 +146,66 @@ def _time_shape(shape, impl, args, device):
     backward = not args.no_backward
     t = make_inputs(b, d, l, n, dtype, device, args.groups, requires_grad=backward)
     f, fb = _callables(impl, t, backward)
-    iters = args.iters if impl != "torch" else max(3, args.iters // 5)
+    slow = impl == "torch"
+    iters, warmup = (max(1, args.iters // 5), min(2, args.warmup)) if slow else \
+        (args.iters, args.warmup)
     row = {"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl}
     with torch.no_grad():
-        r = time_fn(f, iters=iters, warmup=2 if impl == "torch" else 5)
-    row["fwd_ms"] = r["median_ms"]
-    row["fwd_GBps"] = fewest_bytes(b, d, l, n, dtype, args.groups) / r["median_ms"] / 1e6
+        ms = time_fn(f, iters=iters, warmup=warmup)["median_ms"]
+    row["fwd_ms"] = ms
+    row["fwd_GBps"] = fewest_bytes(b, d, l, n, dtype, args.groups) / ms / 1e6
     if fb is not None:
-        r = time_fn(fb, iters=iters, warmup=2 if impl == "torch" else 5)
-        row["fwdbwd_ms"] = r["median_ms"]
-        row["fwdbwd_GBps"] = fewest_bytes(b, d, l, n, dtype, args.groups, True) / r["median_ms"] / 1e6
-    del t
+        ms = time_fn(fb, iters=iters, warmup=warmup)["median_ms"]
+        row["fwdbwd_ms"] = ms
+        row["fwdbwd_GBps"] = fewest_bytes(b, d, l, n, dtype, args.groups, True) / ms / 1e6
     return row
 
 
-def _sweep(shape, args, device) -> list[dict]:
-    import importlib
+def _parse_configs(configs):
+    return [tuple(int(v) for v in c.split(",")) for c in configs]
 
+
+@contextlib.contextmanager
+def _tuning(**overrides):
+    """Temporarily set the Triton scan's block shapes (selective_scan_triton.TUNING)."""
     mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+    saved = dict(mod.TUNING)
+    mod.TUNING.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        yield
+    finally:
+        mod.TUNING.clear()
+        mod.TUNING.update(saved)
+
+
+def _sweep(shape, args, device) -> list[dict]:
+    fwd_c = _parse_configs(args.fwd_configs) if args.fwd_configs is not None else _SWEEP_FWD
+    bwd_c = _parse_configs(args.bwd_configs) if args.bwd_configs is not None else _SWEEP_BWD
     rows = []
-    parse = lambda cs: [tuple(int(v) for v in c.split(",")) for c in cs]  # noqa: E731
-    fwd_c = parse(args.fwd_configs) if args.fwd_configs is not None else _SWEEP_FWD
-    bwd_c = parse(args.bwd_configs) if args.bwd_configs is not None else _SWEEP_BWD
-    for kind, cands in (("fwd", fwd_c), ("bwd", bwd_c)):
-        if kind == "bwd" and args.no_backward:
-            continue
+    for kind, cands in (("fwd", fwd_c), ("bwd", [] if args.no_backward else bwd_c)):
         for cfg in cands:
-            saved = dict(mod.TUNING)
-            mod.TUNING[kind] = cfg
-            if kind == "bwd":  # the backward reuses the forward's chunk length
-                mod.TUNING["fwd"] = (cfg[0], 16, 4, 1)
+            blocks = dict(kind=kind, BLOCK_T=cfg[0], BLOCK_D=cfg[1], NO=cfg[2], warps=cfg[3])
+            sub = argparse.Namespace(**{**vars(args), "no_backward": kind == "fwd"})
             try:
-                row = _time_shape(shape, "triton", argparse.Namespace(**{**vars(args),
-                                  "no_backward": kind == "fwd"}), device)
-                row.update(kind=kind, BLOCK_T=cfg[0], BLOCK_D=cfg[1], NO=cfg[2], warps=cfg[3])
+                with _tuning(**{kind: cfg}):
+                    row = {**_time_shape(shape, "triton", sub, device), **blocks}
                 if kind == "bwd":
                     row["bwd_only_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
             except Exception as e:  # a block shape that does not compile: report, go on
-                row = {"shape": "x".join(map(str, shape)), "kind": kind, "BLOCK_T": cfg[0],
-                       "BLOCK_D": cfg[1], "NO": cfg[2], "warps": cfg[3], "error": f"{type(e).__name__}: {e}"[:80]}
-            finally:
-                mod.TUNING.clear()
-                mod.TUNING.update(saved)
+                row = {"shape": "x".join(map(str, shape)), **blocks,
+                       "error": f"{type(e).__name__}: {e}"[:80]}
             rows.append(row)
             torch.cuda.empty_cache()
     return rows
 
 
 def _once(shape, args, device) -> dict:
-    import importlib
-
-    mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
-    for kind, cs in (("fwd", args.fwd_configs), ("bwd", args.bwd_configs)):
-        if cs:
-            mod.TUNING[kind] = tuple(int(v) for v in cs[0].split(","))
     b, d, l, n = shape
     t = make_inputs(b, d, l, n, _DTYPES[args.dtype], device, args.groups, requires_grad=True)
-    f, fb = _callables("triton", t, True)
+    _, fb = _callables("triton", t, True)
     fb()
     torch.cuda.synchronize()
-    return {"shape": f"B{b} D{d} L{l} N{n}", "ran": "fwd+bwd once", "tuning": dict(mod.TUNING)}
+    return {"shape": f"B{b} D{d} L{l} N{n}", "ran": "triton fwd+bwd once"}
 
 
 def run(args) -> list[dict]:
@@ -201,32 +213,33 @@ def run(args) -> list[dict]:
         raise RuntimeError("hybridseq bench scan needs a CUDA device (the timings are GPU times)")
     device = "cuda"
     shapes = [parse_shape(s) for s in args.shapes]
-    if args.once:
-        return [_once(s, args, device) for s in shapes]
     if args.sweep:
         return [r for s in shapes for r in _sweep(s, args, device)]
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    rows = []
-    for shape in shapes:
-        base = None
-        for impl in impls:
-            if impl == "mamba_ssm" and _mamba_ssm_fn() is None:
-                continue
-            b, d, l, n = shape
-            if impl == "torch" and b * d * l * n > args.torch_max_elems:
-                rows.append({"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl,
-                             "note": "skipped (--torch-max-elems)"})
-                continue
-            row = _time_shape(shape, impl, args, device)
-            if impl == "triton":
-                base = row
-            elif base is not None:
-                row["triton_speedup_fwd"] = row["fwd_ms"] / base["fwd_ms"]
-                if "fwdbwd_ms" in row and "fwdbwd_ms" in base:
-                    row["triton_speedup_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
-            rows.append(row)
-            torch.cuda.empty_cache()
-    return rows
+    first = lambda cs: _parse_configs(cs)[0] if cs else None  # noqa: E731
+    with _tuning(fwd=first(args.fwd_configs), bwd=first(args.bwd_configs)):
+        if args.once:
+            return [_once(s, args, device) for s in shapes]
+        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+        rows = []
+        for b, d, l, n in shapes:
+            base = None
+            for impl in impls:
+                if impl == "mamba_ssm" and _mamba_ssm_fn() is None:
+                    continue
+                if impl == "torch" and b * d * l * n > args.torch_max_elems:
+                    rows.append({"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype,
+                                 "impl": impl, "note": "skipped (--torch-max-elems)"})
+                    continue
+                row = _time_shape((b, d, l, n), impl, args, device)
+                if impl == "triton":
+                    base = row
+                elif base is not None:  # how many times slower than Triton
+                    row["vs_triton_fwd"] = row["fwd_ms"] / base["fwd_ms"]
+                    if "fwdbwd_ms" in row and "fwdbwd_ms" in base:
+                        row["vs_triton_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
+                rows.append(row)
+                torch.cuda.empty_cache()
+        return rows
 
 
 if __name__ == "__main__":  # python -m hybridseq.bench.scan [options]

@@ -161,6 +161,8 @@ def eval_lengths(trainer, task_cfg: dict, lengths: list[int], seed: int, n_seqs:
         if budget_s and time.perf_counter() - start + _predict(rows, L) > budget_s:
             stop_reason = "skipped"
             rows.append({**row, "status": stop_reason})
+            if log:
+                log(f"    eval at length {L} and longer: skipped (--eval-budget {budget_s:g} s)")
             continue
         try:
             task = make_task(task_cfg, seed=seed, seq_len=int(L))

@@ -125,16 +125,19 @@ def _fmt(v: float, kind: str = "") -> str:
             v /= 1000
     if kind == "pct":
         return f"{100 * v:.1f}%"
+    if kind == "loss":
+        return f"{v:.4f}"
     if abs(v) >= 1e4:
         return f"{v:.3g}"
     return f"{v:.4g}"
 
 
-def _cell(stats: dict | None, kind: str = "") -> str:
+def _cell(stats: dict | None, kind: str = "", spread: bool = True) -> str:
+    """``mean ± std`` (std only with several seeds and ``spread``; closed forms have none)."""
     if not stats:
         return "-"
     s = _fmt(stats["mean"], kind)
-    if stats["n"] > 1:
+    if stats["n"] > 1 and spread:
         s += " ± " + _fmt(stats["std"], kind)
     return s
 
@@ -347,15 +350,16 @@ def _markdown(report: dict, entries: list[Entry], summaries: dict, plots: dict) 
             why = f"FAILED ({e.failed_at})" if not e.ok else "not run (interrupted)"
             rows.append([e.label, "-", "-", "-", why, "-", "-", "-", "-", "-", "-"])
             continue
-        params = _cell(m.get("params"), "count")
+        params = _cell(m.get("params"), "count", spread=False)
         if m.get("active_params") and m.get("params") and m["active_params"]["mean"] != m["params"]["mean"]:
-            params += " / " + _cell(m.get("active_params"), "count")
+            params += " / " + _cell(m.get("active_params"), "count", spread=False)
         label = e.label if e.ok else f"{e.label} (FAILED, partial)"
         rows.append([label, str(int(e.cfg.model.d_model)) if e.cfg is not None else "-", params,
-                     _cell(m.get("flops_per_token"), "count"), _cell(m.get("final_eval_loss")),
-                     _cell(m.get("best_eval_loss")), _cell(m.get("eval_acc"), "pct"),
+                     _cell(m.get("flops_per_token"), "count", spread=False), _cell(m.get("final_eval_loss"), "loss"),
+                     _cell(m.get("best_eval_loss"), "loss"), _cell(m.get("eval_acc"), "pct"),
                      _cell(m.get("train_tokens_per_s"), "count"), _cell(m.get("peak_memory_bytes"), "bytes"),
-                     _cell(m.get("decode_tokens_per_s"), "count"), _cell(m.get("state_bytes"), "bytes")])
+                     _cell(m.get("decode_tokens_per_s"), "count"),
+                     _cell(m.get("state_bytes"), "bytes", spread=False)])
     lines += [_md_table(header, rows), ""]
     lines += ["Losses: cross-entropy on the task's answer positions, on fixed evaluation batches. "
               "Accuracy: at the training length, after the last step. Peak memory: "

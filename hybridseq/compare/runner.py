@@ -148,8 +148,8 @@ def _split_overrides(overrides: list[str]) -> list[tuple[str, str | None]]:
 
 def load_entries(paths: list[str], opts: CompareOptions, log: Callable = _log) -> list[Entry]:
     """Load every layout with the shared overrides, give them the reference's train section, and
-    rescale them under ``--match``. Failures are recorded on the entries, not raised; an override
-    that names a block symbol no layout has is a ``ConfigError`` (raised)."""
+    rescale them under ``--match``. Failures are recorded on the entries, not raised, except when
+    no layout loads at all, or an override names a block symbol no layout has (raised)."""
     overrides = ([f"train.task={opts.task}"] if opts.task else []) + list(opts.overrides or [])
     items = _split_overrides(overrides)
     entries, taken, used_symbols = [], set(), set()
@@ -170,8 +170,8 @@ def load_entries(paths: list[str], opts: CompareOptions, log: Callable = _log) -
     loaded = [e for e in entries if e.ok]
     if unused and loaded:
         raise ConfigError(f"override {unused[0]!r} names a block symbol that none of the layouts has")
-    if not loaded:
-        return entries
+    if not loaded:  # nothing to compare: one error naming every layout's problem
+        raise HybridSeqError("no layout could be loaded:\n" + "\n".join(f"  {e.path}: {e.error}" for e in entries))
     ref = loaded[0]
     common_train = _container(ref.cfg)["train"]
     for e in loaded[1:]:

@@ -38,7 +38,8 @@ per-expert hooks, a rank whose tokens skip an expert would never fetch it while 
 and the collective all-gather would hang. The tied LM head reads ``embed.weight`` outside the
 embedding's forward, so it is registered as an external parameter of the model.
 
-Expert parallelism (``moe.ep_size > 1``, ZeRO-1/2): see ``expert_parallel.py``.
+Expert parallelism (``moe.ep_size > 1``, ZeRO-1/2): see ``expert_parallel.py``. Saved models are
+always the equivalent ``ep_size: 1`` model (all experts gathered), loadable on one process.
 
 Checkpoints: ``root/step_XXXXXXXX/`` holds ``model.safetensors`` + ``config.yaml`` (gathered
 from the ZeRO-3 shards on every save, so ``hybridseq generate`` and ``hs.load_pretrained`` read
@@ -73,6 +74,10 @@ AUTO = "auto"
 
 def _rank_state_file(rank: int) -> str:
     return f"client_state_rank{int(rank):05d}.pt"
+
+
+def _expert_file(rank: int) -> str:
+    return f"experts_rank{int(rank):05d}.pt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,11 +151,9 @@ def resolve_ds_config(ds: dict, train_cfg: dict, world_size: int, device_type: s
     if (ds.get("fp16") or {}).get("enabled") in (True, AUTO):
         raise ConfigError("fp16 is not supported under DeepSpeed here (it would cast the fp32-only "
                           "Mamba/router parameters); use train.precision=bf16", key="deepspeed.fp16")
-    native_bf16 = ds.pop("bf16", None) or {}
+    native_bf16 = ds.pop("bf16", None) or {}  # translated into torch_autocast (module doc)
     if native_bf16.get("enabled") is True:
         precision = "bf16"
-    elif native_bf16.get("enabled") is False and native_bf16:
-        pass
     if precision == "fp16":
         raise ConfigError("fp16 is not supported under DeepSpeed here; use bf16", key="train.precision")
     auto_cast = dict(ds.get("torch_autocast") or {})
@@ -248,14 +251,17 @@ class DeepSpeedEngine:
 
         if self.stage == 3:
             deepspeed.utils.set_z3_leaf_modules(model, list(BLOCKS.values()))
-        from .expert_parallel import expert_param_groups, uses_expert_parallel
+        from . import expert_parallel as EP
 
+        self.ep_size = EP.ep_size_of(model)
+        if self.ep_size > 1 and self.stage == 3:
+            raise ConfigError("moe.ep_size > 1 needs ZeRO stage 1 or 2 (DeepSpeed's expert parallelism "
+                              "does not run under ZeRO-3, which shards the experts itself)",
+                              key="deepspeed.zero_optimization.stage")
+        EP.prepare_model(model)
         groups = param_groups(model, float(tc["weight_decay"]))
-        if uses_expert_parallel(model):
-            if self.stage == 3:
-                raise ConfigError("moe.ep_size > 1 needs ZeRO stage 1 or 2 (DeepSpeed's expert parallelism "
-                                  "does not run under ZeRO-3)", key="deepspeed.zero_optimization.stage")
-            groups = expert_param_groups(groups)
+        if self.ep_size > 1:
+            groups = EP.expert_param_groups(groups)
         optimizer = scheduler = None
         if not ds_config.get("optimizer"):
             kwargs = {"fused": True} if any(p.is_cuda for p in model.parameters()) else {}
@@ -337,7 +343,12 @@ class DeepSpeedEngine:
                 sd = ({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                       if self.is_main else None)
             return sd
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.is_main else None
+        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.is_main else None
+        if self.ep_size > 1:
+            from .expert_parallel import gather_experts
+
+            sd = gather_experts(self.model, sd, self.is_main)
+        return sd
 
     def save_pretrained(self, folder: str) -> None:
         """Write ``folder/model.safetensors`` + ``config.yaml`` (collective; rank 0 writes)."""
@@ -361,6 +372,10 @@ class DeepSpeedEngine:
             with _quiet_deepspeed():
                 self.ds.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, save_latest=False)
             ckpt.atomic_torch_save(client_state, os.path.join(tmp, _rank_state_file(self.rank)))
+            if self.ep_size > 1:  # this rank's expert shards (see expert_parallel.py)
+                from .expert_parallel import local_expert_state
+
+                ckpt.atomic_torch_save(local_expert_state(self.model), os.path.join(tmp, _expert_file(self.rank)))
             sd = self.full_state_dict()
             if self.is_main:
                 write_pretrained(sd, self.model, self.cfg, tmp, atomic=False)
@@ -403,6 +418,12 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise HybridSeqError(f"{folder}: DeepSpeed could not load {ds_dir}")
+        if self.ep_size > 1:
+            from .expert_parallel import load_local_expert_state
+
+            load_local_expert_state(self.model, torch.load(os.path.join(folder, _expert_file(self.rank)),
+                                                           map_location="cpu", weights_only=False))
+            self.optimizer.refresh_fp32_params()
         mine = os.path.join(folder, _rank_state_file(self.rank))
         if os.path.isfile(mine):
             return torch.load(mine, map_location="cpu", weights_only=False)
@@ -428,6 +449,14 @@ class DeepSpeedEngine:
                         for k, p in params.items():
                             p.copy_(state[k].to(p.dtype))
         else:
+            if self.ep_size > 1:  # a saved model holds all experts: keep this EP rank's slice
+                for m_name, m in self.model.named_modules():
+                    if getattr(m, "kind", None) == "moe" and getattr(m, "ep_size", 1) > 1:
+                        n = m.n_local_experts
+                        for w in ("w_in", "w_out"):
+                            key = f"{m_name}.{w}"
+                            if key in state:
+                                state[key] = state[key][m.ep_rank * n:(m.ep_rank + 1) * n]
             _check_keys(folder, state, own.keys(), {k: tuple(v.shape) for k, v in own.items()})
             self.model.load_state_dict({k: state[k] for k in own}, strict=True)
         # the optimizer's fp32 partitions are copies of the weights: refresh them
@@ -452,14 +481,19 @@ def write_pretrained(state: dict, model: nn.Module, cfg, folder: str, atomic: bo
     from ..api import save_pretrained
     from ..model import HybridLM
 
-    cpu = HybridLM(model.cfg)
+    from .expert_parallel import config_without_ep
+
+    # an expert-parallel model is saved as the equivalent ep_size 1 model (experts gathered)
+    model_cfg = config_without_ep(model.cfg)
+    cfg = config_without_ep(cfg if cfg is not None else model.cfg)
+    cpu = HybridLM(model_cfg)
     cpu.load_state_dict(state, strict=True)
     if atomic:
-        save_pretrained(cpu, cfg if cfg is not None else model.cfg, folder)
+        save_pretrained(cpu, cfg, folder)
         return
     # inside a checkpoint's temporary folder: write next to it, then move the two files in
     tmp = os.path.join(folder, ".model")
-    save_pretrained(cpu, cfg if cfg is not None else model.cfg, tmp)
+    save_pretrained(cpu, cfg, tmp)
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)

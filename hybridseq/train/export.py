@@ -9,7 +9,8 @@
 (``model.safetensors``; under ZeRO-3 the engine gathers the shards at each save). With
 ``--from-shards``, or when a checkpoint has only DeepSpeed's files (``ds/``), the weights are
 rebuilt on one CPU process from the ZeRO partitions of the fp32 master weights
-(``deepspeed.utils.zero_to_fp32``), whatever the stage and the number of ranks that wrote them.
+(``deepspeed.utils.zero_to_fp32``), whatever the stage and the number of ranks that wrote them
+(not for expert-parallel runs, whose ranks hold different experts: use their model.safetensors).
 The result is written with ``hs.save_pretrained`` (atomic; validated against the config).
 """
 from __future__ import annotations
@@ -42,6 +43,10 @@ def state_dict_from_zero_shards(checkpoint: str) -> dict:
     ds_dir = os.path.join(checkpoint, DS_DIR)
     if not os.path.isdir(ds_dir):
         raise HybridSeqError(f"{checkpoint}: no DeepSpeed shards ({DS_DIR}/ folder)")
+    if any(f.startswith("experts_rank") for f in os.listdir(checkpoint)):
+        raise HybridSeqError(f"{checkpoint}: an expert-parallel run's shards cannot be merged by zero_to_fp32 "
+                             "(each rank holds different experts); export its gathered model.safetensors "
+                             "(leave out --from-shards)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)

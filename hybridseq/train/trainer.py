@@ -280,7 +280,7 @@ class Trainer:
         save_every = int(tc.get("save_every") or 0)
         start_tokens, start = self.tokens_seen, time.perf_counter()
         interval_t0, interval_time = time.perf_counter(), 0.0
-        last_saved = resume_step
+        last_saved, tok_s = resume_step, None
         previous = self._install_sigint()
         try:
             while self.step < self.steps:
@@ -313,11 +313,14 @@ class Trainer:
                     writer.write(record)
                     if "eval_loss" in record:
                         bar.write(_eval_line(record))
-                bar.update(1, loss=rec["loss"], acc=rec["acc"],
-                           **({"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}))
+                if "tokens_per_s" in record:
+                    tok_s = f"{record['tokens_per_s']:.0f}"
+                bar.update(1, loss=rec["loss"], acc=rec["acc"], **({"tok/s": tok_s} if tok_s else {}))
                 if (save_every and self.step % save_every == 0) or final:
+                    interval_time += time.perf_counter() - interval_t0  # saving is not training time
                     self.save()
                     last_saved = self.step
+                    interval_t0 = time.perf_counter()
                 if self._stop_requested and not final:
                     path = self.save()
                     raise TrainingInterrupted(self.step, path)

@@ -22,11 +22,11 @@ H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU): forward 0.104 ms kernel time, 
 device copy of the same bytes in that run (0.106 ms).
 
 Backward: one fused kernel, one pass over x and dy, one write of dx. A program owns a chunk of
-``BWD_CHUNK_ROWS`` rows of xc and walks it in tiles; for a tile it recomputes g at the w shifted
-times it needs (w sigmoids per element, no scratch buffer and no inter-program dependency; for
-w <= 4 the 2w-1 input tiles are loaded once and shared). dweight/dbias are accumulated
-element-wise in registers over the whole chunk and reduced across rows once per program into
-fp32 partials (b * n_chunks, w, d), summed in PyTorch: deterministic, no atomics.
+``BWD_CHUNK_ROWS`` rows of xc and walks it in tiles. g is computed once per row and shifted
+across the tile's rows with ``tl.gather`` (tiles overlap by w-1 rows), or, in the other
+autotuned variant and for w > 4, recomputed at each of the w shifts. dweight/dbias are
+accumulated element-wise in registers over the whole chunk and reduced across rows once per
+program into fp32 partials (b * n_chunks, w, d), summed in PyTorch: deterministic, no atomics.
 """
 from __future__ import annotations
 
@@ -151,13 +151,14 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                      SILU: tl.constexpr, W_P2: tl.constexpr, FAST: tl.constexpr,
                      BL: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
-    """dxc rows [pid_ch*CHUNK, +CHUNK) (tiles of BL rows) x channels [pid_d*BD, +BD) of batch
-    pid_b, and this program's dweight/dbias partials.
+    """dxc rows [pid_ch*CHUNK, +CHUNK) x channels [pid_d*BD, +BD) of batch pid_b, and this
+    program's dweight/dbias partials. Programs are independent: no scratch, no barrier.
 
-    A tile of rows i needs g at times i - k (k < w); each is recomputed from the cached inputs
-    (w sigmoids per element), so programs are independent: no scratch, no barrier. For w <= 4
-    the 2w-1 input tiles xc[i + j] (|j| < w) are loaded once per tile and shared by the w
-    pre-activations; wider kernels reload them. g at times i (k = 0) also feeds dbias and
+    dxc at rows i needs g at times i - k (k < w). GATHER (w <= 4): a tile of BL rows computes g
+    once per row and takes g[i - k] from row r - k of the same tile (tl.gather); consecutive
+    tiles overlap by w-1 rows and each stores only the rows it owns. Otherwise (GATHER=0, or
+    w > 4) g at each shift is recomputed from the cached inputs (w sigmoids per element; for
+    w <= 4 the 2w-1 input tiles are loaded once and shared). g at times i also feeds dbias and
     dweight: taps 0..3 are accumulated element-wise in registers over the whole chunk and
     reduced across rows once at the end; taps >= 4 (widths above 4) are reduced per tile.
     """
@@ -198,8 +199,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
     end = tl.minimum(start + CHUNK, n_rows)
     # GATHER (w <= 4): tiles overlap by HALO = w-1 rows; g is computed once per tile row and
     # shifted across rows with tl.gather (warp shuffles); a tile owns its last BL - HALO rows.
-    SHIFT = GATHER * (W <= 4)
-    HALO = (W - 1) * SHIFT
+    SHIFT: tl.constexpr = GATHER * (W <= 4)
+    HALO: tl.constexpr = (W - 1) * SHIFT
     r = tl.arange(0, BL)
     for i0 in range(start, end, BL - HALO):
         i = i0 - HALO + r
@@ -243,7 +244,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
             acc3 += go * x3
         for m in tl.static_range(4, W):
             xm = _load_xc(x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
-            dw_tail += tl.where((kk == m)[:, None], tl.sum(g * xm, axis=0)[None, :], 0.0)
+            dw_tail += tl.where((kk == m)[:, None], tl.sum(go * xm, axis=0)[None, :], 0.0)
         # dxc[i] = sum_k weight[:, k] * g[i - k]
         dxc = w0[None, :] * g
         if SHIFT:  # g[i - k] is row r - k of this tile (rows r < HALO are not stored)
@@ -345,13 +346,8 @@ def _conv_bwd_kernel_old(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_
     n_rows = L + W - 1
     start = pid_ch * CHUNK
     end = tl.minimum(start + CHUNK, n_rows)
-    # GATHER (w <= 4): tiles overlap by HALO = w-1 rows; g is computed once per tile row and
-    # shifted across rows with tl.gather (warp shuffles); a tile owns its last BL - HALO rows.
-    SHIFT = GATHER * (W <= 4)
-    HALO = (W - 1) * SHIFT
-    r = tl.arange(0, BL)
-    for i0 in range(start, end, BL - HALO):
-        i = i0 - HALO + r
+    for i0 in range(start, end, BL):
+        i = i0 + tl.arange(0, BL)
         dxc = tl.zeros((BL, BD), dtype=tl.float32)
         for k in tl.static_range(W):
             t = i - k  # output time whose gradient reaches xc[i] through tap k
@@ -380,14 +376,10 @@ def _conv_bwd_kernel_old(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_
                     dw_acc += tl.where((kk == m)[:, None], dw_m[None, :], 0.0)
         ix = i - (W - 1)
         mx = (ix >= 0) & (ix < L)
-        if SHIFT:
-            mx = mx & own
         tl.store(dx_ptr + pid_b64 * sdxb + ix.to(tl.int64)[:, None] * sdxl + c[None, :] * sdxd,
                  dxc.to(dx_ptr.dtype.element_ty), mask=mx[:, None] & cmask[None, :])
         if HAS_STATE:
             ms = (i >= 0) & (i < W - 1)
-            if SHIFT:
-                ms = ms & own
             tl.store(ds_ptr + pid_b64 * sdsb + i[:, None] * sdsl + c[None, :] * sdsd,
                      dxc.to(ds_ptr.dtype.element_ty), mask=ms[:, None] & cmask[None, :])
     part = pid_b * n_chunks + pid_ch
@@ -433,15 +425,15 @@ FWD_CONFIGS = [
     for bl, bd, nw in ((32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (64, 64, 2))
 ]
 # Backward, two variants (for w <= 4; wider kernels always recompute):
-# GATHER=1 computes g once per row and shifts it with tl.gather, on tiles that overlap by w-1
-# rows (tall tiles waste less); GATHER=0 recomputes g at the w shifts (about 16 live tiles).
-# ptxas for sm_90 (W4 bf16, 2026-11-22): GATHER=1 about 36 instructions per element in the loop,
-# 128 registers at 8 elements per thread; GATHER=0 about 91 per element, 168 registers (16
-# elements per thread spill).
+# GATHER=1 computes g once per row and shifts it with tl.gather (warp shuffles), on tiles that
+# overlap by w-1 rows; GATHER=0 recomputes g at the w shifts. ptxas for sm_90 (triton 3.9,
+# W4 bf16, 2026-11-22), loop instructions per element: GATHER=1 about 45 at 8 elements per
+# thread (about 175 registers) and 59 at 4 (128 registers); GATHER=0 about 91 (168 registers;
+# 16 elements per thread spill).
 BWD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd, "GATHER": gather}, num_warps=nw)
-    for bl, bd, nw, gather in ((32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 4, 1), (16, 128, 8, 1),
-                               (64, 64, 8, 1), (8, 128, 4, 0), (16, 64, 4, 0), (8, 256, 8, 0))
+    for bl, bd, nw, gather in ((32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 4, 1), (16, 64, 8, 1),
+                               (32, 64, 16, 1), (8, 128, 4, 0), (16, 64, 4, 0))
 ]
 # TEMPORARY (one GPU comparison run, then removed): the previous backward kernel.
 _OLD_BWD = False

@@ -18,8 +18,10 @@ dim, dstate), with CK chosen by ``_plan`` so that this is at most about 4 floats
 element: O(batch * seqlen * dim), never (b, l, d, n).
 
 The cross-block reductions of the backward (gB, gC over dim blocks; gA, gD, g(delta_bias) over
-the batch) go through float32 partial buffers summed here, not atomics: results are
-deterministic run to run.
+the batch) go through float32 partial buffers summed here, so results are deterministic run to
+run. Only where the gB / gC partials would outgrow about twice the (b, l, d) float32 activations
+(dstate > 16 with narrow dim blocks) do gB / gC use float32 atomics instead (not bit-for-bit
+reproducible).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ _DEFAULTS = {"fwd": (4, 8, 4, 1), "bwd": (4, 16, 4, 1)}
 # element where _MAX_SUBCHUNKS backward chunks per checkpoint allow it.
 _CKPT_FLOATS = 4
 _MAX_SUBCHUNKS = 16
+# gB / gC go through per-dim-block partials while n_dblocks * dstate <= this * dim.
+_PARTIAL_LIMIT = 2
 # Per-thread work elements (BLOCK_T * NI * channels per thread) the heuristic allows.
 _THREAD_ELEMS = {"fwd": 32, "bwd": 32}
 # Tests set this to fill every output with NaN before the kernels run (catches unwritten ones).
@@ -54,19 +58,25 @@ def _lowbit(x: int) -> int:
     return x & -x
 
 
-def _config(kind: str, seqlen: int, dim: int, nstate: int, d_per_g: int, grouped: bool):
-    """(BLOCK_T, BLOCK_D, NI, NO, num_warps) for one launch; NI * NO = next_pow2(dstate)."""
+def _config(kind: str, seqlen: int, dim: int, nstate: int, dpg_b: int, dpg_c: int):
+    """(BLOCK_T, BLOCK_D, NI, NO, num_warps) for one launch; NI * NO = next_pow2(dstate).
+    dpg_b / dpg_c: channels per group of B / C (dim when ungrouped); a dim block must lie
+    inside one group of each."""
     bn = _next_pow2(nstate)
     over = TUNING.get(kind)
     bt, bd, no, nw = over if over is not None else _DEFAULTS[kind]
+    if over is None and bn > 16:  # big dstate: more lanes on the state, NI = 4 per thread
+        no = min(32, bn // 4)
+        bd = min(bd, max(1, 32 // no) * nw)
     no = min(no, bn)
     ni = bn // no
     if over is None:  # keep BLOCK_T * NI (registers per thread) within budget for big dstate
         bt = max(1, min(bt, _THREAD_ELEMS[kind] // ni))
     bt = min(bt, _next_pow2(seqlen))
     bd = min(bd, _next_pow2(dim))
-    if grouped:  # a dim block must lie inside one group of B/C
-        bd = min(bd, _lowbit(d_per_g))
+    for dpg in (dpg_b, dpg_c):
+        if dpg != dim:
+            bd = min(bd, _lowbit(dpg))
     return bt, bd, ni, no, nw
 
 
@@ -83,16 +93,12 @@ def _bc_strides(X: torch.Tensor):
     return X.stride(0), X.stride(1), X.stride(2), X.stride(3)
 
 
-def _kernel_bc(B, C, d):
-    """B, C and their common group count as the kernels see them (one group id for both)."""
-    g = 1 if B.dim() == 3 else B.shape[2]
-    gC = 1 if C.dim() == 3 else C.shape[2]
-    if gC != g:  # different groupings: give each channel its own group
-        return _expand_to(B, d), _expand_to(C, d), d
-    return B, C, g
+def _groups(X, d):
+    """Channels per group of B or C: dim for (b, l, n), dim // g for (b, l, g, n)."""
+    return d if X.dim() == 3 else d // X.shape[2]
 
 
-def _plan(l, d, n, g, for_grad=True):
+def _plan(l, d, n, dpg_b, dpg_c, for_grad=True):
     """Launch plan shared by forward and backward: both configs and the checkpoint spacing CK.
 
     With gradients the forward saves the state every CK steps (a segment): b * l * d * n / CK
@@ -102,8 +108,8 @@ def _plan(l, d, n, g, for_grad=True):
     starts from each segment's checkpoint (one extra forward pass, a small scratch buffer;
     measured slower on the H100), so dstate <= 16 gets R = 1. The forward chunk is cut to CK
     when it is longer."""
-    fwd = _config("fwd", l, d, n, d // g, g > 1)
-    bwd = _config("bwd", l, d, n, d // g, g > 1)
+    fwd = _config("fwd", l, d, n, dpg_b, dpg_c)
+    bwd = _config("bwd", l, d, n, dpg_b, dpg_c)
     tb = bwd[0]
     if TUNING.get("ckpt"):
         r = max(1, TUNING["ckpt"] // tb)
@@ -119,8 +125,8 @@ def _plan(l, d, n, g, for_grad=True):
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlast, want_ckpt):
     b, l, d = u.shape
     n = A.shape[1]
-    B, C, g = _kernel_bc(B, C, d)
-    (bt, bd, ni, no, nw), _, ck = _plan(l, d, n, g, for_grad=want_ckpt)
+    dpg_b, dpg_c = _groups(B, d), _groups(C, d)
+    (bt, bd, ni, no, nw), _, ck = _plan(l, d, n, dpg_b, dpg_c, for_grad=want_ckpt)
     n_chunks = triton_cdiv(l, bt)
     n_seg = triton_cdiv(l, ck)
     dev = u.device
@@ -136,7 +142,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlas
         u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, h0,
         y, hlast, ckpt, ypre,
-        l, d, n, d // g, n_chunks, n_seg,
+        l, d, n, dpg_b, dpg_c, n_chunks, n_seg,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
         *y.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -148,66 +154,70 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlas
             (ypre if want_ckpt and z is not None else None))
 
 
-def _expand_to(X, d):
-    """B or C as (b, l, d, n): one group per channel (used only when B and C group differently)."""
-    if X.dim() == 3:
-        return X.unsqueeze(2).expand(-1, -1, d, -1)
-    return X.repeat_interleave(d // X.shape[2], dim=2)
-
-
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _reduce_bc(part, X, d, bd, g_kernel):
-    """Sum the (n_dblocks, b, l, n) float32 partials of the kernel's dim blocks into the
-    gradient of X ((b, l, n) or (b, l, g, n)), in X's dtype."""
-    b, l, n = part.shape[1:]
-    if X.dim() == 3:
-        return part.sum(0).to(X.dtype)
-    g = X.shape[2]
-    if g_kernel == g:  # every dim block lies in one group: sum the blocks of each group
-        out = part.view(g, (d // g) // bd, b, l, n).sum(1)
-    else:  # B/C were expanded to one group per channel, so bd == 1: one block per channel
-        out = part.view(g, d // g, b, l, n).sum(1)
-    return out.permute(1, 2, 0, 3).to(X.dtype)
+def _reduce_bc(part, X, d, bd, atomic):
+    """The gradient of B or C ((b, l, n) or (b, l, g, n), X's dtype) from the kernel's float32
+    buffer: (b, l, g, n) atomics, or (n_dblocks, b, l, n) partials, one per dim block (a
+    block lies inside one group: sum each group's blocks)."""
+    if atomic:
+        out = part
+    else:
+        b, l, n = part.shape[1:]
+        g = 1 if X.dim() == 3 else X.shape[2]
+        if g == 1:
+            out = part.sum(0)
+        else:  # bd divides the group width d // g
+            out = part.view(g, (d // g) // bd, b, l, n).sum(1).permute(1, 2, 0, 3)
+    return out.reshape(X.shape).to(X.dtype)
 
 
 def _bwd(saved, softplus, has_h0, dout, dhlast):
     u, delta, A, B, C, D, z, delta_bias, ckpt, ypre = saved
     b, l, d = u.shape
     n = A.shape[1]
-    Bk, Ck, g = _kernel_bc(B, C, d)
-    _, (bt, bd, ni, no, nw), ck = _plan(l, d, n, g)
+    dpg_b, dpg_c = _groups(B, d), _groups(C, d)
+    _, (bt, bd, ni, no, nw), ck = _plan(l, d, n, dpg_b, dpg_c)
     n_chunks = triton_cdiv(l, bt)
     dev = u.device
     n_dblocks = triton_cdiv(d, bd)
     du = _empty((b, l, d), u.dtype, dev)
     ddelta = _empty((b, l, d), delta.dtype, dev)
     dz = _empty((b, l, d), z.dtype, dev) if z is not None else du
-    dBp = _empty((n_dblocks, b, l, n), torch.float32, dev)
-    dCp = _empty((n_dblocks, b, l, n), torch.float32, dev)
+    # gB / gC: deterministic per-dim-block partials unless they would outgrow about twice the
+    # (b, l, d) float32 activations (big dstate, narrow blocks); then float32 atomics
+    atomic = n_dblocks * n > _PARTIAL_LIMIT * d
+    if atomic:
+        dBp = torch.zeros((b, l, d // dpg_b, n), dtype=torch.float32, device=dev)
+        dCp = torch.zeros((b, l, d // dpg_c, n), dtype=torch.float32, device=dev)
+    else:
+        dBp = _empty((n_dblocks, b, l, n), torch.float32, dev)
+        dCp = _empty((n_dblocks, b, l, n), torch.float32, dev)
     dAp = _empty((b, d, n), torch.float32, dev)
     dDp = _empty((b, d), torch.float32, dev) if D is not None else dAp
     dbp = _empty((b, d), torch.float32, dev) if delta_bias is not None else dAp
     dh0 = _empty((b, d, n), torch.float32, dev) if has_h0 else dAp
-    scratch = torch.empty((b, n_dblocks, ck // bt, bd * ni * no), dtype=torch.float32, device=dev)
+    # per program: the states at the sub-chunk starts of one checkpoint segment (CK_R > 1)
+    scratch = (torch.empty((b, n_dblocks, ck // bt, bd * ni * no), dtype=torch.float32,
+                           device=dev) if ck > bt else dAp)
     zz = z if z is not None else u
     _scan_bwd_kernel[(b, n_dblocks)](
-        u, delta, A, Bk, Ck, D if D is not None else u, zz,
+        u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, ckpt, dout,
         dhlast.float().contiguous() if dhlast is not None else dAp,
         ypre if ypre is not None else du,
         du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
-        l, d, n, d // g, n_chunks, ckpt.shape[1],
-        *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(Bk), *_bc_strides(Ck),
+        l, d, n, dpg_b, dpg_c, n_chunks, ckpt.shape[1],
+        *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
         *dout.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_DHLAST=dhlast is not None, STORE_DH0=has_h0,
-        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw, CK_R=ck // bt,
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw, CK_R=ck // bt, BC_ATOMIC=atomic,
     )
-    dB = _reduce_bc(dBp, B, d, bd, g)
-    dC = _reduce_bc(dCp, C, d, bd, g)
+    dB = _reduce_bc(dBp, B, d, bd, atomic)
+    dC = _reduce_bc(dCp, C, d, bd, atomic)
     dA = dAp.sum(0).to(A.dtype)
     dD = dDp.sum(0).to(D.dtype) if D is not None else None
     dbias = dbp.sum(0).to(delta_bias.dtype) if delta_bias is not None else None

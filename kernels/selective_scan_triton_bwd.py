@@ -18,9 +18,11 @@ solves the adjoint recurrence with a reverse ``tl.associative_scan`` over (a_{t+
 (a_{t+1} from the next row of delta, loaded shifted by one step; the carry gh folded into the
 last step).
 
-Reductions across programs are deterministic (no atomics): gB and gC are written as float32
-partials per dim block, (n_dblocks, batch, seqlen, dstate), and summed by the host; gA, gD and
-g(delta_bias) as per-batch partials (batch, dim, dstate) / (batch, dim).
+Reductions across programs: gB and gC are written as float32 partials per dim block,
+(n_dblocks, batch, seqlen, dstate), summed by the host (deterministic), or with BC_ATOMIC
+atomically added into float32 (batch, seqlen, groups, dstate) (for big dstate, where the
+partials would be large); gA, gD and g(delta_bias) as per-batch partials (batch, dim, dstate) /
+(batch, dim).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def _scan_bwd_kernel(
     dhlast_ptr, ypre_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
     scratch_ptr,
-    L, DIM, NSTATE, D_PER_G, n_chunks, n_seg,
+    L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg,
     s_u_b, s_u_l, s_u_d,
     s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -48,14 +50,15 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, STORE_DH0: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
-    CK_R: tl.constexpr,
+    CK_R: tl.constexpr, BC_ATOMIC: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     n_bat = tl.num_programs(0)
     n_dblk = tl.num_programs(1)
     d0 = pid_d * BLOCK_D
-    grp = d0 // D_PER_G
+    grp_B = d0 // DPG_B
+    grp_C = d0 // DPG_C
 
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -90,10 +93,16 @@ def _scan_bwd_kernel(
     g_p = dout_ptr + pid_b * s_g_b + (t_last + td) * s_g_l + offs_d[None, :] * s_g_d
     # du / ddelta / dz are contiguous (b, l, d)
     o_off = pid_b * L * DIM + (t_last + td) * DIM + offs_d[None, :]
-    B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + (t_last + t3) * s_B_l + n3p * s_B_n
-    C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + (t_last + t3) * s_C_l + n3p * s_C_n
-    # gB / gC partials: (n_dblocks, batch, L, NSTATE) contiguous
-    p_off = (pid_d * n_bat + pid_b) * L * NSTATE + (t_last + t3) * NSTATE + n3p
+    B_p = B_ptr + pid_b * s_B_b + grp_B * s_B_g + (t_last + t3) * s_B_l + n3p * s_B_n
+    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + (t_last + t3) * s_C_l + n3p * s_C_n
+    if BC_ATOMIC:  # gB / gC accumulated with atomics in float32 (batch, L, groups, NSTATE)
+        n_gB = DIM // DPG_B
+        n_gC = DIM // DPG_C
+        pB_off = ((pid_b * L + t_last + t3) * n_gB + grp_B) * NSTATE + n3p
+        pC_off = ((pid_b * L + t_last + t3) * n_gC + grp_C) * NSTATE + n3p
+    else:  # gB / gC partials per dim block: (n_dblocks, batch, L, NSTATE) contiguous
+        pB_off = (pid_d * n_bat + pid_b) * L * NSTATE + (t_last + t3) * NSTATE + n3p
+        pC_off = pB_off
     ck_b = ckpt_ptr + pid_b * n_seg * DIM * NSTATE + state_off
     # this program's scratch: the states at the CK_R sub-chunk starts of the current segment
     SLOT = BLOCK_D * NI * NO
@@ -145,7 +154,7 @@ def _scan_bwd_kernel(
                                  + offs_d[None, :] * s_u_d, mask=m_td, other=0.0).to(tl.float32)
                     dq = tl.load(delta_ptr + pid_b * s_dt_b + (tq + td) * s_dt_l
                                  + offs_d[None, :] * s_dt_d, mask=m_td, other=0.0).to(tl.float32)
-                    Bq = tl.load(B_ptr + pid_b * s_B_b + grp * s_B_g + (tq + t3) * s_B_l
+                    Bq = tl.load(B_ptr + pid_b * s_B_b + grp_B * s_B_g + (tq + t3) * s_B_l
                                  + n3p * s_B_n, mask=m_p, other=0.0).to(tl.float32)
                     if HAS_BIAS:
                         dq = dq + bias[None, :]
@@ -228,7 +237,10 @@ def _scan_bwd_kernel(
         else:
             gy = gout
         gy4 = gy[:, None, :, None]
-        tl.store(dCp_ptr + p_off, tl.sum(hs * gy4, axis=2), mask=mask_p)
+        if BC_ATOMIC:
+            tl.atomic_add(dCp_ptr + pC_off, tl.sum(hs * gy4, axis=2), mask=mask_p)
+        else:
+            tl.store(dCp_ptr + pC_off, tl.sum(hs * gy4, axis=2), mask=mask_p)
         hm = hs - bx  # a_t h_{t-1}
 
         # adjoint: gh_t = gy_t C_t + a_{t+1} gh_{t+1}, a reverse scan, carry G folded in
@@ -254,10 +266,19 @@ def _scan_bwd_kernel(
         dbias_acc += gdl
         tl.store(du_ptr + o_off, gu.to(du_ptr.dtype.element_ty), mask=mask_td)
         tl.store(ddelta_ptr + o_off, gdl.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
-        tl.store(dBp_ptr + p_off, tl.sum(gh * dtu[:, None, :, None], axis=2), mask=mask_p)
+        if BC_ATOMIC:
+            tl.atomic_add(dBp_ptr + pB_off, tl.sum(gh * dtu[:, None, :, None], axis=2),
+                          mask=mask_p)
+        else:
+            tl.store(dBp_ptr + pB_off, tl.sum(gh * dtu[:, None, :, None], axis=2), mask=mask_p)
 
         o_off -= BLOCK_T * DIM
-        p_off -= BLOCK_T * NSTATE
+        if BC_ATOMIC:
+            pB_off -= BLOCK_T * n_gB * NSTATE
+            pC_off -= BLOCK_T * n_gC * NSTATE
+        else:
+            pB_off -= BLOCK_T * NSTATE
+            pC_off = pB_off
 
     tl.store(dAp_ptr + pid_b * DIM * NSTATE + state_off, dA_acc, mask=mask_s)
     if HAS_D:

@@ -22,9 +22,10 @@ folded into the first step (b_0 += a_0 h), so only the b half of the scan is use
 carry is the last row. Steps past the sequence end get a = 1, b = 0 (the carry passes through);
 padded states (n >= dstate) and channels (d >= dim) stay zero.
 
-When gradients are needed the kernel also writes the state at the start of every chunk,
-``ckpt`` (batch, n_chunks, dim, dstate) float32, which the backward kernel recomputes from: the
-saved activations stay O(batch * seqlen * dim * dstate / BLOCK_T), never (b, l, d, n).
+When gradients are needed the kernel also writes the state entering every CK_R-th chunk,
+``ckpt`` (batch, n_seg, dim, dstate) float32, from which the backward kernel recomputes the
+states (the host picks CK_R so that this stays within a few floats per (b, l, d) element,
+never (b, l, d, n)), and y before the silu(z) gate, ``ypre`` (batch, seqlen, dim).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _linrec_combine(a1, b1, a2, b2):
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     y_ptr, hlast_ptr, ckpt_ptr, ypre_ptr,
-    L, DIM, NSTATE, D_PER_G, n_chunks, n_seg,
+    L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg,
     s_u_b, s_u_l, s_u_d,
     s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -65,7 +66,10 @@ def _scan_fwd_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d0 = pid_d * BLOCK_D
-    grp = d0 // D_PER_G  # the host picks BLOCK_D so that a block never straddles two groups
+    # B / C groups of this dim block (the host picks BLOCK_D so that a block never straddles
+    # two groups; DPG_* = channels per group, dim for (b, l, n) B / C)
+    grp_B = d0 // DPG_B
+    grp_C = d0 // DPG_C
 
     # 2-D (time, dim) tiles
     offs_t = tl.arange(0, BLOCK_T)
@@ -99,8 +103,8 @@ def _scan_fwd_kernel(
     z_p = z_ptr + pid_b * s_z_b + offs_t[:, None] * s_z_l + offs_d[None, :] * s_z_d
     y_p = y_ptr + pid_b * s_y_b + offs_t[:, None] * s_y_l + offs_d[None, :] * s_y_d
     yq_p = ypre_ptr + pid_b * L * DIM + offs_t[:, None] * DIM + offs_d[None, :]  # contiguous
-    B_p = B_ptr + pid_b * s_B_b + grp * s_B_g + t3 * s_B_l + nb * s_B_n
-    C_p = C_ptr + pid_b * s_C_b + grp * s_C_g + t3 * s_C_l + nb * s_C_n
+    B_p = B_ptr + pid_b * s_B_b + grp_B * s_B_g + t3 * s_B_l + nb * s_B_n
+    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + t3 * s_C_l + nb * s_C_n
     ck_p = ckpt_ptr + pid_b * n_seg * DIM * NSTATE + state_off
 
     # chunk 0's inputs; each iteration then prefetches the next chunk before computing

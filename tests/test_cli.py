@@ -131,6 +131,10 @@ def test_doctor_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["versions"]["torch"] and set(info["backends"]) >= {"mamba", "attention", "moe", "mlp"}
     assert all(b["why"] for b in info["backends"].values())
+    assert main(["doctor"]) == 0
+    report = capsys.readouterr().out
+    for word in ("torch", "deepspeed", "mamba_ssm", "mamba", "attention", "moe", "cuda"):
+        assert word in report
 
 
 def test_usage_without_command(capsys):

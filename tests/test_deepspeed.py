@@ -337,6 +337,10 @@ def test_ds_config_autos_filled_from_train_section():
     assert off["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
     assert off["scheduler"]["params"]["total_num_steps"] == 100
     assert off["scheduler"]["params"]["warmup_num_steps"] == 10
+    from omegaconf import OmegaConf  # a layout's deepspeed: section
+
+    section = OmegaConf.create({"zero_optimization": {"stage": 3}, "gradient_clipping": "auto"})
+    assert resolve_ds_config(read_ds_config(section), TC, 2, "cpu")["gradient_clipping"] == 0.5
     for name in ("zero1", "zero3"):
         assert resolve_ds_config(read_ds_config(os.path.join(REPO, "launch", f"{name}.json")), TC, 2, "cuda")
 

@@ -119,7 +119,8 @@ def _best_configs() -> str | None:
                         ("bwd", getattr(mod, "_conv_bwd_tuned", None))):
         cfg = getattr(tuner, "best_config", None)
         if cfg is not None:
-            out.append(f"{kind} BL{cfg.kwargs['BL']} BD{cfg.kwargs['BD']} w{cfg.num_warps}")
+            extra = f" GATHER{cfg.kwargs['GATHER']}" if "GATHER" in cfg.kwargs else ""
+            out.append(f"{kind} BL{cfg.kwargs['BL']} BD{cfg.kwargs['BD']} w{cfg.num_warps}{extra}")
     return "; ".join(out) or None
 
 

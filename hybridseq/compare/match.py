@@ -169,7 +169,8 @@ def match_one(cfg, target: int, mode: str, tol: float = DEFAULT_TOLERANCE) -> Ma
     _, _, d, n, settings = best
     if abs(n - target) > tol * target:
         raise MatchError(f"{name}: cannot match {mode} within {tol:.0%} of {target:,}: the nearest "
-                         f"d_model={d} gives {n:,} ({(n - target) / target:+.1%})")
+                         f"d_model={d} gives {n:,} ({(n - target) / target:+.1%}); d_model moves in "
+                         f"steps of 8, too coarse at this size: use larger models, or --match none")
     current = {k: _get(c, k) for k in settings}
     changed = any(current[k] != v for k, v in settings.items())
     overrides = [f"{k}={v}" for k, v in settings.items()] if changed else []

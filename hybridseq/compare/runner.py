@@ -152,6 +152,11 @@ def load_entries(paths: list[str], opts: CompareOptions, log: Callable = _log) -
     no layout loads at all, or an override names a block symbol no layout has (raised)."""
     overrides = ([f"train.task={opts.task}"] if opts.task else []) + list(opts.overrides or [])
     items = _split_overrides(overrides)
+    # train.* overrides shape the ONE train section every layout uses: they go to the reference
+    # only (a layout's own train section, e.g. another task, is replaced and never validated
+    # against them); the others (model, blocks, layout) go to every layout
+    train_items = [t for t, _ in items if t.split("=", 1)[0].strip().split(".")[0] == "train"]
+    items = [(t, sym) for t, sym in items if t not in train_items]
     entries, taken, used_symbols = [], set(), set()
     for path in paths:
         e = Entry(path=str(path))
@@ -160,7 +165,7 @@ def load_entries(paths: list[str], opts: CompareOptions, log: Callable = _log) -
             symbols = set(bare.blocks.keys())
             mine = [t for t, sym in items if sym is None or sym in symbols]
             used_symbols |= {sym for _, sym in items if sym in symbols}
-            e.cfg = load_config(path, overrides=mine)
+            e.cfg = load_config(path, overrides=mine) if mine else bare
             e.label = _label(e.cfg.get("name") or os.path.splitext(os.path.basename(path))[0], taken)
         except HybridSeqError as err:
             e.error, e.failed_at = str(err).strip(), "load"
@@ -173,6 +178,12 @@ def load_entries(paths: list[str], opts: CompareOptions, log: Callable = _log) -
     if not loaded:  # nothing to compare: one error naming every layout's problem
         raise HybridSeqError("no layout could be loaded:\n" + "\n".join(f"  {e.path}: {e.error}" for e in entries))
     ref = loaded[0]
+    if train_items:
+        try:
+            ref.cfg = load_config(ref.path, overrides=[t for t, sym in _split_overrides(overrides)
+                                                        if t in train_items or (sym is None or sym in ref.cfg.blocks)])
+        except HybridSeqError as err:  # a train override is wrong for every layout: a usage error
+            raise HybridSeqError(f"{err} (train settings come from the first layout, {ref.path})") from None
     common_train = _container(ref.cfg)["train"]
     for e in loaded[1:]:
         c = _container(e.cfg)

@@ -180,7 +180,7 @@ def resolve_ds_config(ds: dict, train_cfg: dict, world_size: int, device_type: s
     if sch:
         params = sch.setdefault("params", {})
         steps = int(tc["steps"])
-        fills = {"warmup_num_steps": default_warmup(steps, tc.get("warmup_steps")), "total_num_steps": steps,
+        fills = {"warmup_num_steps": max(1, default_warmup(steps, tc.get("warmup_steps"))), "total_num_steps": steps,
                  "warmup_max_lr": float(tc["lr"]), "warmup_min_lr": 0.0}
         for k, v in fills.items():
             if k in params and _is_auto(params[k]):
@@ -244,7 +244,7 @@ class DeepSpeedEngine:
         self.stage = zero_stage(ds_config)
         self.grad_accum = int(ds_config["gradient_accumulation_steps"])
         self.precision = "bf16" if "torch_autocast" in ds_config else "fp32"
-        self.rank, self.world_size = D.rank(), D.world_size()
+        self.rank, self.world_size = D.get_rank(), D.get_world_size()
         self.is_main = self.rank == 0
         tc = train_cfg
         steps = int(tc["steps"])

@@ -59,11 +59,11 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
+def get_rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
-def world_size() -> int:
+def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
@@ -118,8 +118,8 @@ class DistributedTrainer(Trainer):
     ``world_size`` default to torch.distributed's."""
 
     def __init__(self, cfg, *args, rank: int | None = None, world_size: int | None = None, **kwargs):
-        r = globals()["rank"]() if rank is None else int(rank)
-        w = globals()["world_size"]() if world_size is None else int(world_size)
+        r = get_rank() if rank is None else int(rank)
+        w = get_world_size() if world_size is None else int(world_size)
         # rank=0 for the base class: every rank builds the task with the same seed; the slice
         # makes the data disjoint.
         super().__init__(cfg, *args, rank=0, **kwargs)

@@ -47,7 +47,6 @@ communication buckets and temporary buffers: keep 10-20% headroom.
 from __future__ import annotations
 
 import json
-import math
 
 from ..errors import HybridSeqError
 

@@ -1,9 +1,12 @@
 """DeepSpeed training through the real ``deepspeed`` launcher: 2 CPU ranks (DS_ACCELERATOR=cpu, gloo).
 
-Every launch costs ~15-25 s on 2 cores (2 ranks importing torch+deepspeed), so each run is
-reused: the ZeRO-1 run is the reference of the kill/resume test, the ZeRO-3 run (routing forced
-so that rank 1 sends no token to the last expert, bf16 autocast) is the source of the export
-test. DeepSpeed's shared-memory comm op is never built (``distributed.disable_shm_comm_op``).
+Every launch costs ~15-30 s on 2 cores (2 ranks importing torch+deepspeed), so each run is
+reused (7 launches in all): the ZeRO-1 run is compared with a 1-rank run of the same global
+batch; the expert-parallel ZeRO-2 run is compared with the plain ZeRO-2 run (same initial
+weights) and is the reference of the kill/resume test; the ZeRO-3 run (routing forced so that
+rank 1 sends no token to the last expert, bf16 autocast) is the source of the export test.
+DeepSpeed's shared-memory comm op is never built (``distributed.disable_shm_comm_op``), which
+saves a 1-3 minute C++ build per fresh machine.
 """
 from __future__ import annotations
 

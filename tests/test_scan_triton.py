@@ -251,7 +251,7 @@ def test_bench_scan_helpers_on_tiny_cpu_shape():
     scan.add_arguments(parser)
     args = parser.parse_args(["--dtype", "fp32", "--iters", "1", "--warmup", "0"])
     for impl in ("triton", "torch"):
-        row = scan._time_shape((1, 4, 5, 2), impl, args, "cpu")
+        row = scan._time_shape((1, 4, 5, 2), impl, args, DEV)
         assert row["impl"] == impl and row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
 
 

@@ -74,14 +74,19 @@ def test_ref_optional_terms_and_functional():
     torch.testing.assert_close(inp["state"], keep, rtol=0, atol=0)
 
 
-# --------------------------------------------------------------------------- Triton (interpreter)
+# ------------------------------------------------- Triton (interpreter on CPU, compiled on CUDA)
 
 @pytest.fixture
 def poisoned(monkeypatch):
+    """The Triton module with outputs pre-filled with NaN (catches unwritten elements). Tensors
+    made inside the test live on CUDA when there is one (compiled kernels), else on the CPU
+    (interpreter, TRITON_INTERPRET=1 from conftest)."""
     mod = importlib.import_module("hybridseq.kernels.selective_state_update_triton")
     monkeypatch.setattr(mod, "_alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
-    return mod
+    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
+    yield mod
+    torch.set_default_device("cpu")
 
 
 def rel(a, b):

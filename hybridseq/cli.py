@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 130
 PLUGIN_COMMANDS = {
     "compare": ("hybridseq.compare.cli", "train several layouts on equal terms and write a report"),
     "plan": ("hybridseq.train.plan", "memory per GPU of a distributed run"),
+    "export": ("hybridseq.train.export", "one model folder (model.safetensors + config.yaml) from a run or checkpoint"),
 }
 
 
@@ -130,7 +131,8 @@ def cmd_train(args) -> int:
     if args.resume and not out_dir:
         raise UsageError("hybridseq train: --resume needs the run folder: --out DIR (or train.out_dir)")
     try:
-        summary = train(cfg, out_dir=out_dir, resume=args.resume, progress=not args.no_progress)
+        summary = train(cfg, out_dir=out_dir, resume=args.resume, progress=not args.no_progress,
+                        init_from=args.init_from)
     except TrainingInterrupted as e:
         where = f"; checkpoint {e.checkpoint}" if e.checkpoint else ""
         print(f"interrupted at step {e.step}{where}. Continue with: hybridseq train {layout} "
@@ -301,6 +303,8 @@ def _args_train(t):
     t.add_argument("items", nargs="*", metavar="LAYOUT [key=value ...]", help="layout YAML file, then overrides")
     t.add_argument("--out", default=None, help="output folder (default train.out_dir or runs/<name>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="start from the weights of a saved model folder (fresh optimizer)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
 

@@ -194,3 +194,10 @@ def test_resolve_ffn_dim_unknown_activation():
 @pytest.mark.parametrize("d_model, dt_rank, expected", [(64, "auto", 4), (65, "auto", 5), (1, "auto", 1), (64, 7, 7)])
 def test_resolve_dt_rank(d_model, dt_rank, expected):
     assert resolve_dt_rank(d_model, dt_rank) == expected
+
+
+def test_dict_holding_omegaconf_values_loads_like_plain_data():
+    """{**cfg, ...} keeps DictConfig/ListConfig values (e.g. train.betas): they are data, not errors."""
+    cfg = load_config({"model": {"d_model": 32}, "blocks": {"M": {"kind": "mamba"}}, "layout": "M*2"})
+    again = load_config({**cfg, "model": {"d_model": 48}})
+    assert again.model.d_model == 48 and list(again.train.betas) == [0.9, 0.95] and again.stack == ["M", "M"]

@@ -218,3 +218,19 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
         train(tiny(steps=2, eval_every=0), out_dir=str(tmp_path), progress=False)
     done = train(tiny(steps=2, eval_every=0), out_dir=str(tmp_path), resume=True, progress=False)
     assert done["steps"] == 2 and done["first_loss"] is None  # nothing left to do
+
+
+def test_init_from_loads_weights_and_refuses_a_foreign_model(tmp_path):
+    from hybridseq.errors import HybridSeqError
+
+    train(tiny(steps=5, eval_every=5), out_dir=str(tmp_path / "a"), progress=False)
+    folder = tmp_path / "a" / "checkpoints" / "step_00000005"
+    saved = hs.load_pretrained(str(folder)).state_dict()
+    t = Trainer(tiny(steps=5), out_dir=str(tmp_path / "b"), progress=False, init_from=str(folder))
+    for k, v in t.model.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    fresh = Trainer(tiny(steps=5), out_dir=str(tmp_path / "c"), progress=False)
+    assert any(not torch.equal(v, saved[k]) for k, v in fresh.model.state_dict().items())
+    wider = hs.load_config({**hs.load_config(str(folder / "config.yaml")), "model": {"d_model": 48}})
+    with pytest.raises(HybridSeqError, match="--init-from .*do not match"):
+        Trainer(wider, out_dir=str(tmp_path / "d"), progress=False, init_from=str(folder))

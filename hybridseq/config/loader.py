@@ -76,12 +76,24 @@ def save_config(cfg, path) -> None:
 # ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
+def _plain(obj):
+    """A deep copy of ``obj`` with OmegaConf containers turned into plain dicts and lists
+    (interpolations left unresolved)."""
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=False)
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return copy.deepcopy(obj)
+
+
 def _read_source(source) -> tuple[dict, str | None, str]:
     """-> (plain dict with interpolations unresolved, file label or None, default name)."""
     if isinstance(source, DictConfig):
         return OmegaConf.to_container(source, resolve=False), None, "model"
-    if isinstance(source, Mapping):
-        return copy.deepcopy(dict(source)), None, "model"
+    if isinstance(source, Mapping):  # may hold DictConfig/ListConfig values (e.g. {**cfg, ...})
+        return _plain(source), None, "model"
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"cannot load a config from {type(source).__name__} (give a YAML path, a dict or a DictConfig)")
     file = str(source)

@@ -63,6 +63,7 @@ from torch import nn
 
 from ..errors import ConfigError, HybridSeqError
 from . import checkpoint as ckpt
+from .engine import check_weight_keys
 from . import distributed as D
 from .optim import param_groups
 from .schedule import build_scheduler, default_warmup
@@ -468,11 +469,7 @@ class DeepSpeedEngine:
 
 
 def _check_keys(folder, state, keys, shapes) -> None:
-    missing = [k for k in keys if k not in state]
-    bad = [k for k in keys if k in state and tuple(state[k].shape) != shapes[k]]
-    if missing or bad:
-        raise HybridSeqError(f"--init-from {folder}: weights do not match this config "
-                             f"(missing {missing[:3]}, shape mismatch {bad[:3]})")
+    check_weight_keys(f"--init-from {folder}", state, keys, shapes)
 
 
 def write_pretrained(state: dict, model: nn.Module, cfg, folder: str, atomic: bool = True) -> None:

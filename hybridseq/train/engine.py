@@ -18,6 +18,7 @@ checkpoint files itself; it calls an *engine*:
                               config.yaml (hs.save_pretrained), trainer_state.pt holding
                               {"engine": engine.state_dict(), "client": client_state}
     engine.load_checkpoint(folder) -> client_state      restores model and engine state
+    engine.load_weights(folder)                         weights only (``--init-from``)
     engine.unwrap_for_export() -> nn.Module             the module whose weights an export holds
 
 ``LocalEngine`` implements it for one process on CPU or one GPU (AdamW groups, warmup+cosine,
@@ -38,6 +39,15 @@ from .optim import build_optimizer
 from .schedule import build_scheduler, default_warmup
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_weight_keys(where: str, state: dict, keys, shapes: dict) -> None:
+    """Raise a HybridSeqError naming the first missing / mis-shaped keys of a saved state."""
+    missing = [k for k in keys if k not in state]
+    bad = [k for k in keys if k in state and tuple(state[k].shape) != shapes[k]]
+    if missing or bad:
+        what = (f"missing {missing[:3]}" if missing else "") + (f" shape mismatch {bad[:3]}" if bad else "")
+        raise HybridSeqError(f"{where}: weights do not match this config ({what.strip()})")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -145,21 +155,24 @@ class LocalEngine:
 
         return ckpt.save_checkpoint(root, step, write, keep_last=keep_last)
 
-    def load_checkpoint(self, folder: str) -> dict:
+    def _load_model_weights(self, folder: str, what: str) -> None:
         from safetensors.torch import load_file
 
         weights = os.path.join(folder, "model.safetensors")
         if not os.path.isfile(weights):
-            raise HybridSeqError(f"{folder}: no model.safetensors (not a checkpoint folder)")
+            raise HybridSeqError(f"{what} {folder}: no model.safetensors there")
         state = load_file(weights, device=str(self.device))
         model_sd = self.model.state_dict()
-        missing = [k for k in model_sd if k not in state]
-        shapes = [k for k in model_sd if k in state and tuple(state[k].shape) != tuple(model_sd[k].shape)]
-        if missing or shapes:
-            what = (f"missing {missing[:3]}" if missing else "") + (f" shape mismatch {shapes[:3]}" if shapes else "")
-            raise HybridSeqError(f"{folder}: checkpoint does not match this config ({what.strip()})")
+        check_weight_keys(f"{what} {folder}", state, model_sd.keys(),
+                          {k: tuple(v.shape) for k, v in model_sd.items()})
         # tied weights are stored once; load_state_dict(strict=False) leaves the alias in place
         self.model.load_state_dict({k: v for k, v in state.items() if k in model_sd}, strict=False)
+
+    def load_weights(self, folder: str) -> None:
+        self._load_model_weights(folder, "--init-from")
+
+    def load_checkpoint(self, folder: str) -> dict:
+        self._load_model_weights(folder, "checkpoint")
         trainer_state = torch.load(os.path.join(folder, ckpt.STATE_FILE), map_location="cpu", weights_only=False)
         self.load_state_dict(trainer_state["engine"])
         return trainer_state["client"]

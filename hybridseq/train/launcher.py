@@ -134,9 +134,8 @@ def _train(args, env: dict, hooks=()) -> int:
     trainer = DistributedTrainer(cfg, out_dir=out_dir, resume=args.resume,
                                  progress=not args.no_progress and env["rank"] == 0,
                                  engine_factory=functools.partial(DeepSpeedEngine, ds_config=ds),
-                                 rank=env["rank"], world_size=env["world_size"], hooks=hooks)
-    if args.init_from and not args.resume:
-        trainer.engine.load_weights(args.init_from)
+                                 rank=env["rank"], world_size=env["world_size"], hooks=hooks,
+                                 init_from=args.init_from)
     try:
         summary = trainer.fit()
     except TrainingInterrupted as e:

@@ -107,7 +107,8 @@ class Trainer:
     to simulate a crash)."""
 
     def __init__(self, cfg, out_dir: str | None = None, resume: bool = False, progress: bool = True,
-                 engine_factory: Callable | None = None, model=None, hooks=(), rank: int = 0):
+                 engine_factory: Callable | None = None, model=None, hooks=(), rank: int = 0,
+                 init_from: str | None = None):
         self.cfg = cfg
         self.tc = {**TRAIN_DEFAULTS, **_to_dict(cfg.get("train") if hasattr(cfg, "get") else cfg["train"])}
         tc = self.tc
@@ -140,7 +141,11 @@ class Trainer:
         self.engine = (engine_factory or LocalEngine)(model, tc, cfg=cfg, device=device)
         self.model = self.engine.model
         self.device = self.engine.device
-        self.n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        if init_from and not resume:
+            self.engine.load_weights(init_from)
+        # ZeRO-3 partitions report numel() == 0; ds_numel is the full size
+        self.n_params = sum(getattr(p, "ds_numel", p.numel())
+                            for p in {id(p): p for p in self.model.parameters()}.values())
 
         self.step = 0
         self.tokens_seen = 0

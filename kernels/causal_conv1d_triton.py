@@ -27,6 +27,9 @@ across the tile's rows with ``tl.gather`` (tiles overlap by w-1 rows), or, in th
 autotuned variant and for w > 4, recomputed at each of the w shifts. dweight/dbias are
 accumulated element-wise in registers over the whole chunk and reduced across rows once per
 program into fp32 partials (b * n_chunks, w, d), summed in PyTorch: deterministic, no atomics.
+Measured on an H100 (2026-11-22, same shape, no state): backward kernel 0.354 ms (the previous
+kernel, which recomputed pre w*w times per tile and reduced dweight across warps on every
+tile: 0.885 ms); the byte floor (x, dy read, dx written) is 1.5 device copies, about 0.16 ms.
 """
 from __future__ import annotations
 
@@ -320,75 +323,6 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
 
 
 @triton.jit
-def _conv_bwd_kernel_old(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
-                     L, D, CHUNK,
-                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, sgb, sgl, sgd,
-                     sdxb, sdxl, sdxd, sdsb, sdsl, sdsd,
-                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-                     SILU: tl.constexpr, W_P2: tl.constexpr, BL: tl.constexpr,
-                     BD: tl.constexpr):
-    pid_ch = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    n_chunks = tl.num_programs(0)
-    pid_b64 = pid_b.to(tl.int64)
-    c = pid_d * BD + tl.arange(0, BD)
-    cmask = c < D
-    x_base = x_ptr + pid_b64 * sxb
-    s_base = s_ptr + pid_b64 * ssb
-    g_base = dy_ptr + pid_b64 * sgb
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    # dweight partials: one (BD,) accumulator per tap, kept as a (W_P2, BD) tile.
-    kk = tl.arange(0, W_P2)
-    dw_acc = tl.zeros((W_P2, BD), dtype=tl.float32)
-    db_acc = tl.zeros((BD,), dtype=tl.float32)
-    n_rows = L + W - 1
-    start = pid_ch * CHUNK
-    end = tl.minimum(start + CHUNK, n_rows)
-    for i0 in range(start, end, BL):
-        i = i0 + tl.arange(0, BL)
-        dxc = tl.zeros((BL, BD), dtype=tl.float32)
-        for k in tl.static_range(W):
-            t = i - k  # output time whose gradient reaches xc[i] through tap k
-            gm = (t >= 0) & (t < L)
-            g = tl.load(g_base + t.to(tl.int64)[:, None] * sgl + c[None, :] * sgd,
-                        mask=gm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            if SILU:
-                pre = tl.zeros((BL, BD), dtype=tl.float32)
-                for m in tl.static_range(W):
-                    wm = tl.load(w_ptr + c * swd + m * swk, mask=cmask, other=0.0).to(tl.float32)
-                    pre += wm[None, :] * _load_xc(x_base, s_base, t + m, c, cmask, L, sxl, sxd,
-                                                  ssl, ssd, W, HAS_STATE)
-                if HAS_BIAS:
-                    pre += bias[None, :]
-                sig = 1.0 / (1.0 + tl.exp(-pre))
-                g = g * sig * (1.0 + pre * (1.0 - sig))
-            wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
-            dxc += wk[None, :] * g
-            if k == 0:
-                # g at times t = i: each time of this chunk exactly once (0 past l).
-                db_acc += tl.sum(g, axis=0)
-                for m in tl.static_range(W):
-                    xm = _load_xc(x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W,
-                                  HAS_STATE)
-                    dw_m = tl.sum(g * xm, axis=0)
-                    dw_acc += tl.where((kk == m)[:, None], dw_m[None, :], 0.0)
-        ix = i - (W - 1)
-        mx = (ix >= 0) & (ix < L)
-        tl.store(dx_ptr + pid_b64 * sdxb + ix.to(tl.int64)[:, None] * sdxl + c[None, :] * sdxd,
-                 dxc.to(dx_ptr.dtype.element_ty), mask=mx[:, None] & cmask[None, :])
-        if HAS_STATE:
-            ms = (i >= 0) & (i < W - 1)
-            tl.store(ds_ptr + pid_b64 * sdsb + i[:, None] * sdsl + c[None, :] * sdsd,
-                     dxc.to(ds_ptr.dtype.element_ty), mask=ms[:, None] & cmask[None, :])
-    part = pid_b * n_chunks + pid_ch
-    tl.store(dw_ptr + part.to(tl.int64) * W * D + kk[:, None] * D + c[None, :], dw_acc,
-             mask=(kk < W)[:, None] & cmask[None, :])
-    tl.store(db_ptr + part.to(tl.int64) * D + c, db_acc, mask=cmask)
-
-
-@triton.jit
 def _conv_update_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, ns_ptr,
                         D,
                         sxb, sxd, ssb, ssl, ssd, swd, swk, syb, syd, snb, snl, snd,
@@ -424,25 +358,18 @@ FWD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
     for bl, bd, nw in ((32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (64, 64, 2))
 ]
-# Backward, two variants (for w <= 4; wider kernels always recompute):
-# GATHER=1 computes g once per row and shifts it with tl.gather (warp shuffles), on tiles that
-# overlap by w-1 rows; GATHER=0 recomputes g at the w shifts. ptxas for sm_90 (triton 3.9,
-# W4 bf16, 2026-11-22), loop instructions per element: GATHER=1 about 45 at 8 elements per
-# thread (about 175 registers) and 59 at 4 (128 registers); GATHER=0 about 91 (168 registers;
-# 16 elements per thread spill).
+# Backward, two variants (for w <= 4; wider kernels always recompute), both autotuned:
+# GATHER=1 computes g once per row and shifts it with tl.gather, on tiles that overlap by w-1
+# rows; GATHER=0 recomputes g at the w shifts (fewer registers per row, more arithmetic).
+# Measured on an H100 (triton 3.6, 2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU, autotuner's
+# kernel times): without a state GATHER=0 wins (BL16 BD64 w4 0.354 ms, BL8 BD128 w4 0.356;
+# GATHER=1 0.387 to 0.489 here, 0.58 to 0.65 for the two dropped shapes BL32 BD64 w8/w16);
+# with an initial state the autotuner picked GATHER=1 BL16 BD64 w4.
 BWD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd, "GATHER": gather}, num_warps=nw)
-    for bl, bd, nw, gather in ((32, 64, 8, 1), (16, 64, 4, 1), (32, 32, 4, 1), (16, 64, 8, 1),
-                               (32, 64, 16, 1), (8, 128, 4, 0), (16, 64, 4, 0))
+    for bl, bd, nw, gather in ((16, 64, 4, 0), (8, 128, 4, 0), (32, 32, 4, 1), (16, 64, 8, 1),
+                               (16, 64, 4, 1))
 ]
-# TEMPORARY (one GPU comparison run, then removed): the previous backward kernel.
-_OLD_BWD = False
-_BWD_OLD_CONFIGS = [
-    triton.Config({"BL": bl, "BD": bd}, num_warps=nw)
-    for bl, bd, nw in ((16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 64, 4), (64, 64, 4))
-]
-_conv_bwd_old_tuned = triton.autotune(_BWD_OLD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
-    _conv_bwd_kernel_old)
 _conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_fwd_kernel)
 _conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
@@ -510,21 +437,12 @@ def _launch_bwd(x, weight, bias, state, dy, silu):
             *(state.stride() if state is not None else (0, 0, 0)), *dy.stride(), *dx.stride(),
             *(ds.stride() if ds is not None else (0, 0, 0)))
     consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu,
-                  W_P2=triton.next_power_of_2(w))
-    if not _OLD_BWD:
-        consts["FAST"] = not _INTERPRET  # inline PTX: compiled code only
+                  W_P2=triton.next_power_of_2(w), FAST=not _INTERPRET)  # FAST: inline PTX
     grid_fn = lambda META: (n_chunks, triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
         if chunk % _INTERP_META["BL"]:
             raise ValueError(f"BWD_CHUNK_ROWS={chunk} must be a multiple of {_INTERP_META['BL']}")
-        if _OLD_BWD:
-            _conv_bwd_kernel_old[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
-        else:
-            _conv_bwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META,
-                                                    **_INTERP_BWD)
-    elif _OLD_BWD:
-        key = ("bwd_old", d, w, state is not None, silu, x.dtype, weight.dtype, dy.dtype, x.device)
-        _launch(_conv_bwd_kernel_old, _conv_bwd_old_tuned, grid_fn, args, consts, key)
+        _conv_bwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META, **_INTERP_BWD)
     else:
         key = ("bwd", d, w, state is not None, silu, x.dtype, weight.dtype, dy.dtype, x.device)
         _launch(_conv_bwd_kernel, _conv_bwd_tuned, grid_fn, args, consts, key)

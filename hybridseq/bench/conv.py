@@ -214,10 +214,6 @@ def _conv_rows(shape, args) -> list[dict]:
     impls = {
         "triton": lambda t, wt, bi: causal_conv1d(t, wt, bi, "silu", impl="triton"),
         "triton (direct)": lambda t, wt, bi: tri.causal_conv1d_triton(t, wt, bi, "silu"),
-    }
-    if hasattr(tri, "_OLD_BWD"):  # TEMPORARY: the previous backward, for one comparison run
-        impls["triton (old bwd)"] = impls["triton"]
-    impls |= {
         "ref": lambda t, wt, bi: causal_conv1d_ref(t, wt, bi, "silu"),
         "F.conv1d+silu": lambda t, wt, bi: F.silu(F.conv1d(t, wt, bi, padding=w - 1,
                                                            groups=d)[..., :l]),
@@ -248,25 +244,17 @@ def _conv_rows(shape, args) -> list[dict]:
         row["fwd_GBps"] = fwd_bytes / row["fwd_ms"] / 1e6
         if not args.no_backward:
             ins = [t.detach().requires_grad_() for t in (xin, win, bias)]
-            old_flag = name == "triton (old bwd)"
-            if old_flag:
-                tri._OLD_BWD = True
-            try:
-                def fb():  # autograd.grad: no accumulation into .grad inside the timed region
-                    torch.autograd.grad(fn(*ins), ins, g)
 
-                row["fwdbwd_ms"] = time_fn(fb, iters=args.iters,
-                                           warmup=min(5, args.iters))["median_ms"]
-                row["fwdbwd_GBps"] = fwdbwd_bytes / row["fwdbwd_ms"] / 1e6
-                out_y = fn(*ins)
-                bw = lambda: torch.autograd.grad(out_y, ins, g, retain_graph=True)  # noqa: E731
-                row["bwd_ms"] = time_fn(bw, iters=args.iters,
-                                        warmup=min(5, args.iters))["median_ms"]
-                row["bwd_GBps"] = bwd_bytes / row["bwd_ms"] / 1e6
-                del out_y
-            finally:
-                if old_flag:
-                    tri._OLD_BWD = False
+            def fb():  # autograd.grad: no accumulation into .grad inside the timed region
+                torch.autograd.grad(fn(*ins), ins, g)
+
+            row["fwdbwd_ms"] = time_fn(fb, iters=args.iters, warmup=min(5, args.iters))["median_ms"]
+            row["fwdbwd_GBps"] = fwdbwd_bytes / row["fwdbwd_ms"] / 1e6
+            out_y = fn(*ins)
+            bw = lambda: torch.autograd.grad(out_y, ins, g, retain_graph=True)  # noqa: E731
+            row["bwd_ms"] = time_fn(bw, iters=args.iters, warmup=min(5, args.iters))["median_ms"]
+            row["bwd_GBps"] = bwd_bytes / row["bwd_ms"] / 1e6
+            del out_y
         if name == "F.conv1d+silu":
             anchor = row
         if name == "triton":

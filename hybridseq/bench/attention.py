@@ -11,6 +11,7 @@ FlashAttention benchmark convention (``attention_flops``): 4 b h l^2 d / 2 causa
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-max-elems", type=float, default=2e9,
                         help="skip the torch reference above this many b*h*l*l score elements")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--progress", action="store_true", help="print each row to stderr when done")
 
 
 def _run_one(name, q, k, v, window):
@@ -97,6 +99,8 @@ def run(args) -> list[dict]:
             continue
         rows.append({**row, "fwd_ms": t_f, "fwd_TFLOPs": f_fwd / t_f / 1e9,
                      "fwd_bwd_ms": t_fb, "fwd_bwd_TFLOPs": f_all / t_fb / 1e9, "status": "ok"})
+        if args.progress:
+            print(rows[-1], file=sys.stderr, flush=True)
     best = max((r.get("fwd_bwd_TFLOPs", 0.0) for r in rows), default=0.0)
     for r in rows:
         if "fwd_bwd_TFLOPs" in r and best:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=50304, help="vocab for layouts whose vocab_size is auto")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--progress", action="store_true", help="print each row to stderr when done")
 
 
 def _sync(device):
@@ -56,7 +58,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def _find_layout(path: str) -> str:
     """``path`` as given, else relative to the source checkout (suites name ``layouts/...``)."""
     if os.path.exists(path):
@@ -65,6 +66,7 @@ def _find_layout(path: str) -> str:
     return alt if os.path.exists(alt) else path
 
 
+@torch.no_grad()
 def bench_layout(name, path, overrides, args, device, dtype) -> dict:
     from ..api import build_model
     from ..config import load_config
@@ -118,6 +120,8 @@ def run(args) -> list[dict]:
     for name, path, ov in jobs:
         try:
             rows.append(bench_layout(name, path, ov, args, device, dtype))
+            if args.progress:
+                print(rows[-1], file=sys.stderr, flush=True)
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             rows.append({"layout": name, "status": f"OOM: {str(e).splitlines()[0][:80]}"})

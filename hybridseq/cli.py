@@ -209,7 +209,7 @@ def cmd_generate(args) -> int:
                              "e.g. --prompt '3 1 4 1 5' (or --tokens bytes)") from None
     if not ids:
         raise UsageError("hybridseq generate: --prompt is empty")
-    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(model, "vocab_size_unpadded", None)  # padding rows are not tokens
     if vocab is not None and max(ids) >= vocab:
         raise UsageError(f"hybridseq generate: token id {max(ids)} is outside the vocabulary ({vocab})")
     device = resolve_device(args.device)
@@ -219,6 +219,10 @@ def cmd_generate(args) -> int:
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.top_k:
         kwargs["top_k"] = args.top_k
+    if args.top_p is not None:
+        kwargs["top_p"] = args.top_p
+    if args.eos is not None:
+        kwargs["eos_token_id"] = args.eos
     with torch.no_grad():
         out = model.generate(prompt, **kwargs)
     new = out[0, len(ids):].tolist() if out.shape[1] > len(ids) else out[0].tolist()
@@ -315,6 +319,8 @@ def _args_generate(g):
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    g.add_argument("--eos", type=int, default=None, help="stop a row at this token id")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--tokens", choices=("auto", "bytes", "ids"), default="auto",

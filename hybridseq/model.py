@@ -12,7 +12,8 @@ sum of the MoE blocks' auxiliary losses (zero without MoE).
 Initialisation: every weight matrix (ndim >= 2) ~ N(0, init_std), Linear biases 0, norms 1;
 parameters tagged ``_no_reinit`` (Mamba's A_log, D, dt projection and conv) keep their block's
 own init. With ``model.rescale_residual`` the output projection of every sublayer
-(``residual_out_params``) is then multiplied by 1 / sqrt(2 * n_sublayers).
+(``residual_out_params``) is then multiplied by 1 / sqrt(n_sublayers): one factor per residual
+branch, as GPT-2 (whose 2 per layer give 1/sqrt(2 n_layer)) and mamba_ssm (1 per Mamba layer).
 
 The vocabulary is ``model.vocab_size`` rounded up to ``model.pad_vocab_multiple``.
 Parameter counts, FLOPs and state sizes have closed forms (``param_counts``,
@@ -195,7 +196,7 @@ class HybridLM(nn.Module):
             if p.dim() >= 2 and not getattr(p, "_no_reinit", False):
                 p.normal_(0.0, init_std)
         if rescale_residual:
-            scale = 1.0 / math.sqrt(2 * len(self.layers))
+            scale = 1.0 / math.sqrt(len(self.layers))
             for layer in self.layers:
                 for p in layer.block.residual_out_params():
                     p.mul_(scale)

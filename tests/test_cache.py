@@ -187,3 +187,29 @@ def test_bench_decode_runs_on_cpu():
     for r in rows:
         assert r["tokens_per_s"] > 0
         assert r["cache_MB_per_seq"] == pytest.approx(r["cache_MB_per_seq_closed_form"])
+
+
+def test_bench_decode_runs_without_autograd(monkeypatch):
+    """The decode bench must not record a graph: with autograd on, a long prefill keeps every
+    chunk's activations (the 2026-11-22 H100 run ran out of memory that way)."""
+    import argparse
+    import os
+
+    from hybridseq.bench import decode as bench
+    from hybridseq.model import HybridLM
+
+    seen = []
+    orig = HybridLM.forward
+
+    def spy(self, *a, **k):
+        seen.append(torch.is_grad_enabled())
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(HybridLM, "forward", spy)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    layouts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "layouts")
+    args = p.parse_args([os.path.join(layouts, "mamba.yaml"), "--prompt", "6", "--batch", "1",
+                         "--new-tokens", "1", "--warmup", "0", "--vocab", "32", "--dtype", "fp32"])
+    bench.run(args)
+    assert seen and not any(seen)

@@ -82,7 +82,7 @@ def test_init_std_and_residual_rescale():
     up = torch.cat([l.block.up_proj.weight.flatten() for l in model.layers[:4]])
     down = torch.cat([l.block.down_proj.weight.flatten() for l in model.layers[:4]])
     assert up.std().item() == pytest.approx(0.05, rel=0.1)
-    assert down.std().item() == pytest.approx(0.05 / math.sqrt(2 * n), rel=0.1)
+    assert down.std().item() == pytest.approx(0.05 / math.sqrt(n), rel=0.1)
     m = model.layers[4].block
     torch.testing.assert_close(m.A_log, torch.log(torch.arange(1, 5.0)).repeat(m.d_inner, 1))
     assert torch.equal(m.D, torch.ones(m.d_inner))

@@ -69,7 +69,7 @@ class Block(nn.Module):
     def _apply(self, fn, recurse=True):
         """Keep parameters tagged ``_keep_fp32`` in float32 through .half()/.bfloat16()/.to(dtype)."""
         out = super()._apply(fn, recurse)
-        for p in self.parameters(recurse=False):
+        for p in self.parameters():  # children too (e.g. Mamba's dt_proj.bias)
             if getattr(p, "_keep_fp32", False) and p.dtype != torch.float32:
                 p.data = p.data.float()
         return out

@@ -104,16 +104,6 @@ class MambaBlock(Block):
         self.A_log = keep_fp32(_no_reinit(nn.Parameter(torch.log(A))))
         self.D = keep_fp32(_no_reinit(nn.Parameter(torch.ones(di))))
 
-    def _apply(self, fn, recurse=True):
-        """Keep every ``_keep_fp32`` parameter float32 under module casts, including
-        ``dt_proj.bias``, which lives in a child ``nn.Linear`` (``Block._apply`` looks at the
-        block's own parameters only)."""
-        out = super()._apply(fn, recurse)
-        for p in self.parameters():
-            if getattr(p, "_keep_fp32", False) and p.dtype != torch.float32:
-                p.data = p.data.float()
-        return out
-
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state=None, offset: int = 0) -> torch.Tensor:
         b, l, _ = x.shape

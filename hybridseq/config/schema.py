@@ -13,7 +13,7 @@ MODEL_DEFAULTS: dict = {
     "norm": "rmsnorm",             # rmsnorm | layernorm
     "norm_eps": 1e-5,
     "init_std": 0.02,
-    "rescale_residual": True,      # output projections scaled by 1/sqrt(2 * n_sublayers) at init
+    "rescale_residual": True,      # output projections scaled by 1/sqrt(n_sublayers) at init (one per residual branch)
     "pad_vocab_multiple": 1,       # round vocab_size up to a multiple (64 helps tensor cores)
     "checkpointing": [],           # block kinds whose sublayers use activation checkpointing
 }

@@ -266,12 +266,15 @@ def test_zero1_two_ranks_match_one_rank_same_global_batch(tmp, zero1_run):
     ids = torch.randint(0, m1.vocab_size, (2, 24))
     with torch.no_grad():
         a, b = m1(ids).logits, m2(ids).logits
-    # (a near-tie in MoE top-k routing may flip for a few tokens: compare median and mean)
+    # Bounds relative to what training changed: ranks on different data would differ by about as
+    # much as training moved the logits; float reduction order differs between 1 and 2 ranks and
+    # Adam amplifies it on near-zero gradients (measured: median 0.6%, mean 1.5% of the change),
+    # and a near-tie in MoE top-k routing may flip a few tokens (so median and mean, not max).
     diff = (a - b).abs()
-    assert diff.median().item() < 1e-3 and diff.mean().item() < 5e-3, diff.max()
     with torch.no_grad():
-        untrained = (a - hs.build_model(m1.cfg)(ids).logits).abs().mean().item()
-    assert untrained > 20 * diff.mean().item()  # training moved the weights far more than that
+        moved = (a - hs.build_model(m1.cfg)(ids).logits).abs()
+    assert diff.median().item() < 0.02 * moved.median().item(), (diff.median(), moved.median())
+    assert diff.mean().item() < 0.05 * moved.mean().item(), (diff.mean(), moved.mean())
 
 
 @slow

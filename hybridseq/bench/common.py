@@ -60,3 +60,17 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in cells]
     return "\n".join(out)
+
+
+def script_main(add_arguments, run, doc: str | None, argv=None) -> None:
+    """``python -m hybridseq.bench.<what> [options] [--json]``: the same as ``hybridseq bench <what>``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
+    add_arguments(parser)
+    if not any("--json" in a.option_strings for a in parser._actions):
+        parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_table(rows))

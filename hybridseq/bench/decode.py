@@ -132,9 +132,7 @@ def run(args) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":  # python -m hybridseq.bench.decode
-    from .common import format_table
+if __name__ == "__main__":  # python -m hybridseq.bench.decode: the same as `hybridseq bench decode`
+    from .common import script_main
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    print(format_table(run(p.parse_args())))
+    script_main(add_arguments, run, __doc__)

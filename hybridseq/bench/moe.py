@@ -24,7 +24,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from hybridseq.bench.common import format_table, time_fn
+from hybridseq.bench.common import time_fn
 from hybridseq.blocks.moe import MoEBlock, megablocks_available
 from hybridseq.blocks.moe_router import RouterOutput
 
@@ -251,13 +251,7 @@ def run(args) -> list[dict]:
     return [{c: r.get(c) for c in cols} for r in rows]  # one column order for every row
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="hybridseq bench moe", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    rows = run(args)
-    print(format_table(rows))
+if __name__ == "__main__":  # python -m hybridseq.bench.moe: the same as `hybridseq bench moe`
+    from .common import script_main
 
-
-if __name__ == "__main__":
-    main()
+    script_main(add_arguments, run, __doc__)

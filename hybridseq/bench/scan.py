@@ -242,14 +242,7 @@ def run(args) -> list[dict]:
         return rows
 
 
-if __name__ == "__main__":  # python -m hybridseq.bench.scan [options]
-    import json
+if __name__ == "__main__":  # python -m hybridseq.bench.scan: the same as `hybridseq bench scan`
+    from .common import script_main
 
-    from .common import format_table
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args()
-    out = run(a)
-    print(json.dumps(out, indent=2) if a.json else format_table(out))
+    script_main(add_arguments, run, __doc__)

@@ -160,21 +160,6 @@ def cmd_train(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # generate
 # ----------------------------------------------------------------------------------------------
-def _resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run folder (its latest checkpoint)."""
-    if not os.path.exists(path):
-        raise HybridSeqError(f"no such checkpoint: {path}")
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    from .train.checkpoint import latest_checkpoint
-
-    for root in (os.path.join(path, "checkpoints"), path):
-        found = latest_checkpoint(root)
-        if found:
-            return found
-    raise HybridSeqError(f"{path}: neither a checkpoint folder (model.safetensors) nor a run folder with checkpoints")
-
-
 def _uses_bytes(cfg) -> bool:
     try:
         task = cfg["train"]["task"]
@@ -190,7 +175,9 @@ def cmd_generate(args) -> int:
 
     from .train.engine import resolve_device
 
-    folder = _resolve_checkpoint(args.checkpoint)
+    from .train.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(args.checkpoint)
     loaded = hs.load_pretrained(folder)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)

@@ -25,6 +25,10 @@ from typing import Callable
 
 import torch
 
+from ..errors import HybridSeqError
+
+DS_DIR = "ds"  # DeepSpeed's own files inside a checkpoint folder (deepspeed_engine.py)
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -98,6 +102,36 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def publish(tmp: str, final: str) -> None:
+    """Make the fully written folder ``tmp`` appear as ``final`` in one rename (after fsync), so a
+    reader sees the old folder or the new one, never a half-written one. An existing ``final``
+    (re-saving the same step, e.g. after a resume) is swapped out and removed."""
+    fsync_tree(tmp)
+    if os.path.exists(final):
+        old = os.path.join(os.path.dirname(final), f".tmp-old-{os.path.basename(final)}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(os.path.dirname(final) or ".")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder: ``path`` itself when it holds ``config.yaml`` (a checkpoint or an
+    exported model), else the latest checkpoint of the run folder ``path``."""
+    if not os.path.isdir(path):
+        raise HybridSeqError(f"no such run or checkpoint folder: {path}")
+    if os.path.isfile(os.path.join(path, "config.yaml")) and any(
+            os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", DS_DIR)):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        found = latest_checkpoint(root)
+        if found:
+            return found
+    raise HybridSeqError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
+
+
 def save_checkpoint(root: str, step: int, write: Callable[[str], None], keep_last: int = 2) -> str:
     """Write a checkpoint atomically: ``write(tmp_folder)`` fills a temporary folder, which then
     becomes ``root/step_XXXXXXXX``; ``latest`` is updated and old checkpoints rotated.
@@ -113,15 +147,7 @@ def save_checkpoint(root: str, step: int, write: Callable[[str], None], keep_las
     os.makedirs(tmp)
     try:
         write(tmp)
-        fsync_tree(tmp)
-        if os.path.exists(final):  # re-saving the same step (e.g. after a resume): swap it out
-            old = os.path.join(root, f".tmp-old-{name}-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(root)
+        publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -68,7 +68,7 @@ from . import distributed as D
 from .optim import param_groups
 from .schedule import build_scheduler, default_warmup
 
-DS_DIR = "ds"
+DS_DIR = ckpt.DS_DIR
 DS_TAG = "zero"
 AUTO = "auto"
 
@@ -384,15 +384,7 @@ class DeepSpeedEngine:
                                        os.path.join(tmp, ckpt.STATE_FILE))
             D.barrier()
             if self.is_main:
-                ckpt.fsync_tree(tmp)
-                if os.path.exists(final):  # re-saving the same step (after a resume)
-                    old = os.path.join(root, f".tmp-old-{name}")
-                    os.rename(final, old)
-                    os.rename(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, final)
-                ckpt._fsync_path(root)
+                ckpt.publish(tmp, final)
                 ckpt.atomic_write_bytes(os.path.join(root, ckpt.LATEST), (name + "\n").encode())
                 ckpt.rotate(root, keep_last)
         except BaseException:

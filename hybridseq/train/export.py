@@ -18,23 +18,9 @@ from __future__ import annotations
 import os
 
 from ..errors import HybridSeqError
-from .checkpoint import latest_checkpoint
+from .checkpoint import DS_DIR, latest_checkpoint, resolve_checkpoint  # noqa: F401 (re-exported)
 
-DS_DIR, DS_TAG = "ds", "zero"
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder: ``path`` itself, or the latest checkpoint of a run folder."""
-    if not os.path.isdir(path):
-        raise HybridSeqError(f"no such run or checkpoint folder: {path}")
-    if os.path.isfile(os.path.join(path, "config.yaml")) and (
-            os.path.isfile(os.path.join(path, "model.safetensors")) or os.path.isdir(os.path.join(path, DS_DIR))):
-        return path
-    for root in (os.path.join(path, "checkpoints"), path):
-        found = latest_checkpoint(root)
-        if found:
-            return found
-    raise HybridSeqError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
+DS_TAG = "zero"
 
 
 def state_dict_from_zero_shards(checkpoint: str) -> dict:

@@ -234,3 +234,42 @@ def test_init_from_loads_weights_and_refuses_a_foreign_model(tmp_path):
     wider = hs.load_config({**hs.load_config(str(folder / "config.yaml")), "model": {"d_model": 48}})
     with pytest.raises(HybridSeqError, match="--init-from .*do not match"):
         Trainer(wider, out_dir=str(tmp_path / "d"), progress=False, init_from=str(folder))
+
+
+def test_log_records_moe_load_and_mfu_with_a_known_peak(tmp_path, monkeypatch):
+    """metrics.jsonl carries per-layer MoE load (fractions summing to 1) and, when the device peak
+    is known (here given by HYBRIDSEQ_PEAK_TFLOPS), MFU = 3 x FLOPs/token x tokens/s / peak."""
+    monkeypatch.setenv("HYBRIDSEQ_PEAK_TFLOPS", "1")
+    cfg = hs.load_config({**tiny(steps=4, eval_every=4, log_every=2),
+                          "blocks": {"M": {"kind": "mamba", "d_state": 4},
+                                     "E": {"kind": "moe", "n_experts": 4, "top_k": 2, "d_ff": 32}},
+                          "layout": "M E"})
+    t = Trainer(cfg, out_dir=str(tmp_path / "run"), progress=False)
+    t.fit()
+    recs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    r = recs[-1]
+    assert len(r["moe_load/1"]) == 4 and abs(sum(r["moe_load/1"]) - 1) < 1e-4
+    assert r["moe_max_load"] >= 1.0
+    assert t.flops_per_token == t.model.flops_per_token(t.task.seq_len) > 0
+    assert r["mfu"] == pytest.approx(3 * t.flops_per_token * r["tokens_per_s"] / 1e12, rel=1e-6)
+
+
+def test_no_mfu_without_a_known_peak(tmp_path, monkeypatch):
+    monkeypatch.delenv("HYBRIDSEQ_PEAK_TFLOPS", raising=False)
+    train(tiny(steps=2, eval_every=2, log_every=1), out_dir=str(tmp_path / "run"), progress=False)
+    assert all("mfu" not in r for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_tensorboard_switch(tmp_path):
+    """train.tensorboard: true writes event files, or names the missing package clearly."""
+    import importlib.util
+
+    from hybridseq.errors import HybridSeqError
+
+    cfg = tiny(steps=2, eval_every=2, log_every=1, tensorboard=True)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(HybridSeqError, match="tensorboard package"):
+            train(cfg, out_dir=str(tmp_path / "run"), progress=False)
+    else:
+        train(cfg, out_dir=str(tmp_path / "run"), progress=False)
+        assert any(f.startswith("events.") for f in os.listdir(tmp_path / "run" / "tensorboard"))

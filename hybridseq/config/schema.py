@@ -137,6 +137,7 @@ TRAIN_DEFAULTS: dict = {
     "device": "auto",              # auto | cpu | cuda | cuda:N
     "precision": "auto",           # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     "compile": False,
+    "tensorboard": False,          # also write TensorBoard scalars to <out_dir>/tensorboard
 }
 
 # Top-level keys of a layout file. `stack` and `stage_starts` are computed from `layout` (given

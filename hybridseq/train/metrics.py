@@ -88,3 +88,27 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class TensorBoardWriter:
+    """The scalar fields of each metrics record as TensorBoard scalars (``train.tensorboard:
+    true``; needs the ``tensorboard`` package: ``pip install 'hybridseq[tensorboard]'``)."""
+
+    def __init__(self, logdir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            from ..errors import HybridSeqError
+
+            raise HybridSeqError("train.tensorboard: true needs the tensorboard package "
+                                 "(pip install 'hybridseq[tensorboard]')") from e
+        self._w = SummaryWriter(logdir)
+
+    def write(self, record: dict) -> None:
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._w.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._w.close()

@@ -48,7 +48,8 @@ from ..data import IGNORE, make_task, score
 from ..errors import HybridSeqError
 from . import checkpoint as ckpt
 from .engine import LocalEngine, resolve_device
-from .metrics import MetricsWriter, Progress
+from .metrics import MetricsWriter, Progress, TensorBoardWriter
+from .perf import moe_load, peak_flops, perf_fields
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -143,6 +144,11 @@ class Trainer:
         self.device = self.engine.device
         if init_from and not resume:
             self.engine.load_weights(init_from)
+        try:  # forward FLOPs per token at the training length, for MFU
+            self.flops_per_token = float(self.model.flops_per_token(int(self.task.seq_len)))
+        except (AttributeError, TypeError, ValueError):
+            self.flops_per_token = None
+        self.peak_flops = peak_flops(self.device, getattr(self.engine, "precision", None))
         # ZeRO-3 partitions report numel() == 0; ds_numel is the full size
         self.n_params = sum(getattr(p, "ds_numel", p.numel())
                             for p in {id(p): p for p in self.model.parameters()}.values())
@@ -271,6 +277,8 @@ class Trainer:
         self._write_config()
         writer = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"), resume_step=resume_step) \
             if self.engine.is_main else None
+        tboard = TensorBoardWriter(os.path.join(self.out_dir, "tensorboard")) \
+            if self.engine.is_main and tc.get("tensorboard") else None
         bar = Progress(self.steps, initial=self.step, enabled=self.show_progress and self.engine.is_main)
         if self.engine.is_main and self.show_progress:
             bar.write(f"{self.cfg.get('name') or 'model'}: {self.n_params:,} parameters on {self.device}; "
@@ -307,6 +315,9 @@ class Trainer:
                               "lr": rec["lr"], "grad_norm": rec["grad_norm"], "tokens": self.tokens_seen,
                               "tokens_per_s": a["tokens"] / max(interval_time, 1e-9),
                               "elapsed_s": time.perf_counter() - start}
+                    record.update(perf_fields(self.device, self.flops_per_token, record["tokens_per_s"],
+                                              self.peak_flops))
+                    record.update(moe_load(self.model))
                     self._acc = self._new_acc()
                     interval_time, interval_t0 = 0.0, time.perf_counter()
                 if (eval_every and self.step % eval_every == 0) or final:
@@ -316,6 +327,8 @@ class Trainer:
                     interval_t0 = time.perf_counter()
                 if record and writer is not None:
                     writer.write(record)
+                    if tboard is not None:
+                        tboard.write(record)
                     if "eval_loss" in record:
                         bar.write(_eval_line(record))
                 if "tokens_per_s" in record:
@@ -335,6 +348,8 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+            if tboard is not None:
+                tboard.close()
         wall = time.perf_counter() - start
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         return {"out_dir": self.out_dir, "steps": self.step, "n_params": self.n_params,

@@ -269,11 +269,30 @@ def _conv_rows(shape, args) -> list[dict]:
     return rows
 
 
+def _step_rows(op: str, shape: str, triton_module: str, nbytes: int, ref, call, args) -> list[dict]:
+    """Rows for a one-token decode op: ``call(impl)`` -> (output, new_state), timed for triton and
+    ref; with --check, the triton outputs (poisoned first) against ``ref``."""
+    from .common import time_fn
+
+    rows = []
+    for impl in ("triton", "ref"):
+        f = lambda: call(impl)  # noqa: E731
+        row = {"op": op, "shape": shape, "dtype": args.dtype, "impl": impl}
+        if args.check and impl == "triton":
+            with _Poisoned(triton_module):
+                out, state = f()
+            row["max_rel_err"] = max(_rel(out, ref[0]), _rel(state, ref[1]))
+        with torch.no_grad():
+            row["fwd_ms"] = time_fn(f, iters=args.iters, warmup=min(5, args.iters))["median_ms"]
+            row["graph_ms"] = _graph_ms(f)
+        row["fwd_GBps"] = nbytes / row["fwd_ms"] / 1e6
+        rows.append(row)
+    return rows
+
+
 def _decode_rows(shape, args) -> list[dict]:
     from hybridseq.kernels import (causal_conv1d_update, causal_conv1d_update_ref,
                                    selective_state_update, selective_state_update_ref)
-
-    from .common import time_fn
 
     b, d, n = shape
     dtype = _DTYPES[args.dtype]
@@ -285,39 +304,18 @@ def _decode_rows(shape, args) -> list[dict]:
     # conv update: reads x, state (w-1 rows), writes y, new state
     x, cs, wt, bi = r(b, d).to(dtype), r(b, w - 1, d).to(dtype), r(d, w).to(dtype), r(d).to(dtype)
     conv_bytes = (2 * b * d + 2 * b * (w - 1) * d) * e
-    ref_c = causal_conv1d_update_ref(x, cs, wt, bi, "silu")
-    for impl in ("triton", "ref"):
-        f = lambda: causal_conv1d_update(x, cs, wt, bi, "silu", impl=impl)  # noqa: E731
-        row = {"op": "conv_update", "shape": f"B{b} D{d} W{w}", "dtype": args.dtype, "impl": impl}
-        if args.check and impl == "triton":
-            with _Poisoned("causal_conv1d_triton"):
-                y, ns = f()
-            row["max_rel_err"] = max(_rel(y, ref_c[0]), _rel(ns, ref_c[1]))
-        with torch.no_grad():
-            row["fwd_ms"] = time_fn(f, iters=args.iters, warmup=min(5, args.iters))["median_ms"]
-            row["graph_ms"] = _graph_ms(f)
-        row["fwd_GBps"] = conv_bytes / row["fwd_ms"] / 1e6
-        rows.append(row)
+    rows += _step_rows("conv_update", f"B{b} D{d} W{w}", "causal_conv1d_triton", conv_bytes,
+                       causal_conv1d_update_ref(x, cs, wt, bi, "silu"),
+                       lambda impl: causal_conv1d_update(x, cs, wt, bi, "silu", impl=impl), args)
     # selective state update
     t = dict(state=r(b, d, n), x=r(b, d).to(dtype), dt=(0.5 * r(b, d)).to(dtype),
              A=-torch.arange(1, n + 1, device=dev, dtype=torch.float32).repeat(d, 1),
              B=r(b, n).to(dtype), C=r(b, n).to(dtype), D=r(d), z=r(b, d).to(dtype),
              dt_bias=r(d) * 0.5 - 3.0)
     ssu_bytes = 2 * b * d * n * 4 + 4 * b * d * e + 2 * b * n * e + d * n * 4 + 2 * d * 4
-    ref_s = selective_state_update_ref(**t, dt_softplus=True)
-    for impl in ("triton", "ref"):
-        f = lambda: selective_state_update(**t, dt_softplus=True, impl=impl)  # noqa: E731
-        row = {"op": "state_update", "shape": f"B{b} D{d} N{n}", "dtype": args.dtype,
-               "impl": impl}
-        if args.check and impl == "triton":
-            with _Poisoned("selective_state_update_triton"):
-                y, h = f()
-            row["max_rel_err"] = max(_rel(y, ref_s[0]), _rel(h, ref_s[1]))
-        with torch.no_grad():
-            row["fwd_ms"] = time_fn(f, iters=args.iters, warmup=min(5, args.iters))["median_ms"]
-            row["graph_ms"] = _graph_ms(f)
-        row["fwd_GBps"] = ssu_bytes / row["fwd_ms"] / 1e6
-        rows.append(row)
+    rows += _step_rows("state_update", f"B{b} D{d} N{n}", "selective_state_update_triton", ssu_bytes,
+                       selective_state_update_ref(**t, dt_softplus=True),
+                       lambda impl: selective_state_update(**t, dt_softplus=True, impl=impl), args)
     for op in ("conv_update", "state_update"):
         tri = next(r for r in rows if r["op"] == op and r["impl"] == "triton")
         for row in rows:

@@ -1,7 +1,8 @@
 """Throughput, MFU, memory per GPU and scaling efficiency of DeepSpeed training, 1 -> N GPUs.
 
     python launch/bench_scaling.py LAYOUT --gpus 1 2 --zero 2 3 [--steps 16 --warmup 6]
-        [--micro-batch 8 --seq-len 2048] [--peak-tflops 989] [--out DIR] [key=value ...]
+        [--micro-batch 8 --seq-len 2048] [--peak-tflops 989] [--out DIR] [--config-suffix=-offload]
+        [key=value ...]          (e.g. blocks.E.ep_size=2 for expert parallelism, ZeRO-1/2)
 
 For every (ZeRO stage, GPU count) it runs ``deepspeed --num_gpus G launch/train.py``'s trainer
 for ``--steps`` optimizer steps (no evaluation, no checkpoint: the workers stop after the last
@@ -59,10 +60,11 @@ def worker(argv: list[str]) -> int:
 
 
 def run_one(args, overrides, gpus: int, zero: int) -> dict:
-    out = os.path.join(args.out, f"z{zero}-g{gpus}")
+    ds_name = f"zero{zero}{args.config_suffix}"
+    out = os.path.join(args.out, f"{ds_name}-g{gpus}")
     cmd = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(29600 + 10 * zero + gpus),
            os.path.abspath(__file__), "--worker", args.layout, "--deepspeed",
-           os.path.join(HERE, f"zero{zero}.json"), "--out", out, "--no-progress",
+           os.path.join(HERE, f"{ds_name}.json"), "--out", out, "--no-progress",
            f"train.steps={args.steps}", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
            *( [f"train.batch_size={args.micro_batch}"] if args.micro_batch else []), *overrides]
     t0 = time.perf_counter()
@@ -101,7 +103,15 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--out", default="runs/bench-scaling")
+    p.add_argument("--config-suffix", default="",
+                   help="DeepSpeed config launch/zero{S}{SUFFIX}.json, e.g. -offload for zero3-offload.json")
     args, overrides = p.parse_known_args()
+    for zero in args.zero:
+        path = os.path.join(HERE, f"zero{zero}{args.config_suffix}.json")
+        if not os.path.isfile(path):
+            print(f"error: --zero {zero} --config-suffix {args.config_suffix!r}: no DeepSpeed config {path}",
+                  file=sys.stderr)
+            return 2
     if args.seq_len:
         overrides.append(f"train.task.seq_len={args.seq_len}")
     from hybridseq.config import load_config

@@ -70,7 +70,9 @@ def _attention_backend(device) -> tuple[str, str]:
         if fn is not None:
             full = fn(dict(BLOCK_DEFAULTS["attention"]), device)
             window = fn({**BLOCK_DEFAULTS["attention"], "window": 256}, device)
-            return full[0], f"{full[1]} (sliding window: {window[0]}, {window[1]})" if window != full else full[1]
+            docs = fn(dict(BLOCK_DEFAULTS["attention"]), device, documents=True)
+            why = f"{full[1]} (sliding window: {window[0]}, {window[1]})" if window != full else full[1]
+            return full[0], f"{why} (document masks: {docs[0]}, {docs[1]})"
     return "torch SDPA", "this build does not describe its attention backends"
 
 

@@ -4,10 +4,14 @@
     h_i = h_{i-1} + block_i(norm_i(h_{i-1}))          one sublayer per symbol of cfg.stack
     logits = lm_head(norm_f(h_n))                      lm_head = embed.weight^T when tied
 
-``forward(input_ids, cache=None, labels=None) -> ModelOutput``: ``labels`` (B, L) are aligned
-with ``input_ids`` (``labels[:, t]`` scores ``logits[:, t]``; the data tasks shift for language
-modelling), ``-100`` is ignored; ``loss = cross_entropy + aux_loss``, where ``aux_loss`` is the
-sum of the MoE blocks' auxiliary losses (zero without MoE).
+``forward(input_ids, cache=None, labels=None, doc_ids=None) -> ModelOutput``: ``labels`` (B, L)
+are aligned with ``input_ids`` (``labels[:, t]`` scores ``logits[:, t]``; the data tasks shift for
+language modelling), ``-100`` is ignored; ``loss = cross_entropy + aux_loss``, where ``aux_loss``
+is the sum of the MoE blocks' auxiliary losses (zero without MoE). ``doc_ids`` (B, L) integer:
+packed sequences; a document is a maximal run of equal ids, and attention layers see only their
+own document (RoPE positions restart at each document start); token-wise layers (mlp, moe) need
+nothing. Mamba layers would carry conv/scan state across documents: not supported yet
+(NotImplementedError naming the layer), nor with a cache.
 
 Initialisation: every weight matrix (ndim >= 2) ~ N(0, init_std), Linear biases 0, norms 1;
 parameters tagged ``_no_reinit`` (Mamba's A_log, D, dt projection and conv) keep their block's
@@ -146,8 +150,10 @@ class Sublayer(nn.Module):
         self.symbol = symbol
         self.kind = block.kind
 
-    def forward(self, x: torch.Tensor, state=None, offset: int = 0) -> torch.Tensor:
-        return x + self.block(self.norm(x), state, offset)
+    def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids=None) -> torch.Tensor:
+        if doc_ids is None or self.kind != "attention":  # other kinds: token-wise (or refused)
+            return x + self.block(self.norm(x), state, offset)
+        return x + self.block(self.norm(x), state, offset, doc_ids=doc_ids)
 
 
 class HybridLM(nn.Module):
@@ -203,12 +209,16 @@ class HybridLM(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0,
+                doc_ids: torch.Tensor | None = None) -> ModelOutput:
         """``logits_to_keep > 0``: compute the logits of the last ``logits_to_keep`` positions
-        only (a long prefill then never materialises (B, L, V) logits); not with ``labels``."""
+        only (a long prefill then never materialises (B, L, V) logits); not with ``labels``.
+        ``doc_ids`` (B, L): document mask for packed sequences (module docstring)."""
         if input_ids.dim() != 2:
             raise HybridSeqError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         B, L = input_ids.shape
+        if doc_ids is not None:
+            self._check_doc_ids(doc_ids, input_ids, cache)
         offset = 0
         if cache is not None:
             if cache.batch_size != B:
@@ -223,9 +233,9 @@ class HybridLM(nn.Module):
             and cache is None
         for i, layer in enumerate(self.layers):
             if use_ckpt and layer.kind in self.checkpointing:
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(layer, x, None, 0, doc_ids, use_reentrant=False)
             else:
-                x = layer(x, None if cache is None else cache.states[i], offset)
+                x = layer(x, None if cache is None else cache.states[i], offset, doc_ids)
             blk = layer.block
             a = getattr(blk, "aux_loss", None)
             if isinstance(a, torch.Tensor):
@@ -247,6 +257,23 @@ class HybridLM(nn.Module):
             loss = ce + aux
             metrics["ce_loss"] = ce.detach()
         return ModelOutput(logits=logits, aux_loss=aux, loss=loss, metrics=metrics)
+
+    _DOC_KINDS = ("attention", "mlp", "moe")  # kinds correct under doc_ids (mask, or token-wise)
+
+    def _check_doc_ids(self, doc_ids, input_ids, cache) -> None:
+        if tuple(doc_ids.shape) != tuple(input_ids.shape):
+            raise HybridSeqError(f"doc_ids must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(doc_ids.shape)}")
+        if cache is not None:
+            raise NotImplementedError("doc_ids (document masks) with an inference cache are not "
+                                      "supported; pass doc_ids only to cache-free forwards")
+        for i, layer in enumerate(self.layers):
+            if layer.kind not in self._DOC_KINDS:
+                raise NotImplementedError(
+                    f"doc_ids (document masks) are not supported with a {layer.kind} layer "
+                    f"(sublayer {i}, symbol {layer.symbol!r}): its conv and scan would carry "
+                    "state across documents; use a layout of attention/mlp/moe layers or "
+                    "unpacked sequences")
 
     # --- inference -----------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> HybridCache:

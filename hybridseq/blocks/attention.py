@@ -7,6 +7,15 @@
 
 The attention itself runs on a backend of ``attention_backends`` chosen by ``spec.impl``.
 
+Packed sequences: ``forward(x, doc_ids=ids)`` with ``ids`` (b, l) integer adds a document mask:
+position t sees s only when s <= t, within the window, and s, t lie in the same document (a
+maximal run of equal ids in the row). RoPE positions then restart at each document start
+(``t - start of t's document``) unless ``restart_positions=False`` (positions 0..l-1 of the
+row). Restarting is the default, as in packed pretraining: with RoPE the scores depend on
+``t - s`` only, so the choice changes results only through rounding, and restarting makes a
+document's numbers those it would get alone. Document masks are for cache-free forwards
+(training, scoring); with an inference cache (``state``) they raise NotImplementedError.
+
 Inference state (``new_state``): ``{"k", "v"}`` of shape (b, h_kv, cap, head_dim), keys stored
 after RoPE. Full attention: cap = max_seq_len, token at position p in slot p. Sliding window of W:
 a ring buffer of cap = min(W, max_seq_len) slots, position p in slot p % cap. The slot positions
@@ -22,7 +31,7 @@ from torch import nn
 
 from ..config.schema import BLOCK_DEFAULTS
 from ..errors import ConfigError, HybridSeqError
-from .attention_backends import attention, attention_tail, attention_with_positions
+from .attention_backends import attention, attention_tail, attention_with_positions, document_layout
 from .base import Block
 from .norm import RMSNorm
 from .rope import apply_rope, rope_tables
@@ -77,21 +86,35 @@ class AttentionBlock(Block):
             self.q_norm = self.k_norm = None
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, state=None, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids: torch.Tensor | None = None,
+                restart_positions: bool = True) -> torch.Tensor:
         b, l, _ = x.shape
+        layout = None
+        if doc_ids is not None:
+            if state is not None or offset:
+                raise NotImplementedError(
+                    f"attention layer {self.layer_idx}: doc_ids (document masks) with an inference "
+                    "cache or offset are not supported; pass doc_ids only to cache-free forwards")
+            layout = document_layout(doc_ids, x.device)
+            if layout.shape != (b, l):
+                raise HybridSeqError(f"attention layer {self.layer_idx}: doc_ids has shape "
+                                     f"{tuple(doc_ids.shape)}, the input (batch, seqlen) = {(b, l)}")
         q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            pos = torch.arange(offset, offset + l, device=x.device)
+            if layout is not None and restart_positions:
+                pos = layout.positions  # (b, l): restart at each document start
+            else:
+                pos = torch.arange(offset, offset + l, device=x.device)
             cos, sin = rope_tables(pos, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if state is None:
             if offset:
                 raise HybridSeqError("attention: offset > 0 needs the cached keys (pass state)")
-            o = attention(q, k, v, window=self.window, impl=self.impl)
+            o = attention(q, k, v, window=self.window, impl=self.impl, doc_ids=doc_ids)
         else:
             o = self._attend_cached(q, k, v, state, offset).to(x.dtype)
         return self.o_proj(o.reshape(b, l, self.n_heads * self.head_dim))

@@ -219,3 +219,202 @@ def test_grouped_dropless_has_no_host_sync_cuda():
         (blk(x).float().sum() + blk.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --- fused SwiGLU kernels and the one-op grouped expert MLP ---------------------------------------
+
+from hybridseq.kernels.grouped_mlp import LAYOUTS, as_layout, grouped_mlp  # noqa: E402
+from hybridseq.kernels.swiglu import (silu_mul, silu_mul_ref, swiglu, swiglu_bwd,  # noqa: E402
+                                      swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref, swiglu_ref)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("m,f", [(1, 8), (5, 24), (3, 1100)])
+def test_swiglu_matches_ref(impl, m, f):
+    """Fused SwiGLU forward/backward (Triton interpreter on CPU) against autograd through
+    F.silu(g) * u; h is a column slice of a wider tensor (strided rows), f not a power of 2."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = torch.randn(m, 2 * f + 6, device=dev)
+    h = base[:, 3:3 + 2 * f].requires_grad_(False)
+    outs = []
+    for fn in (lambda t: swiglu(t, impl), swiglu_ref):
+        t = h.detach().clone().requires_grad_(True)
+        a = fn(t)
+        ga = torch.linspace(-2, 2, a.numel(), device=dev).view_as(a)
+        (g,) = torch.autograd.grad(a, t, ga)
+        outs.append((a, g))
+    for u, v in zip(*outs):
+        assert u.shape == v.shape
+        assert torch.allclose(u, v, atol=1e-5, rtol=1e-5), (u - v).abs().max()
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 3, 24), (4, 1100)])
+def test_silu_mul_triton_matches_ref(shape):
+    """Separate gate/up tensors (an MLP with two projections; ``u`` is a strided column slice)."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g0 = torch.randn(*shape, device=dev)
+    u0 = torch.randn(*shape[:-1], shape[-1] + 4, device=dev)[..., 2:2 + shape[-1]]
+    outs = []
+    for fn in (lambda g, u: silu_mul(g, u, "triton"), silu_mul_ref):
+        g, u = g0.clone().requires_grad_(True), u0.detach().clone().requires_grad_(True)
+        a = fn(g, u)
+        ga = torch.linspace(-2, 2, a.numel(), device=dev).view_as(a)
+        outs.append((a, *torch.autograd.grad(a, (g, u), ga)))
+    for x, y in zip(*outs):
+        assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=1e-5), (x - y).abs().max()
+    with pytest.raises(ValueError, match="one shape"):
+        silu_mul(g0, g0[..., :-1])
+
+
+def test_swiglu_bf16_math_in_fp32():
+    """bf16 in/out, math in fp32: the torch twins and the Triton kernels agree to bf16 rounding."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    h = (torch.randn(7, 2 * 40, device=dev) * 3).bfloat16()
+    da = torch.randn(7, 40, device=dev).bfloat16()
+    a_ref, dh_ref = swiglu_fwd_ref(h), swiglu_bwd_ref(h, da)
+    assert a_ref.dtype == torch.bfloat16 and dh_ref.shape == h.shape
+    a, dh = swiglu_fwd(h, "triton"), swiglu_bwd(h, da, "triton")
+    assert torch.allclose(a.float(), a_ref.float(), atol=1e-2, rtol=1e-2)
+    assert torch.allclose(dh.float(), dh_ref.float(), atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="even"):
+        swiglu_fwd(h[:, :5], "torch")
+
+
+def test_as_layout_keeps_values_and_sets_strides():
+    b = torch.randn(3, 5, 8)
+    n, k = as_layout(b, "n"), as_layout(b, "k")
+    assert n.data_ptr() == b.data_ptr() and k.stride(-2) == 1 and torch.equal(k, b)
+    bt = b.transpose(-2, -1)
+    assert as_layout(bt, "k").data_ptr() == b.data_ptr()
+    assert as_layout(bt, "n").stride(-1) == 1 and torch.equal(as_layout(bt, "n"), bt)
+
+
+def _mlp_ref(x, counts, w_in, w_out, activation):
+    from hybridseq.blocks.moe_experts import expert_activation
+
+    h = expert_activation(grouped_mm_ref(x, w_in, counts), activation)
+    return grouped_mm_ref(h, w_out, counts)
+
+
+def _mlp_case(dtype, activation="swiglu", counts=(3, 0, 5, 1), d=8, f=16, n_out=8):
+    torch.manual_seed(0)
+    counts = torch.tensor(counts)
+    m, e = int(counts.sum()), counts.numel()
+    n_in = 2 if activation == "swiglu" else 1
+    x = torch.randn(m, d, dtype=dtype, requires_grad=True)
+    w_in = torch.randn(e, d, n_in * f, dtype=dtype, requires_grad=True)
+    w_out = torch.randn(e, f, n_out, dtype=dtype, requires_grad=True)
+    gy = torch.randn(m, n_out, dtype=dtype)
+    return counts, x, w_in, w_out, gy
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_mlp_matches_autograd_ref_fp64(layout, activation):
+    """The explicit backward (dgrad, wgrad, activation') against autograd through the reference,
+    with an empty group (its weight grads must be exactly 0)."""
+    counts, x, w_in, w_out, gy = _mlp_case(torch.float64, activation)
+    outs = []
+    for fn in (lambda: grouped_mlp(x, counts, w_in, w_out, activation, act_impl="torch", layout=layout,
+                                   gemm="loop"),
+               lambda: _mlp_ref(x, counts, w_in, w_out, activation)):
+        y = fn()
+        outs.append((y, *torch.autograd.grad(y, (x, w_in, w_out), gy)))
+    for u, v in zip(*outs):
+        assert torch.allclose(u, v, atol=1e-10, rtol=1e-10), (u - v).abs().max()
+    assert (outs[0][2][1] == 0).all() and (outs[0][3][1] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["n.k", "k.n"])
+def test_grouped_mlp_torch_gemms_and_triton_act_cpu(layout):
+    """The real torch._grouped_mm calls (they run forward-only on CPU in fp32, which is all this
+    op uses) with transposed operands, and the Triton SwiGLU (interpreter; on a CUDA machine the
+    compiled kernels cannot take CPU tensors, so the torch twin)."""
+    pytest.importorskip("triton")
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    act = "torch" if torch.cuda.is_available() else "triton"
+    counts, x, w_in, w_out, gy = _mlp_case(torch.float32, counts=(4, 0, 9, 3))
+    outs = []
+    for fn in (lambda: grouped_mlp(x, counts, w_in, w_out, "swiglu", act_impl=act, layout=layout),
+               lambda: _mlp_ref(x, counts, w_in, w_out, "swiglu")):
+        y = fn()
+        outs.append((y, *torch.autograd.grad(y, (x, w_in, w_out), gy)))
+    for u, v in zip(*outs):
+        assert torch.allclose(u, v, atol=1e-4, rtol=1e-4), (u - v).abs().max()
+
+
+def test_grouped_mlp_bad_arguments():
+    counts, x, w_in, w_out, _ = _mlp_case(torch.float64)
+    with pytest.raises(ValueError, match="layout"):
+        grouped_mlp(x, counts, w_in, w_out, layout="t.t", gemm="loop")
+    with pytest.raises(ValueError, match="gemm"):
+        grouped_mlp(x, counts, w_in, w_out, gemm="cublas")
+    blk = MoEBlock(16, {"n_experts": 4, "top_k": 2, "d_ff": 24, "impl": "grouped"})
+    blk.mlp_impl = "fused"  # CPU fp32: the fused op's torch._grouped_mm path does not run here
+    with pytest.raises(ValueError, match="fused"):
+        blk(torch.randn(1, 3, 16))
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout,act_impl,gemm", [(lay, "triton", "torch") for lay in LAYOUTS] + [
+    ("n.k", "torch", "torch"), ("n.k", "triton", "loop"), ("k.n", "torch", "loop")])
+def test_fused_grouped_mlp_matches_loop_cuda_bf16(layout, act_impl, gemm):
+    """The shipped CUDA path (fused expert MLP) for every layout, activation kernel and GEMM
+    backend, with uneven token counts, against the loop reference and the autograd path."""
+    torch.manual_seed(0)
+    spec = {"n_experts": 8, "top_k": 2, "d_ff": 200}
+    loop = MoEBlock(72, {**spec, "impl": "loop"}).cuda().bfloat16()
+    x = torch.randn(3, 37, 72, device="cuda", dtype=torch.bfloat16)
+    results = {"loop": _grads(loop, x)}
+    for mlp in ("fused", "autograd"):
+        blk = MoEBlock(72, {**spec, "impl": "grouped"}).cuda().bfloat16()
+        blk.load_state_dict(loop.state_dict())
+        blk.mlp_impl, blk.act_impl, blk.gemm_layout, blk.mlp_gemm = mlp, act_impl, layout, gemm
+        results[mlp] = _grads(blk, x)
+    for other in ("fused", "autograd"):
+        for k in results["loop"]:
+            a, b = results["loop"][k].float(), results[other][k].float()
+            err = (a - b).abs().max().item()
+            assert err <= 0.02 * (a.abs().max().item() + 1e-6), (other, k, err)
+
+
+@requires_cuda
+def test_fused_grouped_mlp_empty_experts_cuda():
+    """torch._grouped_mm with empty groups (CUTLASS, 2D x 2D wgrad with K = 0 for them): their
+    weight grads are exactly zero and the others match the fp32 reference."""
+    counts, x, w_in, w_out, gy = _mlp_case(torch.float32, counts=(0, 40, 0, 24, 0), d=64, f=96, n_out=64)
+    cast = lambda t: t.detach().cuda().bfloat16().requires_grad_(True)  # noqa: E731
+    xb, wib, wob = cast(x), cast(w_in), cast(w_out)
+    y = grouped_mlp(xb, counts.cuda(), wib, wob, "swiglu")
+    grads = torch.autograd.grad(y, (xb, wib, wob), gy.cuda().bfloat16())
+    y_ref = _mlp_ref(x, counts, w_in, w_out, "swiglu")
+    ref = (y_ref, *torch.autograd.grad(y_ref, (x, w_in, w_out), gy))
+    for u, v in zip((y, *grads), ref):
+        v = v.cuda()
+        assert (u.float() - v).abs().max().item() <= 0.02 * v.abs().max().item() + 1e-3
+    for g in grads[1:]:
+        assert (g[[0, 2, 4]] == 0).all()
+
+
+@requires_cuda
+def test_shared_experts_fused_swiglu_cuda():
+    """Shared experts on CUDA use the Triton SwiGLU: same output and grads as F.silu(g) * u."""
+    torch.manual_seed(0)
+    blk = MoEBlock(64, {"n_experts": 4, "top_k": 2, "d_ff": 96, "shared_experts": 1,
+                        "shared_d_ff": 80}).cuda()
+    x = torch.randn(2, 9, 64, device="cuda")
+    got = _grads(blk, x)
+    blk.act_impl = "torch"  # the explicit PyTorch formulas
+    want = _grads(blk, x)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4), k
+    g, u = (x.view(-1, 64) @ blk.shared_w_in).chunk(2, -1)
+    ref = (torch.nn.functional.silu(g) * u) @ blk.shared_w_out
+    with_shared = blk(x)
+    blk.n_shared = 0
+    assert torch.allclose(with_shared - blk(x), ref.view_as(x), atol=1e-5)

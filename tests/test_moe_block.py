@@ -158,3 +158,30 @@ def test_config_errors(bad, key):
 def test_ep_without_process_group_is_a_config_error():
     with pytest.raises(ConfigError, match="torch.distributed"):
         MoEBlock(16, {"n_experts": 4, "top_k": 2, "ep_size": 2})
+
+
+def test_bench_moe_rows_and_variants_cpu():
+    """`hybridseq bench moe` at toy sizes on CPU: dense anchors before and after, ratios against
+    their mean, variant rows labelled, a fused-only variant reported as an error row (not raised)."""
+    import argparse
+
+    from hybridseq.bench import moe as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--dtype", "fp32", "--tokens", "16", "--d-model", "16",
+                              "--d-ff", "8", "--configs", "4x2", "--routings", "balanced", "--impls",
+                              "grouped", "--warmup", "0", "--iters", "1", "--variant-rows", "4x2:skewed",
+                              "--variants", "mlp=autograd,permute=torch; mlp=fused@4x2:balanced"])
+    rows = bench.run(args)
+    dense = [r for r in rows if r["what"].startswith("dense swiglu")]
+    assert len(dense) == 2 and all(r["fwd_bwd_ms"] > 0 for r in dense)
+    mean = sum(r["fwd_bwd_ms"] for r in dense) / 2
+    moe = [r for r in rows if r["what"].startswith("moe") and r.get("fwd_bwd_ms")]
+    assert [r["what"].endswith("[mlp=autograd,permute=torch]") for r in moe] == [False, True]
+    for r in moe:
+        assert r["vs_dense"] == pytest.approx(mean / r["fwd_bwd_ms"]) == r["vs_dense_torch"]
+    (err,) = [r for r in rows if r.get("error")]
+    assert "[mlp=fused]" in err["what"] and "fused" in err["error"]
+    with pytest.raises(ValueError, match="bad item"):
+        bench.parse_variant("layout")

@@ -157,3 +157,52 @@ def test_sigmoid_bias_updates_once_under_activation_checkpointing():
     assert ckpt.router.expert_bias.abs().sum() > 0  # moved once, by one rate step per expert
     assert torch.allclose(ckpt.router.expert_bias.abs(), torch.full((4,), 0.1))
     assert torch.allclose(xa.grad, xb.grad) and torch.allclose(ckpt.router.weight.grad, plain.router.weight.grad)
+
+
+@pytest.mark.parametrize("n,d,e,dtype", [(1, 16, 4, torch.float32), (37, 100, 8, torch.float32),
+                                         (70, 130, 64, torch.bfloat16), (200, 64, 3, torch.float32)])
+def test_router_logits_triton_matches_ref(n, d, e, dtype):
+    """Triton fp32 logits from x in its own dtype (interpreter on CPU): forward, dx (x's dtype),
+    dW (fp32, summed over token chunks), at sizes that are not multiples of the blocks."""
+    pytest.importorskip("triton")
+    from hybridseq.kernels.router_logits import router_logits
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x0 = torch.randn(n, d, device=dev).to(dtype)
+    w0 = torch.randn(e, d, device=dev) * 0.1
+    g = torch.randn(n, e, device=dev)
+    outs = []
+    for impl in ("triton", "torch"):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        y = router_logits(x, w, impl)
+        outs.append((y, *torch.autograd.grad(y, (x, w), g)))
+    (y, dx, dw), (y_r, dx_r, dw_r) = outs
+    assert y.dtype == torch.float32 and dx.dtype == dtype and dw.dtype == torch.float32
+    assert torch.allclose(y, y_r, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(dw, dw_r, atol=1e-4, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(dx.float(), dx_r.float(), atol=tol, rtol=tol)
+
+
+def test_router_with_triton_logits_matches_torch():
+    pytest.importorskip("triton")
+    from hybridseq.kernels.router_logits import router_logits
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    r = Router(24, 6, 2).to(dev)
+    x = torch.randn(11, 24, device=dev)
+    outs = []
+    for impl in ("triton", "torch"):
+        r.logits_impl = impl
+        xi = x.clone().requires_grad_(True)
+        o = r(xi)
+        loss = (o.weights * torch.arange(1.0, 3.0, device=dev)).sum() + o.logits.pow(2).mean()
+        outs.append((o.indices, o.weights, *torch.autograd.grad(loss, (xi, r.weight))))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    with pytest.raises(ValueError, match="router logits impl"):
+        router_logits(x, r.weight, "fast")
+    assert torch.equal(router_logits(x.cpu(), r.weight.cpu(), "auto"), router_logits(x.cpu(), r.weight.cpu(), "torch"))

@@ -11,11 +11,17 @@ routing:
 the rows give the fwd and fwd+bwd times of each backend (``impl``), the TFLOP/s of its active
 matmul FLOPs (router + k experts; fwd+bwd = 3x fwd) and ``vs_dense``: dense fwd+bwd time / MoE
 fwd+bwd time, the dense layer being x -> silu(x W_g) * (x W_u) -> W_d with d_ff_dense = k * d_ff
-(gate and up fused in one GEMM). Forced routings keep the router's cost (its logits, softmax,
-losses) and replace only the chosen experts (weights = renormalised router probabilities).
-Anchors measured in the same run: one dense bf16 matmul and one ``torch._grouped_mm`` of the
-expert shape (TFLOP/s), and the permutation micro-benchmark (gather-only permute/unpermute vs
-index/index_add) when ``--permute`` is given.
+(gate and up fused in one GEMM). The dense layer is timed before and after all MoE rows, with
+each activation of ``--dense-acts`` (``torch``: F.silu(g) * u through autograd; ``fused``: the
+Triton SwiGLU of ``kernels.swiglu`` that the MoE experts use), and every ratio is taken against
+the mean of its two timings: ``vs_dense`` (first act) and ``vs_dense_<act>``. Forced routings keep
+the router's cost (its logits, softmax, losses) and replace only the chosen experts (weights =
+renormalised router probabilities).
+``--variants`` times the grouped backend with other knobs (``mlp``/``act``/``layout``/``gemm``/
+``permute``: MoEBlock attributes, see ``parse_variant``) on ``--variant-rows``. Anchors measured
+in the same run: one dense bf16 matmul and one ``torch._grouped_mm`` of the expert shape
+(TFLOP/s), each expert GEMM alone per operand layout (``--gemm-layouts``), and the permutation
+micro-benchmark (gather-only permute/unpermute vs index/index_add) when ``--permute`` is given.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from hybridseq.bench.common import time_fn
 from hybridseq.blocks.moe import MoEBlock, megablocks_available
 from hybridseq.blocks.moe_router import RouterOutput
+from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
 
 COLUMNS = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "host_syncs"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,6 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--permute", action="store_true", help="also time the permutation variants")
     parser.add_argument("--profile", action="store_true",
                         help="print a torch.profiler kernel table of one fwd+bwd per configuration (first impl)")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated grouped-backend variants timed on --variant-rows (or on "
+                             "their own rows: 'VARIANT@8x2:balanced,64x8:skewed'), each "
+                             "'key=value,...' with keys mlp (auto|fused|autograd), act (auto|torch|triton), "
+                             "layout (kernels.grouped_mlp.LAYOUTS), permute (auto|torch|triton), "
+                             "gemm (torch: torch._grouped_mm | loop: cuBLAS per expert, one host sync), "
+                             "router (torch|triton: the router logits kernel)")
+    parser.add_argument("--variant-rows", default="8x2:balanced",
+                        help="comma-separated EXPERTSxTOPK:ROUTING rows that each variant is timed on")
+    parser.add_argument("--jsonl", default="",
+                        help="also append each row to this file as soon as it is measured (one JSON "
+                             "object a line, ratios not filled in), so a run cut short keeps its rows")
+    parser.add_argument("--gemm-layouts", action="store_true",
+                        help="also time each expert GEMM of the first config alone per operand layout")
+    parser.add_argument("--dense-acts", default="torch,fused",
+                        help="dense anchors (see _dense_row): torch | fused | block | block_fused; "
+                             "vs_dense uses the first, vs_dense_<act> each")
 
 
 def fixed_assignment(kind: str, n: int, e: int, k: int, device) -> torch.Tensor:
@@ -159,37 +183,101 @@ def _profile(fn, title, device) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 
-def _dense_row(args, x, gy, active_ff, label):
-    d = x.shape[-1]
-    w_in = (torch.randn(d, 2 * active_ff, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()
-    w_out = (torch.randn(active_ff, d, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()
+DENSE_ACTS = ("torch", "fused", "block", "block_fused")
 
-    def dense():
-        gate, up = (x @ w_in).chunk(2, -1)
-        return (F.silu(gate) * up) @ w_out
+
+def _dense_row(args, x, gy, active_ff, label, act="torch"):
+    """The dense SwiGLU anchor. act: ``torch`` one fused gate|up GEMM, F.silu(g) * u (autograd);
+    ``fused`` the same GEMM, ``kernels.swiglu`` (Triton); ``block`` the real ``MLPBlock``
+    (separate gate and up projections, F.silu(g) * u); ``block_fused`` its projections with
+    ``kernels.swiglu.silu_mul`` (Triton): the proposed ``mlp.py`` change."""
+    from hybridseq.blocks.mlp import MLPBlock
+    from hybridseq.kernels.swiglu import silu_mul, swiglu
+
+    if act not in DENSE_ACTS:
+        raise ValueError(f"--dense-acts: {act!r} is not one of {DENSE_ACTS}")
+    d = x.shape[-1]
+    if act.startswith("block"):
+        torch.manual_seed(0)
+        with torch.device(x.device):
+            mlp = MLPBlock(d, {"d_ff": active_ff, "activation": "swiglu", "bias": False}).to(x.dtype)
+        params = list(mlp.parameters())
+
+        def dense():
+            if act == "block":
+                return mlp(x)
+            return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+    else:
+        w_in = (torch.randn(d, 2 * active_ff, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()
+        w_out = (torch.randn(active_ff, d, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()
+        params = [w_in, w_out]
+
+        def dense():
+            if act == "fused":
+                return swiglu(x @ w_in) @ w_out
+            gate, up = (x @ w_in).chunk(2, -1)
+            return (F.silu(gate) * up) @ w_out
 
     t_f = time_fn(dense, warmup=args.warmup, iters=args.iters, device=x.device)["median_ms"]
-    t_b = time_fn(_fwd_bwd(dense, [x, w_in, w_out], gy), warmup=args.warmup, iters=args.iters,
+    t_b = time_fn(_fwd_bwd(dense, [x] + params, gy), warmup=args.warmup, iters=args.iters,
                   device=x.device)["median_ms"]
     flops = 3 * 2 * 3 * d * active_ff * x.shape[0]
-    return {"what": f"dense swiglu d_ff={active_ff} ({label})", "fwd_ms": t_f, "fwd_bwd_ms": t_b,
-            "tflops": flops / t_b / 1e9, "vs_dense": None}
+    return {"what": f"dense swiglu d_ff={active_ff} act={act} ({label})", "fwd_ms": t_f, "fwd_bwd_ms": t_b,
+            "tflops": flops / t_b / 1e9, "vs_dense": None, "dense_act": act}
 
 
-def _moe_rows(args, x, gy, e, k, f, impl, t_dense, profile) -> list[dict]:
+_BLOCKS: dict = {}
+
+
+def _block(d, spec, device, dtype) -> MoEBlock:
+    """One MoEBlock per (spec, device, dtype), built and initialised on the device (seed 0):
+    variants only change its knobs, so each config pays the initialisation once."""
+    key = (d, tuple(sorted(spec.items())), str(device), dtype)
+    if key not in _BLOCKS:
+        torch.manual_seed(0)
+        with torch.device(device):
+            _BLOCKS[key] = MoEBlock(d, spec).to(dtype=dtype)
+    return _BLOCKS[key]
+
+
+VARIANT_KEYS = {"mlp": "mlp_impl", "act": "act_impl", "layout": "gemm_layout", "permute": "permute_impl",
+                "gemm": "mlp_gemm", "router": "router.logits_impl"}
+
+
+def parse_variant(text: str) -> dict:
+    """'mlp=fused,act=triton,layout=n.k' -> {block attribute: value} (see ``--variants``)."""
+    out = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or key not in VARIANT_KEYS:
+            raise ValueError(f"--variants: bad item {item!r}; use key=value with keys {sorted(VARIANT_KEYS)}")
+        out[VARIANT_KEYS[key]] = val
+    return out
+
+
+def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="") -> list[dict]:
+    """Rows of one MoE configuration; ``vs_dense`` is filled in by ``run`` (mean dense anchor)."""
     device, dtype = x.device, x.dtype
     n, d = x.shape
     spec = {"n_experts": e, "top_k": k, "d_ff": f}
     fwd_flops = MoEBlock.flops_per_token(d, spec, n) * n
-    torch.manual_seed(0)
     base, _, perm = impl.partition(":")
-    blk = MoEBlock(d, {**spec, "impl": base}).to(device=device, dtype=dtype)
-    blk.permute_impl = perm or "auto"
+    blk = _block(d, {**spec, "impl": base}, device, dtype)
+    knobs = {"permute_impl": perm or "auto", "mlp_impl": "auto", "act_impl": "auto",
+             "gemm_layout": DEFAULT_LAYOUT, "mlp_gemm": "torch", "router.logits_impl": "torch",
+             **parse_variant(variant)}
+    for attr, val in knobs.items():
+        owner, _, name = attr.rpartition(".")
+        setattr(blk.router if owner == "router" else blk, name, val)
     params = list(blk.parameters())
     xb = x.detach().view(1, n, d).requires_grad_()
     rows = []
-    for routing in args.routings.split(","):
+    routings = routings or args.routings.split(",")
+    for routing in routings:
         what = f"moe {e}x{k} d_ff={f} {routing}"
+        label = f" [{variant}]" if variant else ""
         try:
             blk.router.__dict__.pop("forward", None)  # undo a previous forcing
             if routing in ("balanced", "skewed"):
@@ -208,14 +296,70 @@ def _moe_rows(args, x, gy, e, k, f, impl, t_dense, profile) -> list[dict]:
 
             t_f = time_fn(fwd, warmup=args.warmup, iters=args.iters, device=device)["median_ms"]
             t_b = time_fn(both, warmup=args.warmup, iters=args.iters, device=device)["median_ms"]
-            if profile and routing == args.routings.split(",")[0]:
+            if profile and routing == routings[0]:
                 _profile(both, f"moe {e}x{k} {impl} {routing}", device)
-            rows.append({"what": what, "impl": impl, "fwd_ms": t_f, "fwd_bwd_ms": t_b,
+            rows.append({"what": what + label, "impl": impl, "fwd_ms": t_f, "fwd_bwd_ms": t_b,
                          "host_syncs": count_host_syncs(both, device),
-                         "tflops": 3 * fwd_flops / t_b / 1e9, "vs_dense": t_dense / t_b})
+                         "tflops": 3 * fwd_flops / t_b / 1e9})
         except Exception as exc:  # keep the other rows: report the failure in the table
-            rows.append({"what": what, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:160]})
+            rows.append({"what": what + label, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:160]})
     return rows
+
+
+def _gemm_layout_rows(args, dtype, device, d, f, e, k) -> list[dict]:
+    """Each expert GEMM of the E x k config alone (balanced groups), per B operand layout:
+    n = N-contiguous (row-major), k = K-contiguous (column-major); no copies timed. The wgrads
+    are timed in the layout the op uses (x^T view, dh row-major)."""
+    from hybridseq.kernels.grouped_mlp import as_layout
+
+    m = args.tokens * k
+    offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * (m // e)
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    x, h, a, dy = mk(m, d), mk(m, 2 * f), mk(m, f), mk(m, d)
+    w_in, w_out = mk(e, d, 2 * f), mk(e, f, d)
+    cases = [("fwd in", x, w_in), ("fwd out", a, w_out),
+             ("dgrad out", dy, w_out.transpose(-2, -1)), ("dgrad in", h, w_in.transpose(-2, -1))]
+    rows = []
+    for name, lhs, w in cases:
+        for code in ("n", "k"):
+            b = as_layout(w, code)
+            fl = 2 * m * b.shape[-2] * b.shape[-1]
+            t = time_fn(lambda: torch._grouped_mm(lhs, b, offs=offs), warmup=args.warmup, iters=args.iters,
+                        device=device)["median_ms"]
+            rows.append({"what": f"gemm {name} {tuple(lhs.shape)}x{tuple(b.shape)} B={code}", "fwd_ms": t,
+                         "tflops": fl / t / 1e9})
+    for name, lhs_t, g in (("wgrad in", x.t(), h), ("wgrad out", a.t(), dy)):
+        fl = 2 * m * lhs_t.shape[0] * g.shape[-1]
+        t = time_fn(lambda: torch._grouped_mm(lhs_t, g, offs=offs), warmup=args.warmup, iters=args.iters,
+                    device=device)["median_ms"]
+        rows.append({"what": f"gemm {name} {tuple(lhs_t.shape)}x{tuple(g.shape)}", "fwd_ms": t,
+                     "tflops": fl / t / 1e9})
+    return rows
+
+
+class _StreamRows(list):
+    """A list of rows that also appends each new row to a JSON-lines file (when a path is given)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def _write(self, new) -> None:
+        if self.path:
+            import json
+
+            with open(self.path, "a") as fh:
+                for r in new:
+                    fh.write(json.dumps(r, default=str) + "\n")
+
+    def append(self, row) -> None:
+        self._write([row])
+        super().append(row)
+
+    def __iadd__(self, new):
+        new = list(new)
+        self._write(new)
+        return super().__iadd__(new)
 
 
 def run(args) -> list[dict]:
@@ -228,26 +372,51 @@ def run(args) -> list[dict]:
     impls = [i for i in args.impls.split(",") if i]
     if not megablocks_available():
         impls = [i for i in impls if not i.startswith("megablocks")]
+    dense_acts = [a for a in args.dense_acts.split(",") if a]
+    if device.type != "cuda":  # the fused activations are Triton kernels
+        dense_acts = [a for a in dense_acts if "fused" not in a] or ["torch"]
+    variants = [v.strip() for v in args.variants.split(";") if v.strip()]
+    for v in variants:
+        parse_variant(v.partition("@")[0])  # fail before timing anything
     torch.manual_seed(0)
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     gy = torch.randn(n, d, device=device, dtype=dtype)
 
-    # dense anchor (SwiGLU, d_ff = k * d_ff_expert), timed before and after the MoE rows
-    first = _dense_row(args, x, gy, active_ff, "anchor, first")
-    t_dense = first["fwd_bwd_ms"]
-    rows: list[dict] = [first]
+    # dense anchors (SwiGLU, d_ff = k * d_ff_expert), timed before and after the MoE rows
+    rows = _StreamRows(getattr(args, "jsonl", ""))
+    rows += [_dense_row(args, x, gy, active_ff, "anchor, first", act) for act in dense_acts]
     for e, k in configs:
         for impl in impls:
-            rows += _moe_rows(args, x, gy, e, k, active_ff // k, impl, t_dense,
-                              args.profile and impl == impls[0])
-    rows.append(_dense_row(args, x, gy, active_ff, "anchor, again at the end"))
+            rows += _moe_rows(args, x, gy, e, k, active_ff // k, impl, args.profile and impl == impls[0])
+    for spec_text in variants:
+        variant, _, own_rows = spec_text.partition("@")
+        variant = variant.strip()
+        for item in (r.strip() for r in (own_rows or args.variant_rows).split(",") if r.strip()):
+            cfg, _, routing = item.partition(":")
+            e, k = (int(v) for v in cfg.lower().split("x"))
+            rows += _moe_rows(args, x, gy, e, k, active_ff // k, "grouped", False,
+                              routings=[routing or "balanced"], variant=variant)
+    rows += [_dense_row(args, x, gy, active_ff, "anchor, again at the end", act) for act in dense_acts]
+    dense = {act: [r["fwd_bwd_ms"] for r in rows if r.get("dense_act") == act] for act in dense_acts}
+    mean = {act: sum(ts) / len(ts) for act, ts in dense.items()}
+    for r in rows:
+        if r.get("fwd_bwd_ms") and "dense_act" not in r:
+            r["vs_dense"] = mean[dense_acts[0]] / r["fwd_bwd_ms"]
+            for act in dense_acts:
+                r[f"vs_dense_{act}"] = mean[act] / r["fwd_bwd_ms"]
+    for act in dense_acts:
+        rows.append({"what": f"dense anchor act={act}: mean of {len(dense[act])} (first, last)",
+                     "fwd_bwd_ms": mean[act]})
     rows += _matmul_anchors(args, dtype, device, d, args.d_ff, e0)
+    if args.gemm_layouts and device.type == "cuda" and dtype == torch.bfloat16:
+        rows += _gemm_layout_rows(args, dtype, device, d, active_ff // k0, e0, k0)
     if args.permute:
         try:
             rows += _permute_rows(args, dtype, device, d)
         except Exception as exc:
             rows.append({"what": "permute micro-benchmark", "error": f"{type(exc).__name__}: {exc}"[:160]})
-    cols = COLUMNS + (["error"] if any("error" in r for r in rows) else [])
+    cols = COLUMNS + [f"vs_dense_{a}" for a in dense_acts]
+    cols += ["error"] if any("error" in r for r in rows) else []
     return [{c: r.get(c) for c in cols} for r in rows]  # one column order for every row
 
 

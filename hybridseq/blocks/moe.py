@@ -23,8 +23,9 @@ Spec keys (defaults in ``hybridseq.config.schema.BLOCK_DEFAULTS["moe"]``):
 - ``ep_size``: expert parallelism (``moe_parallel.py``; the group comes from the ``ep_group``
   argument, ``set_expert_parallel_group(group)`` or consecutive world ranks).
 - ``impl`` (``moe_experts.py``): ``loop`` (reference), ``grouped`` (permute by expert, one grouped
-  GEMM per projection: torch._grouped_mm + fused Triton (un)permutation on CUDA, padded bmm on
-  CPU; no host synchronisation when dropless on CUDA), ``megablocks`` (``moe_megablocks.py``,
+  GEMM per projection: on CUDA bf16 the expert MLP is one autograd op over torch._grouped_mm with
+  the fused Triton SwiGLU, plus the fused Triton (un)permutation; padded bmm on CPU; no host
+  synchronisation when dropless on CUDA), ``megablocks`` (``moe_megablocks.py``,
   optional), ``auto`` (= grouped, see ``resolve_impl``). Capacity mode costs one host
   synchronisation per forward (the kept row count).
 
@@ -57,7 +58,9 @@ from torch import nn
 
 from hybridseq.errors import ConfigError
 
+from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
 from hybridseq.kernels.moe_permute import histogram
+from hybridseq.kernels.swiglu import swiglu
 
 from .base import Block
 from .moe_experts import expert_activation, experts_grouped, experts_loop
@@ -166,8 +169,9 @@ def describe_moe_backend(spec: Mapping[str, Any], device=None) -> tuple[str, str
     mb = "megablocks installed" if megablocks_available() else "megablocks not installed"
     if impl == "grouped":
         if dev.type == "cuda":
-            why = ("tokens sorted by expert, torch._grouped_mm per projection (bf16; padded bmm for "
-                   "other dtypes), Triton fused un-permutation, no host synchronisation")
+            why = ("tokens sorted by expert, the expert MLP as one op over torch._grouped_mm with the fused "
+                   "Triton SwiGLU (bf16; padded bmm for other dtypes), Triton fused un-permutation, no "
+                   "host synchronisation")
         else:
             why = "tokens sorted by expert, one padded bmm per projection (faster than the loop on CPU)"
     elif impl == "loop":
@@ -189,7 +193,12 @@ class MoEBlock(Block):
         self.n_in = 2 if self.activation == "swiglu" else 1
         self.capacity_factor = s["capacity_factor"]
         self.impl = s["impl"]
-        self.permute_impl = "auto"  # grouped backend: auto (Triton on CUDA) | torch | triton
+        # grouped backend knobs (benchmarks sweep them; the defaults are the measured choice):
+        self.permute_impl = "auto"  # auto (Triton on CUDA) | torch | triton
+        self.mlp_impl = "auto"      # auto (fused on CUDA bf16) | fused | autograd: moe_experts.py
+        self.act_impl = "auto"      # fused SwiGLU kernel: auto (Triton on CUDA) | torch | triton
+        self.gemm_layout = DEFAULT_LAYOUT  # kernels.grouped_mlp.LAYOUTS
+        self.mlp_gemm = "torch"     # fused path GEMMs: torch (_grouped_mm) | loop (cuBLAS per expert, 1 sync)
         if self.impl == "megablocks":
             if not megablocks_available():
                 raise ConfigError(
@@ -292,7 +301,11 @@ class MoEBlock(Block):
         else:
             y = self._experts(xc, indices, w, self.w_in.to(dt), self.w_out.to(dt))
         if self.n_shared:
-            h = expert_activation(xc @ self.shared_w_in.to(dt), self.activation)
+            h = xc @ self.shared_w_in.to(dt)
+            if self.activation == "swiglu" and h.is_cuda:
+                h = swiglu(h, self.act_impl)  # the fused Triton SwiGLU (one pass each way)
+            else:
+                h = expert_activation(h, self.activation)
             y = y + h @ self.shared_w_out.to(dt)
 
         self._losses_and_metrics(r, dropped)
@@ -305,7 +318,9 @@ class MoEBlock(Block):
         if impl == "grouped":
             return experts_grouped(x, indices, weights, w_in, w_out, self.activation,
                                    may_drop=self.capacity_factor is not None,
-                                   permute_impl=self.permute_impl)
+                                   permute_impl=self.permute_impl, mlp_impl=self.mlp_impl,
+                                   act_impl=self.act_impl, layout=self.gemm_layout,
+                                   mlp_gemm=self.mlp_gemm)
         from .moe_megablocks import experts_megablocks
 
         return experts_megablocks(x, indices, weights, w_in, w_out, self.activation,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridseq.kernels.moe_permute import histogram
+from hybridseq.kernels.router_logits import router_logits
 
 ROUTER_KINDS = ("softmax", "sigmoid", "sinkhorn")
 
@@ -94,6 +95,7 @@ class Router(nn.Module):
 
     forward(x (N, d_model)) -> RouterOutput. ``bias_override`` (E,) fp32, when given, is added to
     the logits before selection and weighting (benches use it to force skewed routing).
+    ``logits_impl``: torch | triton (``kernels.router_logits``; the same fp32 math).
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, kind: str = "softmax",
@@ -110,6 +112,9 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32),
                              persistent=(kind == "sigmoid"))
         self.bias_override: torch.Tensor | None = None
+        # logits kernel (``kernels.router_logits``): torch = F.linear(x.float(), W); triton (auto:
+        # on CUDA) = the same fp32 math read straight from x (CPU only under TRITON_INTERPRET=1)
+        self.logits_impl = "torch"
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -126,7 +131,7 @@ class Router(nn.Module):
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = router_logits(x, self.weight, self.logits_impl)
         if self.bias_override is not None:
             logits = logits + self.bias_override.to(logits)
         return logits

@@ -1,0 +1,118 @@
+"""Triton kernels of the MoE router logits in fp32 straight from half-precision tokens.
+
+    logits (N, E) fp32 = x.float() @ W^T,   x (N, D) bf16/fp16/fp32, W (E, D) fp32
+    backward:  dx (N, D) in x's dtype = dlogits @ W;   dW (E, D) fp32 = dlogits^T @ x.float()
+
+The same fp32 math as ``F.linear(x.float(), W)`` (products and sums in fp32, ``tl.dot`` with
+input_precision "ieee", so no TF32), without materialising the fp32 copy of x (N, D) in the
+forward, its gradient in fp32 and the cast back in the backward. dW is summed over token chunks
+(``N_SPLIT`` partial sums, then one torch sum). ``kernels/router_logits.py`` holds the reference
+and the autograd op.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits_fwd_kernel(x_ptr, w_ptr, out_ptr, N, D, E, stride_x, stride_w, stride_o,
+                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    es = tl.arange(0, BLOCK_E)
+    acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + es[None, :] * stride_w + cols[:, None],
+                    mask=(es[None, :] < E) & (cols[:, None] < D), other=0.0).to(tl.float32)
+        acc += tl.dot(x, w, input_precision="ieee")
+    tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], acc,
+             mask=(rows[:, None] < N) & (es[None, :] < E))
+
+
+@triton.jit
+def _logits_dx_kernel(g_ptr, w_ptr, dx_ptr, N, D, E, stride_g, stride_w, stride_dx,
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    es = tl.arange(0, BLOCK_E)
+    g = tl.load(g_ptr + rows[:, None] * stride_g + es[None, :],
+                mask=(rows[:, None] < N) & (es[None, :] < E), other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + es[:, None] * stride_w + cols[None, :],
+                mask=(es[:, None] < E) & (cols[None, :] < D), other=0.0).to(tl.float32)
+    dx = tl.dot(g, w, input_precision="ieee")
+    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (cols[None, :] < D))
+
+
+@triton.jit
+def _logits_dw_kernel(g_ptr, x_ptr, part_ptr, N, D, E, rows_per_split, stride_g, stride_x,
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(1)
+    es = tl.arange(0, BLOCK_E)
+    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+    start = split.to(tl.int64) * rows_per_split
+    for n0 in range(0, rows_per_split, BLOCK_N):
+        rows = start + n0 + tl.arange(0, BLOCK_N)
+        rmask = (rows < N) & (n0 + tl.arange(0, BLOCK_N) < rows_per_split)
+        gt = tl.load(g_ptr + rows[None, :] * stride_g + es[:, None],
+                     mask=rmask[None, :] & (es[:, None] < E), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=rmask[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+        acc += tl.dot(gt, x, input_precision="ieee")
+    out = part_ptr + split.to(tl.int64) * E * D + es[:, None] * D + cols[None, :]
+    tl.store(out, acc, mask=(es[:, None] < E) & (cols[None, :] < D))
+
+
+BLOCK_N, BLOCK_D = 32, 64
+N_SPLIT = 32
+
+
+def _block_e(e: int) -> int:
+    return max(16, triton.next_power_of_2(e))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def router_logits_fwd_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """logits (N, E) fp32 of x (N, D), w (E, D) fp32."""
+    x, w = _rows(x), _rows(w)
+    n, d = x.shape
+    e = w.shape[0]
+    out = torch.empty(n, e, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out
+    _logits_fwd_kernel[(triton.cdiv(n, BLOCK_N),)](x, w, out, n, d, e, x.stride(0), w.stride(0), out.stride(0),
+                                                  BLOCK_N=BLOCK_N, BLOCK_E=_block_e(e), BLOCK_D=BLOCK_D)
+    return out
+
+
+def router_logits_bwd_triton(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_dx: bool = True,
+                             need_dw: bool = True):
+    """(dx in x's dtype or None, dw (E, D) fp32 or None) for dlogits g (N, E) fp32."""
+    g, x, w = _rows(g.float()), _rows(x), _rows(w)
+    n, d = x.shape
+    e = w.shape[0]
+    be = _block_e(e)
+    dx = dw = None
+    if need_dx:
+        dx = torch.empty(n, d, dtype=x.dtype, device=x.device)
+        if n:
+            _logits_dx_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))](
+                g, w, dx, n, d, e, g.stride(0), w.stride(0), dx.stride(0),
+                BLOCK_N=BLOCK_N, BLOCK_E=be, BLOCK_D=BLOCK_D)
+    if need_dw:
+        splits = max(1, min(N_SPLIT, triton.cdiv(n, BLOCK_N)))
+        rows_per_split = triton.cdiv(max(n, 1), splits)
+        part = torch.empty(splits, e, d, dtype=torch.float32, device=x.device)
+        _logits_dw_kernel[(triton.cdiv(d, BLOCK_D), splits)](
+            g, x, part, n, d, e, rows_per_split, g.stride(0), x.stride(0),
+            BLOCK_N=BLOCK_N, BLOCK_E=be, BLOCK_D=BLOCK_D)
+        dw = part.sum(0)
+    return dx, dw

@@ -10,6 +10,12 @@ every row of the batch: prompts have equal lengths).
     cache.save("doc.cartridge")          # safetensors: every state tensor + metadata
     cache = hs.load_cache("doc.cartridge", model)   # continue exactly where it was
 
+State tensors are updated in two ways: the ordinary forward may *replace* a dict entry (Mamba's
+functional kernels return new states; attention writes its KV buffers in place), and the
+static-buffer decode step (``hybridseq.decode_graph.GraphedDecodeStep``, CUDA graphs) writes
+fixed tensors in place and re-binds replaced entries to them before each step. Either way
+``states`` always holds the current state, so ``save`` works at any point.
+
 The file holds tensors ``layers.<i>.<name>`` and string metadata: ``format``
 ("hybridseq-cache"), ``hybridseq_version``, ``config_hash`` (``hybridseq.config.config_hash`` of
 the model's config), ``weights_fingerprint`` (a checksum of the weights the state was computed
@@ -163,6 +169,6 @@ class HybridCache:
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise HybridSeqError(f"{path}: {name} has shape {tuple(t.shape)}, the model "
                                      f"expects {tuple(expected[name].shape)}")
-            cache.states[int(i)][key] = t.to(device=device, dtype=expected[name].dtype)
+            expected[name].copy_(t)  # into the fresh cache's own buffers (dtype/device cast)
         cache.seqlen_offset = int(meta["seqlen_offset"])
         return cache

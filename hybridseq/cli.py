@@ -210,6 +210,7 @@ def cmd_generate(args) -> int:
         kwargs["top_p"] = args.top_p
     if args.eos is not None:
         kwargs["eos_token_id"] = args.eos
+    kwargs["cuda_graph"] = {"auto": "auto", "on": True, "off": False}[args.cuda_graph]
     with torch.no_grad():
         out = model.generate(prompt, **kwargs)
     new = out[0, len(ids):].tolist() if out.shape[1] > len(ids) else out[0].tolist()
@@ -310,6 +311,9 @@ def _args_generate(g):
     g.add_argument("--eos", type=int, default=None, help="stop a row at this token id")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    g.add_argument("--cuda-graph", nargs="?", const="on", choices=("auto", "on", "off"),
+                   default="auto", help="decode steps in one CUDA graph (auto: on CUDA when every "
+                   "block can be captured; --cuda-graph alone: on)")
     g.add_argument("--tokens", choices=("auto", "bytes", "ids"), default="auto",
                    help="how to read --prompt (auto: bytes for byte-level text models)")
 

@@ -1,7 +1,8 @@
 """Autoregressive sampling with the hybrid inference cache.
 
 ``generate(model, prompt_ids, max_new_tokens, ...)`` prefills the (B, P) prompts (equal lengths)
-in one forward, then decodes one token per step through ``model(next_ids, cache=cache)``:
+in one forward, then decodes one token per step through ``model(next_ids, cache=cache)`` (or
+its CUDA graph, see ``cuda_graph`` below):
 constant work per token for Mamba layers, a KV read for attention layers.
 
 Sampling of each step's logits (the padded vocabulary entries are never drawn):
@@ -11,12 +12,24 @@ Sampling of each step's logits (the padded vocabulary entries are never drawn):
   likely token always stays), then one draw from the softmax.
 Rows that produced ``eos_token_id`` are finished: they get ``eos_token_id`` from then on, and
 generation stops early once every row is finished. Returns (B, P + n) with n <= max_new_tokens.
+
+``cuda_graph`` (the decode steps after the prefill; the batch stays fixed, finished rows keep
+decoding eos): ``True``: one CUDA graph per call (``hybridseq.decode_graph.GraphedDecodeStep``,
+captured after the prefill; an error when the model is not on CUDA or a block cannot be
+captured, see ``graph_blockers``); ``False``: the ordinary ``model(next_ids, cache=cache)``;
+``"auto"`` (default): the graph on CUDA when nothing blocks it and ``max_new_tokens >=
+AUTO_GRAPH_MIN_TOKENS`` (8, a guess: warm-up + capture cost about three eager steps), else
+the ordinary loop (also, with a warning, when the capture itself fails); ``"static"``: the graph's
+static-buffer step run eagerly (no capture; any device: for tests and debugging). Sampling
+runs outside the graph.
 """
 from __future__ import annotations
 
 import torch
 
 from .errors import HybridSeqError
+
+AUTO_GRAPH_MIN_TOKENS = 8
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -50,7 +63,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | None = None, cache=None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, cuda_graph="auto") -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` (B, P), P >= 1.
 
     ``cache``: continue from an existing cache (e.g. a loaded state cartridge) instead of a fresh
@@ -60,6 +73,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
         raise HybridSeqError(f"prompt_ids must be (batch, length >= 1), got {tuple(prompt_ids.shape)}")
     if max_new_tokens < 0:
         raise HybridSeqError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if cuda_graph not in (True, False, "auto", "static"):
+        raise HybridSeqError(f"cuda_graph must be True, False, 'auto' or 'static', got {cuda_graph!r}")
     B, P = prompt_ids.shape
     if max_new_tokens == 0:
         return prompt_ids
@@ -74,6 +89,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
         out = [prompt_ids]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         logits = model(prompt_ids, cache=cache, logits_to_keep=1).logits[:, -1]
+        decode = _decode_fn(model, cache, cuda_graph, max_new_tokens)
         for step in range(max_new_tokens):
             if real_vocab is not None and logits.shape[-1] > real_vocab:
                 logits = logits.clone()
@@ -85,7 +101,39 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
             out.append(nxt[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = model(nxt[:, None], cache=cache).logits[:, -1]
+            logits = decode(nxt)
         return torch.cat(out, dim=1)
     finally:
         model.train(was_training)
+
+
+def _decode_fn(model, cache, cuda_graph, max_new_tokens: int):
+    """The one-token step ``ids (B,) -> logits (B, V)`` that ``generate`` uses (see its docstring
+    for ``cuda_graph``)."""
+    from .decode_graph import GraphedDecodeStep, graph_blockers
+
+    device = next(model.parameters()).device
+    use = cuda_graph
+    if cuda_graph == "auto":
+        use = (device.type == "cuda" and max_new_tokens >= AUTO_GRAPH_MIN_TOKENS
+               and not graph_blockers(model, device, model.embed.weight.dtype))
+    elif cuda_graph is True:
+        blockers = graph_blockers(model, device, model.embed.weight.dtype)
+        if blockers:
+            raise HybridSeqError("generate(cuda_graph=True): " + "; ".join(blockers))
+    if use is True or use == "static":
+        if max_new_tokens <= 1:
+            return None  # no step after the prefill
+        try:
+            return GraphedDecodeStep(model, cache, capture=use is True)
+        except HybridSeqError as e:
+            if cuda_graph != "auto":
+                raise
+            import warnings
+
+            warnings.warn(f"generate: decoding without a CUDA graph ({e})", RuntimeWarning)
+
+    def ordinary(nxt):
+        return model(nxt[:, None], cache=cache).logits[:, -1]
+
+    return ordinary

@@ -166,3 +166,18 @@ def test_bench_attention_runs_on_cpu():
     for name in ("auto", "sdpa", "torch"):
         assert by[name]["status"] == "ok" and by[name]["fwd_bwd_TFLOPs"] > 0
     assert max(r.get("pct_of_best", 0) for r in rows) == 100.0
+
+
+def test_auto_never_picks_compiled_flex_below_head_dim_16():
+    """inductor's FlexAttention kernel refuses head_dim < 16 (seen on an H100): auto falls back to
+    SDPA with a mask for a sliding window or documents, and an explicit flex is refused clearly."""
+    from hybridseq.blocks.attention_backends import backend_available, select_backend
+    from hybridseq.errors import HybridSeqError
+
+    if not backend_available("flex", "cuda", head_dim=64)[0]:
+        pytest.skip("FlexAttention is not importable in this torch")
+    assert select_backend("auto", "cuda", torch.bfloat16, 64, 128, True)[0] == "flex"
+    assert select_backend("auto", "cuda", torch.bfloat16, 8, 128, True)[0] == "sdpa"
+    assert select_backend("auto", "cuda", torch.bfloat16, 8, None, True, documents=True)[0] == "sdpa"
+    with pytest.raises(HybridSeqError, match="head_dim >= 16"):
+        select_backend("flex", "cuda", torch.bfloat16, 4, 128, True)

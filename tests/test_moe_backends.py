@@ -11,6 +11,7 @@ from conftest import requires_cuda
 
 
 def _grads(blk, x):
+    blk.zero_grad(set_to_none=True)  # a second call on one block must not accumulate
     x = x.detach().clone().requires_grad_(True)
     y = blk(x)
     (y * torch.linspace(-1, 1, y.numel(), device=y.device, dtype=y.dtype).view_as(y)).sum().add(blk.aux_loss).backward()

@@ -19,7 +19,18 @@ from (initial_state, x) with PyTorch ops, so autograd differentiates it without 
 Tiles are (rows of time) x (channels); channels are the contiguous axis, so every load is a
 coalesced row. The w shifted loads of one tile overlap and are served by L1/L2. Measured on an
 H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU): forward 0.104 ms kernel time, the same as a
-device copy of the same bytes in that run (0.106 ms).
+device copy of the same bytes in that run (0.106 ms; 0.0907 in a later run, the kernel 0.1035).
+Interior tiles (no state, halo and rows inside x) then got an unmasked path with 32-bit in-tile
+offsets, and no channel masks where the tile width divides dim (EVEN_D); the forward tile can be
+pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS (``hybridseq bench conv --sweep`` times candidates).
+A second forward variant, "roll" (pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS,roll; no state,
+w <= 4), walks a program's rows in order with the last w-1 input rows kept in registers, so each
+input row is loaded once instead of w times; unmeasured as of 2026-11-22 16:10 UTC, so the
+autotuned tile variant stays the default.
+
+``causal_conv1d_fwd`` / ``causal_conv1d_bwd``: the kernels without autograd, for fused callers
+(the Mamba block's conv + projections node); the backward can write dx into a given strided
+buffer (the x half of the in_proj gradient).
 
 Backward: one fused kernel, one pass over x and dy, one write of dx. A program owns a chunk of
 ``BWD_CHUNK_ROWS`` rows of xc and walks it in tiles. g is computed once per row and shifted
@@ -41,7 +52,8 @@ import triton.language as tl
 
 from ._utils import check_causal_conv1d_args, check_causal_conv1d_update_args
 
-__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
+__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "causal_conv1d_fwd",
+           "causal_conv1d_bwd"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -76,27 +88,127 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
                      L, D,
                      sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, syb, syl, syd,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
-                     SILU: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
-    """y rows [pid_l*BL, +BL) x channels [pid_d*BD, +BD) of batch pid_b: one load per tap."""
+                     SILU: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
+                     EVEN_D: tl.constexpr):
+    """y rows [pid_l*BL, +BL) x channels [pid_d*BD, +BD) of batch pid_b: one load per tap.
+
+    Interior tiles (all w-1 halo rows and all BL rows inside x; no initial state) take an
+    unmasked path with 32-bit in-tile offsets from a 64-bit tile base; with EVEN_D (BD divides
+    D) no channel mask either. Edge tiles keep the general masked path."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    t = pid_l * BL + tl.arange(0, BL)
+    r = tl.arange(0, BL)
+    t = pid_l * BL + r
     c = pid_d * BD + tl.arange(0, BD)
     cmask = c < D
-    x_base = x_ptr + pid_b * sxb
-    s_base = s_ptr + pid_b * ssb
     acc = tl.zeros((BL, BD), dtype=tl.float32)
-    for k in tl.static_range(W):
-        wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
-        xv = _load_xc(x_base, s_base, t + k, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
-        acc += xv * wk[None, :]
+    t0 = pid_l * BL
+    interior = (t0 >= W - 1) & (t0 + BL <= L)
+    if HAS_STATE:  # rows before x come from the state: the general path
+        interior = interior & (t0 < 0)
+    if interior:
+        xb = x_ptr + pid_b * sxb + (t0 - (W - 1)).to(tl.int64) * sxl
+        offs = r[:, None] * sxl + c[None, :] * sxd
+        for k in tl.static_range(W):
+            if EVEN_D:
+                wk = tl.load(w_ptr + c * swd + k * swk).to(tl.float32)
+                xv = tl.load(xb + k * sxl + offs).to(tl.float32)
+            else:
+                wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
+                xv = tl.load(xb + k * sxl + offs, mask=cmask[None, :], other=0.0).to(tl.float32)
+            acc += xv * wk[None, :]
+    else:
+        x_base = x_ptr + pid_b * sxb
+        s_base = s_ptr + pid_b * ssb
+        for k in tl.static_range(W):
+            wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
+            xv = _load_xc(x_base, s_base, t + k, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+            acc += xv * wk[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if EVEN_D:
+            acc += tl.load(b_ptr + c).to(tl.float32)[None, :]
+        else:
+            acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
-    y_ptrs = y_ptr + pid_b * syb + t.to(tl.int64)[:, None] * syl + c[None, :] * syd
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
+    out = acc.to(y_ptr.dtype.element_ty)
+    y_ptrs = (y_ptr + pid_b * syb + t0.to(tl.int64) * syl) + (r[:, None] * syl + c[None, :] * syd)
+    full = t0 + BL <= L
+    if not EVEN_D:
+        full = full & (t0 < 0)
+    if full:
+        tl.store(y_ptrs, out)
+    else:
+        tl.store(y_ptrs, out, mask=(t < L)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_fwd_roll_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                          L, D,
+                          sxb, sxl, sxd, swd, swk, syb, syl, syd,
+                          W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                          BL: tl.constexpr, BD: tl.constexpr, U: tl.constexpr):
+    """The "roll" forward variant (no state, w <= 4): rows [pid_l*BL, +BL) x channels
+    [pid_d*BD, +BD). A program walks its rows in order, one (BD,) row vector per step, U rows
+    unrolled per loop trip, and keeps the last w-1 input rows in registers: every input row is
+    loaded once (plus w-1 halo rows per program), where the tile variant loads each row w times
+    (L1 hits). y[t] = bias + w[w-1] x[t] + w[w-2] x[t-1] + w[w-3] x[t-2] + w[w-4] x[t-3]."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    c = pid_d * BD + tl.arange(0, BD)
+    cmask = c < D
+    xb = x_ptr + pid_b * sxb + c * sxd
+    yb = y_ptr + pid_b * syb + c * syd
+    wl = tl.load(w_ptr + c * swd + (W - 1) * swk, mask=cmask, other=0.0).to(tl.float32)
+    w1 = wl
+    w2 = wl
+    w3 = wl
+    if W > 1:
+        w1 = tl.load(w_ptr + c * swd + (W - 2) * swk, mask=cmask, other=0.0).to(tl.float32)
+    if W > 2:
+        w2 = tl.load(w_ptr + c * swd + (W - 3) * swk, mask=cmask, other=0.0).to(tl.float32)
+    if W > 3:
+        w3 = tl.load(w_ptr + c * swd + (W - 4) * swk, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BD,), dtype=tl.float32)
+    t0 = pid_l * BL
+    # x[t0-1], x[t0-2], x[t0-3] (0 before the sequence start)
+    h1 = tl.zeros((BD,), dtype=tl.float32)
+    tz = tl.zeros((BD,), dtype=tl.int32)  # t0 broadcast to a vector for the halo masks
+    h2 = h1
+    h3 = h1
+    if W > 1:
+        h1 = tl.load(xb + (t0 - 1).to(tl.int64) * sxl, mask=cmask & (tz + t0 >= 1),
+                     other=0.0).to(tl.float32)
+    if W > 2:
+        h2 = tl.load(xb + (t0 - 2).to(tl.int64) * sxl, mask=cmask & (tz + t0 >= 2),
+                     other=0.0).to(tl.float32)
+    if W > 3:
+        h3 = tl.load(xb + (t0 - 3).to(tl.int64) * sxl, mask=cmask & (tz + t0 >= 3),
+                     other=0.0).to(tl.float32)
+    end = tl.minimum(t0 + BL, L)
+    for i in range(t0, end, U):
+        for j in tl.static_range(U):
+            t = i + j
+            m = cmask & (tz + t < end)
+            xv = tl.load(xb + t.to(tl.int64) * sxl, mask=m, other=0.0).to(tl.float32)
+            acc = bias + wl * xv
+            if W > 1:
+                acc += w1 * h1
+            if W > 2:
+                acc += w2 * h2
+            if W > 3:
+                acc += w3 * h3
+            if SILU:
+                acc = acc / (1.0 + tl.exp(-acc))
+            tl.store(yb + t.to(tl.int64) * syl, acc.to(y_ptr.dtype.element_ty), mask=m)
+            h3 = h2
+            h2 = h1
+            h1 = xv
 
 
 @triton.jit
@@ -370,16 +482,54 @@ BWD_CONFIGS = [
     for bl, bd, nw, gather in ((16, 64, 4, 0), (8, 128, 4, 0), (32, 32, 4, 1), (16, 64, 8, 1),
                                (16, 64, 4, 1))
 ]
+# EVEN_D (BD divides D: no channel masks) follows from each config's BD
+_conv_fwd_heur = triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BD"] == 0})(_conv_fwd_kernel)
 _conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
-    _conv_fwd_kernel)
+    _conv_fwd_heur)
 _conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_bwd_kernel)
 # Under the interpreter (CPU tests) one small tile, no autotuning.
 _INTERP_META = {"BL": 32, "BD": 32, "num_warps": 1}
 _INTERP_BWD = {"GATHER": 1}  # the backward's variant under the interpreter (tests set both)
+_INTERP_FWD = {"ROLL": False}  # the forward's variant under the interpreter (tests set it)
 # Autotuned choices, so that later launches skip the autotuner's Python overhead:
 # (kind, D, W, HAS_STATE, SILU, dtypes, device) -> (config kwargs, num_warps).
 _TUNED: dict = {}
+# Forward tiles that ``hybridseq bench conv --sweep`` times one by one (a superset of
+# FWD_CONFIGS: taller tiles now that interior tiles load unmasked, and 2/8 warps), (BL, BD, warps).
+# The roll variant (BL rows walked in order per program, BD = 256 * warps gives each thread
+# 8 channels, one 16-byte bf16 vector) is only reachable by a pin.
+SWEEP_FWD_CONFIGS = [(32, 128, 4, False), (16, 256, 4, False), (64, 128, 4, False),
+                     (32, 256, 4, False), (64, 64, 2, False), (32, 128, 2, False),
+                     (64, 128, 8, False), (128, 128, 8, False), (64, 256, 8, False),
+                     (64, 512, 2, True), (128, 512, 2, True), (64, 1024, 4, True),
+                     (32, 512, 2, True), (128, 256, 1, True)]
+_ROLL_UNROLL = 4  # rows per loop trip of the roll variant
+FWD_PIN_ENV = "HYBRIDSEQ_CONV_FWD"
+
+
+def parse_fwd_pin(text):
+    """``"BL,BD,NUM_WARPS"`` (tile variant) or ``"BL,BD,NUM_WARPS,roll"`` (the rolling variant,
+    used without a state and for w <= 4), powers of two -> (BL, BD, num_warps, roll); None for
+    an empty string."""
+    if not text:
+        return None
+    parts = text.replace("x", ",").split(",")
+    roll = len(parts) == 4 and parts[3].strip().lower() == "roll"
+    try:
+        if len(parts) != 3 + roll:
+            raise ValueError
+        bl, bd, nw = (int(v) for v in parts[:3])
+    except ValueError:
+        raise ValueError(f"{FWD_PIN_ENV}={text!r}: expected BL,BD,NUM_WARPS[,roll], e.g. 32,128,4"
+                         ) from None
+    if any(v < 1 or v & (v - 1) for v in (bl, bd, nw)):
+        raise ValueError(f"{FWD_PIN_ENV}={text!r}: BL, BD and NUM_WARPS must be powers of two")
+    return bl, bd, nw, roll
+
+
+# The forward tile pinned by the environment (no autotuning), or None: autotune FWD_CONFIGS.
+FWD_PIN = parse_fwd_pin(os.environ.get(FWD_PIN_ENV, ""))
 
 
 def _launch(kernel, tuned, grid_fn, args, consts, key):
@@ -413,17 +563,36 @@ def _launch_fwd(x, weight, bias, state, silu):
     consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu)
     grid_fn = lambda META: (triton.cdiv(l, META["BL"]), triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
-        _conv_fwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
+        hit = (dict(_INTERP_META, ROLL=True), 1) if _INTERP_FWD["ROLL"] else None
     else:
         key = fwd_key(x, weight, state, silu)
-        _launch(_conv_fwd_kernel, _conv_fwd_tuned, grid_fn, args, consts, key)
+        if FWD_PIN is not None and key not in _TUNED:
+            _TUNED[key] = ({"BL": FWD_PIN[0], "BD": FWD_PIN[1], "ROLL": FWD_PIN[3]}, FWD_PIN[2])
+        hit = _TUNED.get(key)
+    if hit is not None and hit[0].get("ROLL") and state is None and w <= 4:
+        meta, nw = hit
+        _conv_fwd_roll_kernel[grid_fn(meta)](
+            x, weight, bias if bias is not None else weight, y, l, d, *x.stride(),
+            *weight.stride(), *y.stride(), W=w, HAS_BIAS=bias is not None, SILU=silu,
+            BL=meta["BL"], BD=meta["BD"], U=_ROLL_UNROLL, num_warps=nw)
+        return y
+    if hit is not None and hit[0].get("ROLL"):  # a state or w > 4: the tile variant's default
+        hit = ({"BL": 32, "BD": 128}, 4)
+    if _INTERPRET:
+        _conv_fwd_heur[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
+    elif hit is not None:
+        meta, nw = hit
+        _conv_fwd_heur[grid_fn(meta)](*args, **consts, BL=meta["BL"], BD=meta["BD"],
+                                      num_warps=nw)
+    else:
+        _launch(_conv_fwd_heur, _conv_fwd_tuned, grid_fn, args, consts, key)
     return y
 
 
-def _launch_bwd(x, weight, bias, state, dy, silu):
+def _launch_bwd(x, weight, bias, state, dy, silu, dx_out=None):
     b, l, d = x.shape
     w = weight.shape[1]
-    dx = _alloc((b, l, d), dtype=x.dtype, device=x.device)
+    dx = _alloc((b, l, d), dtype=x.dtype, device=x.device) if dx_out is None else dx_out
     ds = (_alloc((b, w - 1, d), dtype=state.dtype, device=x.device)
           if state is not None else None)
     chunk = BWD_CHUNK_ROWS
@@ -449,6 +618,35 @@ def _launch_bwd(x, weight, bias, state, dy, silu):
     dweight = dw_part.sum(0).t().to(weight.dtype)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias, ds
+
+
+def causal_conv1d_fwd(x, weight, bias=None, silu=False):
+    """The forward kernel alone, no autograd (for fused callers such as the Mamba block):
+    y (b, l, d) new contiguous tensor in x's dtype. x may be a strided view (channel stride 1
+    for speed); no initial state."""
+    if not _conv_args_plain(x, weight, bias, "silu" if silu else None, None):
+        check_causal_conv1d_args("causal_conv1d_fwd", x, weight, bias, None, None)
+    return _launch_fwd(x, weight, bias, None, bool(silu))
+
+
+def causal_conv1d_bwd(x, weight, bias, dy, silu=False, dx_out=None):
+    """The backward kernel alone, no autograd: (dx, dweight, dbias) of ``causal_conv1d_fwd``
+    for the output gradient dy (b, l, d). ``dx_out``: an optional (b, l, d) buffer in x's dtype,
+    any strides (e.g. the x-half of a (b, l, 2d) projection gradient), written in full and
+    returned as dx, so the caller needs no copy. dbias is None without a bias."""
+    b, l, d = x.shape
+    if dx_out is not None and (dx_out.shape != x.shape or dx_out.dtype != x.dtype
+                               or dx_out.device != x.device):
+        raise ValueError(f"causal_conv1d_bwd: dx_out must be {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}, got {tuple(dx_out.shape)} {dx_out.dtype} on {dx_out.device}")
+    if dy.shape != x.shape:
+        raise ValueError(f"causal_conv1d_bwd: dy must have x's shape {tuple(x.shape)}, got "
+                         f"{tuple(dy.shape)}")
+    if b == 0 or l == 0 or d == 0:
+        dx = dx_out if dx_out is not None else torch.zeros_like(x)
+        return dx, torch.zeros_like(weight), (torch.zeros_like(bias) if bias is not None else None)
+    dx, dweight, dbias, _ = _launch_bwd(x, weight, bias, None, dy, bool(silu), dx_out=dx_out)
+    return dx, dweight, dbias
 
 
 class _CausalConv1dFn(torch.autograd.Function):

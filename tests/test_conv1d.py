@@ -95,6 +95,17 @@ def test_ref_update_does_not_modify_state():
 
 # --------------------------------------------------------------------------- Triton (interpreter)
 
+def _few_tiles(monkeypatch, mod):
+    """Compiled runs: one forward tile and one backward tile per variant (GATHER 0 and 1), and
+    an empty cache of tuned choices, so each test autotunes among these only."""
+    monkeypatch.setattr(mod._conv_fwd_tuned, "configs", mod.FWD_CONFIGS[:1])
+    monkeypatch.setattr(mod._conv_bwd_tuned, "configs",
+                        [c for c in mod.BWD_CONFIGS if c.kwargs["BL"] in (16, 32)
+                         and c.num_warps == 4][:2])
+    monkeypatch.setattr(mod, "_TUNED", {})
+    monkeypatch.setattr(mod, "FWD_PIN", None)
+
+
 @pytest.fixture
 def conv_mod(monkeypatch):
     """The Triton module with small tiles and chunks (at seqlen 67: three backward chunks of two
@@ -105,6 +116,8 @@ def conv_mod(monkeypatch):
     monkeypatch.setattr(mod, "BWD_CHUNK_ROWS", 32)
     monkeypatch.setattr(mod, "_alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
+    if torch.cuda.is_available():  # autotune over fewer tiles: fewer compiles in the GPU run
+        _few_tiles(monkeypatch, mod)
     # compiled kernels on CUDA when there is one, else the interpreter on CPU tensors
     torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
     yield mod
@@ -130,6 +143,9 @@ CASES = [
     (5, 5, True, True, True, True, 8),
     (30, 6, False, True, True, True, 8),
     (30, 6, True, False, False, True, 8),
+    # dim a multiple of the tile (the forward's unmasked EVEN_D path) and interior tiles
+    (67, 4, True, True, False, True, 64),
+    (50, 3, False, False, True, False, 32),
 ]
 
 
@@ -257,3 +273,36 @@ def test_bench_conv_smoke(conv_mod):
             assert r["fwd_ms"] > 0
         if r["op"] == "conv":
             assert r["fwdbwd_ms"] > 0 and r["bwd_ms"] > 0
+
+
+def test_fwd_pin_parses_and_names_the_variable(conv_mod):
+    assert conv_mod.parse_fwd_pin("") is None
+    assert conv_mod.parse_fwd_pin("64,128,8") == (64, 128, 8, False)
+    assert conv_mod.parse_fwd_pin("32x256x4") == (32, 256, 4, False)
+    assert conv_mod.parse_fwd_pin("64,512,2,roll") == (64, 512, 2, True)
+    for bad in ("32,128", "32,100,4", "a,b,c", "32,128,4,fast"):
+        with pytest.raises(ValueError, match=conv_mod.FWD_PIN_ENV):
+            conv_mod.parse_fwd_pin(bad)
+
+
+@pytest.mark.parametrize("l,w,bias,silu,d", [(1, 4, True, True, 8), (5, 1, False, True, 8),
+                                             (67, 4, True, True, 64), (67, 3, False, False, 8),
+                                             (40, 2, True, False, 40)])
+def test_roll_forward_matches_ref(conv_mod, monkeypatch, l, w, bias, silu, d):
+    """The rolling forward variant (pinned; rows carried in registers across a program's rows,
+    halo across programs at seqlen 67 with 16-row programs); with a state the tile variant runs."""
+    monkeypatch.setitem(conv_mod._INTERP_FWD, "ROLL", True)  # interpreter
+    monkeypatch.setattr(conv_mod, "FWD_PIN", (16, 32, 1, True))  # compiled
+    x = torch.randn(2, l, d)
+    weight = torch.randn(d, w)
+    bi = torch.randn(d) if bias else None
+    act = "silu" if silu else None
+    y = causal_conv1d(x, weight, bi, act, impl="triton")
+    ref = causal_conv1d_ref(x.double(), weight.double(), bi.double() if bias else None, act)
+    assert rel(y, ref) < 1e-6
+    if w > 1:
+        st = torch.randn(2, w - 1, d)
+        y = causal_conv1d(x, weight, bi, act, initial_state=st, impl="triton")
+        ref = causal_conv1d_ref(x.double(), weight.double(), bi.double() if bias else None, act,
+                                initial_state=st.double())
+        assert rel(y, ref) < 1e-6

@@ -4,6 +4,13 @@ Default: d_model 1024, batch 8, seqlen 2048, bf16 (the Mamba block of the kernel
 Rows: ``mamba`` with ``impl`` triton and torch (chunked PyTorch scan), ``attention`` (auto
 backend; ``--attn-impls`` for more), ``moe`` (``--moe-impls``), ``mlp``. ``TFLOPs`` uses the
 block's closed-form ``flops_per_token`` (x3 for forward+backward).
+
+Timed regions (unchanged since the first BENCHMARKS.md entry, so rows compare across runs): ``fwd``
+is ``blk(x)`` under ``no_grad``; ``fwd+bwd`` is ``torch.autograd.grad(blk(x), [x, *params], dy)``,
+bf16 parameters (A_log, D, dt bias fp32), no autocast; ``common.time_fn`` medians, L2 flushed.
+``--mamba-impls triton-unfused`` is the Triton block with plain autograd around the kernels
+(``MambaBlock.fuse = False``: the path before the fused conv/x_proj/dt_proj node), for an in-run
+before/after. ``--profile`` prints, per Mamba row, every kernel of one fwd+bwd (torch.profiler).
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="print the kernels of one Mamba fwd+bwd (torch.profiler) per impl")
 
 
 def _specs(args):
@@ -38,6 +47,27 @@ def _specs(args):
     yield from (("moe", {"n_experts": args.experts, "top_k": args.top_k, "impl": i})
                 for i in args.moe_impls.split(",") if i)
     yield "mlp", {}
+
+
+def _profile(fn, label, device) -> None:
+    """Print the kernels (CUDA) or ops (CPU) of one ``fn()`` with their self times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=acts) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        ev = prof.key_averages()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        try:
+            table = ev.table(sort_by=key, row_limit=40)
+        except Exception:  # newer torch names it device time
+            table = ev.table(sort_by="self_device_time_total", row_limit=40)
+        print(f"== profile: {label} (one fwd+bwd)\n{table}", flush=True)
+    except Exception as e:  # the profile is a diagnostic: never fail the bench on it
+        print(f"== profile: {label}: failed: {type(e).__name__}: {e}", flush=True)
 
 
 def run(args) -> list[dict]:
@@ -53,7 +83,12 @@ def run(args) -> list[dict]:
             continue
         row = {"block": kind, "impl": spec.get("impl", "-"), "shape": f"B{b} L{l} d{d}"}
         try:
+            unfused = kind == "mamba" and spec["impl"] == "triton-unfused"
+            if unfused:
+                spec = {**spec, "impl": "triton"}
             blk = build_block(kind, d, spec).to(device=device, dtype=dtype)
+            if unfused:
+                blk.fuse = False
             x = torch.randn(b, l, d, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn(b, l, d, device=device, dtype=dtype)
             params = [p for p in blk.parameters() if p.requires_grad]
@@ -68,6 +103,8 @@ def run(args) -> list[dict]:
             fwd_bwd()
             t_f = time_fn(fwd, iters=args.iters, device=device)["median_ms"]
             t_fb = time_fn(fwd_bwd, iters=args.iters, device=device)["median_ms"]
+            if args.profile and kind == "mamba":
+                _profile(fwd_bwd, f"mamba {row['impl']}", device)
         except Exception as e:  # an impl that cannot run here: say why, keep going
             rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:90]}"})
             continue

@@ -14,6 +14,8 @@ cache flush, so they include the Python launch overhead that the GPU waits for a
 Gradients are taken with ``torch.autograd.grad`` (nothing accumulates into ``.grad``);
 ``bwd_ms`` is the backward alone (``retain_graph`` on one forward's graph).
 ``graph_ms`` replays the forward 10 times in a CUDA graph (no launch gaps): the kernel's own time.
+``--sweep`` forces each forward tile in turn through the shipped launch path (the module's tuned
+cache), so its ``graph_ms`` is what ``HYBRIDSEQ_CONV_FWD=BL,BD,WARPS`` would ship.
 ``*_GBps`` is the bandwidth of the fewest bytes (inputs read once, outputs written once); the
 ``copy (ceiling)`` row is a device copy of the same bytes, the in-run bandwidth ceiling.
 ``--check`` first compares every Triton output (and, for the conv, every gradient) with the
@@ -46,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="compare Triton with the reference at each shape (poisoned outputs)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time (and check) every forward block shape of the autotuner")
+                        help="also time (and check) forward tiles one by one (--fwd-configs)")
+    parser.add_argument("--fwd-configs", default=None,
+                        help="tiles for --sweep, 'BLxBDxWARPS[xroll],...' (default: the kernel "
+                             "module's SWEEP_FWD_CONFIGS); the env var "
+                             "HYBRIDSEQ_CONV_FWD=BL,BD,WARPS[,roll] pins the shipped forward to one")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu only for smoke tests under TRITON_INTERPRET=1")
 
@@ -115,6 +121,10 @@ def _best_configs() -> str | None:
     """The block shapes the Triton conv autotuner picked (fwd; bwd), for the record."""
     mod = importlib.import_module("hybridseq.kernels.causal_conv1d_triton")
     out = []
+    if getattr(mod, "FWD_PIN", None):
+        bl, bd, nw, roll = mod.FWD_PIN
+        out.append(f"fwd {'roll ' if roll else ''}BL{bl} BD{bd} w{nw} (pinned by "
+                   f"{mod.FWD_PIN_ENV})")
     for kind, tuner in (("fwd", getattr(mod, "_conv_fwd_tuned", None)),
                         ("bwd", getattr(mod, "_conv_bwd_tuned", None))):
         cfg = getattr(tuner, "best_config", None)
@@ -155,12 +165,17 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
     key = mod.fwd_key(x, weight, None, True)
     saved = mod._TUNED.get(key)
     rows, working = [], []
+    if args.fwd_configs:
+        tiles = [mod.parse_fwd_pin(t) for t in args.fwd_configs.split(",") if t]
+    else:
+        tiles = list(mod.SWEEP_FWD_CONFIGS)
     try:
-        for cfg in mod.FWD_CONFIGS:
-            kw = cfg.kwargs
-            name = f"BL{kw['BL']} BD{kw['BD']} w{cfg.num_warps}"
-            row = {"op": "conv_fwd_sweep", "shape": label, "dtype": args.dtype, "impl": name}
-            mod._TUNED[key] = (dict(kw), cfg.num_warps)
+        for bl, bd, nw, roll in tiles:
+            kw = {"BL": bl, "BD": bd, "ROLL": roll}
+            name = f"{'roll ' if roll else ''}BL{bl} BD{bd} w{nw}"
+            row = {"op": "conv_fwd_sweep", "shape": label, "dtype": args.dtype, "impl": name,
+                   "pin": f"{mod.FWD_PIN_ENV}={bl},{bd},{nw}{',roll' if roll else ''}"}
+            mod._TUNED[key] = (dict(kw), nw)
             try:
                 with torch.no_grad():
                     with _Poisoned("causal_conv1d_triton"):
@@ -170,7 +185,7 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
                     ms = _graph_ms(lambda: mod.causal_conv1d_triton(x, weight, bias, "silu"))
                 row["graph_ms"] = ms
                 row["fwd_GBps"] = fwd_bytes / ms / 1e6 if ms else None
-                working.append(cfg)
+                working.append((bl, bd, nw, roll))
             except Exception as e:  # a config that fails to compile: say so, go on
                 row["note"] = f"{type(e).__name__}: {e}"[:80]
             rows.append(row)
@@ -179,8 +194,10 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
             mod._TUNED.pop(key, None)
         else:
             mod._TUNED[key] = saved
-    if working and len(working) < len(mod.FWD_CONFIGS):
-        mod._conv_fwd_tuned.configs = working
+    ident = lambda c: (c.kwargs["BL"], c.kwargs["BD"], c.num_warps, False)  # noqa: E731
+    bad = ({ident(c) for c in mod.FWD_CONFIGS} - set(working)) & set(tiles)
+    if bad and len(bad) < len(mod.FWD_CONFIGS):  # drop tiles that fail here from the autotuner
+        mod._conv_fwd_tuned.configs = [c for c in mod.FWD_CONFIGS if ident(c) not in bad]
     del ref
     return rows
 

@@ -17,27 +17,70 @@ Saved for backward (only when a gradient is wanted): the inputs, y before the si
 dim, dstate), with CK chosen by ``_plan`` so that this is at most about 4 floats per (b, l, d)
 element: O(batch * seqlen * dim), never (b, l, d, n).
 
+Sequence split: when (batch x dim blocks) programs would leave the GPU's SMs idle, the backward
+(and, when enabled, the forward) cuts the sequence into S segments (``_split``; ``TUNING`` or
+the environment variables HYBRIDSEQ_SCAN_BWD_SPLIT / HYBRIDSEQ_SCAN_FWD_SPLIT override it). A
+light carry pass (selective_scan_triton_bwd_carry.py / _fwd_carry.py) first computes, for pieces
+of the other segments, the zero-carry adjoint at the piece start (backward) or state at the piece
+end (forward) and the piece's total decay; the main kernel then runs every (batch, dim block,
+segment) in parallel, each folding those carries into the adjoint / state entering it. Linear
+recurrences make this exact (up to float32 rounding).
+
 The cross-block reductions of the backward (gB, gC over dim blocks; gA, gD, g(delta_bias) over
-the batch) go through float32 partial buffers summed here, so results are deterministic run to
-run. Only where the gB / gC partials would outgrow about twice the (b, l, d) float32 activations
-(dstate > 16 with narrow dim blocks) do gB / gC use float32 atomics instead (not bit-for-bit
-reproducible).
+the batch and the segments) go through float32 partial buffers summed here, so results are
+deterministic run to run. Only where the gB / gC partials would outgrow about twice the
+(b, l, d) float32 activations (dstate > 16 with narrow dim blocks) do gB / gC use float32
+atomics instead (not bit-for-bit reproducible).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ._utils import check_selective_scan_args
 from .selective_scan_triton_bwd import _scan_bwd_kernel
+from .selective_scan_triton_bwd_carry import _scan_bwd_carry_kernel
 from .selective_scan_triton_fwd import _scan_fwd_kernel
+from .selective_scan_triton_fwd_carry import _scan_fwd_carry_kernel
 
-# Block shapes. ``TUNING["fwd"|"bwd"]`` = (BLOCK_T, BLOCK_D, NO, num_warps) overrides the
-# heuristic (used by the tests and by `hybridseq bench scan --sweep`); None: the heuristic.
+# Block shapes. ``TUNING["fwd"|"bwd"]`` = (BLOCK_T, BLOCK_D, NO, num_warps[, maxnreg])
+# overrides the heuristic (used by the tests and by `hybridseq bench scan --sweep`); None: the
+# heuristic. The optional maxnreg caps the registers per thread (backward only).
 # NO is the number of lanes that share one channel's states (each holds BLOCK_N / NO of them).
 # ``TUNING["ckpt"]`` overrides the checkpoint spacing target (steps, see _plan).
-TUNING: dict = {"fwd": None, "bwd": None, "ckpt": None}
-# Defaults: the fastest in the H100 sweeps of 2026-11-22 at B8 D2048 L2048 N16 bf16
-_DEFAULTS = {"fwd": (4, 8, 4, 1), "bwd": (4, 16, 4, 1)}
+# ``TUNING["split"]`` / ``TUNING["fwd_split"]``: the number of sequence segments S of the
+# backward / forward (None: the HYBRIDSEQ_SCAN_BWD_SPLIT / HYBRIDSEQ_SCAN_FWD_SPLIT environment
+# variable, else the heuristic ``_split``); ``TUNING["carry"]`` / ``TUNING["fwd_carry"]``: block
+# shapes of their carry passes (tuples as above); ``TUNING["carry_pieces"]``: the carry passes'
+# pieces per segment M (None: ``_carry_pieces``).
+TUNING: dict = {"fwd": None, "bwd": None, "ckpt": None, "carry": None, "split": None,
+                "carry_pieces": None, "fwd_carry": None, "fwd_split": None}
+# Defaults: the fastest in the H100 sweeps of 2026-11-22 at B8 D2048 L2048 N16 bf16 (the carry
+# passes: the main kernels' shapes, not swept yet)
+_DEFAULTS = {"fwd": (4, 8, 4, 1), "bwd": (4, 16, 4, 1), "carry": (4, 16, 4, 1),
+             "fwd_carry": (4, 8, 4, 1)}
+SPLIT_ENV = "HYBRIDSEQ_SCAN_BWD_SPLIT"
+FWD_SPLIT_ENV = "HYBRIDSEQ_SCAN_FWD_SPLIT"
+# Split heuristic (``_split``), per direction. fill = (batch x dim blocks programs x warps) /
+# (SMs x resident warps per SM of the main kernel: the backward's is register-limited, see
+# _resident_warps (8 with the default blocks, as Nsight saw on the H100, 2026-11-22: 1.94 per
+# scheduler, 4 schedulers); the forward's (115 registers: 16 or 17) is fixed here). S = 1 when
+# fill >= "below"; else the smallest power of two with fill * S >= "target"; at most _SPLIT_MAX
+# segments of at least _SPLIT_MIN_STEPS steps. (H100, default blocks: backward fill 0.97 at
+# B8 D2048 -> S = 1, 0.48 at B2 D4096 -> S = 2.) Measured on an H100 (2026-11-22, bf16, same run,
+# scripts/final_scan.sh): B2 D4096 L8192 N16 backward S = 1/2/4/8: fwd+bwd 9.31/7.61/7.99/8.23 ms;
+# forward S = 1/2/4: fwd 1.47/1.22/1.42 ms; B8 D2048 L2048 N16 stays fastest at S = 1 both ways.
+_SPLIT = {"bwd": {"below": 0.9, "target": 0.9},
+          "fwd": {"below": 0.9, "target": 0.9, "warps_per_sm": 16}}
+_SPLIT_MAX = 8
+_SPLIT_MIN_STEPS = 512
+# Carry passes: each segment is cut into M pieces (one program each, run in parallel) so that
+# their programs reach _CARRY_WARPS_PER_SM warps per SM (about two waves: the carry kernels use
+# 80-138 registers, 14-25 resident warps), pieces at least _CARRY_MIN_STEPS steps long.
+_CARRY_WARPS_PER_SM = 32
+_CARRY_MAX_PIECES = 16
+_CARRY_MIN_STEPS = 128
 # Checkpoint spacing (see _plan): at most _CKPT_FLOATS saved state floats per (b, l, d)
 # element where _MAX_SUBCHUNKS backward chunks per checkpoint allow it.
 _CKPT_FLOATS = 4
@@ -45,7 +88,7 @@ _MAX_SUBCHUNKS = 16
 # gB / gC go through per-dim-block partials while n_dblocks * dstate <= this * dim.
 _PARTIAL_LIMIT = 2
 # Per-thread work elements (BLOCK_T * NI * channels per thread) the heuristic allows.
-_THREAD_ELEMS = {"fwd": 32, "bwd": 32}
+_THREAD_ELEMS = {"fwd": 32, "bwd": 32, "carry": 32, "fwd_carry": 32}
 # Tests set this to fill every output with NaN before the kernels run (catches unwritten ones).
 POISON_OUTPUTS = False
 
@@ -64,7 +107,7 @@ def _config(kind: str, seqlen: int, dim: int, nstate: int, dpg_b: int, dpg_c: in
     inside one group of each."""
     bn = _next_pow2(nstate)
     over = TUNING.get(kind)
-    bt, bd, no, nw = over if over is not None else _DEFAULTS[kind]
+    bt, bd, no, nw = (over if over is not None else _DEFAULTS[kind])[:4]
     if over is None and bn > 16:  # big dstate: more lanes on the state, NI = 4 per thread
         no = min(32, bn // 4)
         bd = min(bd, max(1, 32 // no) * nw)
@@ -78,6 +121,36 @@ def _config(kind: str, seqlen: int, dim: int, nstate: int, dpg_b: int, dpg_c: in
         if dpg != dim:
             bd = min(bd, _lowbit(dpg))
     return bt, bd, ni, no, nw
+
+
+def _maxnreg(kind: str):
+    """Register cap per thread for a kernel (``maxnreg`` compile option): the optional fifth
+    entry of its TUNING / _DEFAULTS tuple; None: the compiler's choice."""
+    cfg = TUNING.get(kind)
+    if cfg is None:
+        cfg = _DEFAULTS.get(kind, ())
+    return cfg[4] if len(cfg) > 4 and cfg[4] else None
+
+
+def _launch_opts(kind: str) -> dict:
+    cap = _maxnreg(kind)
+    return {"maxnreg": cap} if cap else {}
+
+
+def _resident_warps(kind, cfg):
+    """Warps of this kernel that fit on one SM, from its registers per thread: the register cap
+    when set, else the ptxas count measured for its per-thread tile size (sm_90, triton 3.9,
+    2026-11-22: the backward uses 249-251 registers at 32 tile elements per thread (BLOCK_T 4,
+    BLOCK_D 16, NO 4, 1 warp), 163-168 at 16; the forward 115 at 16); 65536 registers per SM,
+    allocated per warp in steps of 8 per thread."""
+    if kind == "fwd":
+        return _SPLIT["fwd"]["warps_per_sm"]
+    bt, bd, ni, no, nw = cfg
+    regs = _maxnreg(kind)
+    if regs is None:
+        elems = bt * ni * max(1, bd * no // (32 * nw))
+        regs = 256 if elems >= 32 else (168 if elems >= 16 else 128)
+    return max(1, min(64, 65536 // (-(-regs // 8) * 8 * 32)))
 
 
 def _empty(shape, dtype, device):
@@ -137,12 +210,18 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlas
     ypre = _empty((b, l, d), u.dtype, dev) if (want_ckpt and z is not None) else y
     h0 = initial_state.float().contiguous() if initial_state is not None else y
     zz = z if z is not None else u
-    grid = (b, triton_cdiv(d, bd))
+    n_split, seg_ch = _split("fwd", b, l, d, n, dpg_b, dpg_c, dev, for_grad=want_ckpt)
+    if n_split > 1:
+        m, loc, dtsum = _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_ch * bt)
+    else:  # float32 stand-ins: the kernel compiled for S = 1 serves every S
+        m, loc = 1, torch.empty(1, dtype=torch.float32, device=dev)
+        dtsum = loc
+    grid = (b, triton_cdiv(d, bd), n_split)
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else u, zz,
-        delta_bias if delta_bias is not None else u, h0,
+        delta_bias if delta_bias is not None else u, h0, loc, dtsum,
         y, hlast, ckpt, ypre,
-        l, d, n, dpg_b, dpg_c, n_chunks, n_seg,
+        l, d, n, dpg_b, dpg_c, n_chunks, n_seg, seg_ch, m,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
         *y.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -174,6 +253,143 @@ def _reduce_bc(part, X, d, bd, atomic):
     return out.reshape(X.shape).to(X.dtype)
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _requested_split(kind):
+    """S asked for by TUNING (["split"] backward, ["fwd_split"] forward) or the environment
+    variable (HYBRIDSEQ_SCAN_BWD_SPLIT / HYBRIDSEQ_SCAN_FWD_SPLIT); None: automatic."""
+    key, env_name = ("split", SPLIT_ENV) if kind == "bwd" else ("fwd_split", FWD_SPLIT_ENV)
+    req = TUNING.get(key)
+    if req is None:
+        env = os.environ.get(env_name, "").strip().lower()
+        if env in ("", "auto", "0"):
+            return None
+        try:
+            req = int(env)
+        except ValueError:
+            raise ValueError(f"{env_name}={env!r}: expected a positive integer or 'auto'") \
+                from None
+    if int(req) < 1:
+        raise ValueError(f"sequence split {req!r}: expected a positive integer "
+                         f"(TUNING[{key!r}] or {env_name})")
+    return int(req)
+
+
+def _split(kind, b, l, d, n, dpg_b, dpg_c, device, for_grad=True):
+    """(S, SEG_CH): the number of sequence segments of the backward (kind "bwd") or forward
+    ("fwd") and their length in that kernel's chunks. Segments start on checkpoint boundaries
+    (SEG_CH is a multiple of the checkpoint spacing in chunks), so S is at most the number of
+    checkpoint segments; S = 1 for seqlen 1. Automatic choice (``_SPLIT``): S = 1 when the
+    batch x dim blocks programs already fill the SMs, else the smallest power of two that does."""
+    fwd, bwd, ck = _plan(l, d, n, dpg_b, dpg_c, for_grad=for_grad)
+    bt, bd, _, _, nw = bwd if kind == "bwd" else fwd
+    n_chunks = triton_cdiv(l, bt)
+    ck_r = max(1, ck // bt) if (kind == "bwd" or for_grad) else 1
+    n_ck = triton_cdiv(n_chunks, ck_r)  # checkpoint segments
+    req = _requested_split(kind)
+    if req is None:
+        req = 1
+        cfg = _SPLIT[kind]
+        slots = _sm_count(device) * _resident_warps(kind, bwd if kind == "bwd" else fwd)
+        if slots and b * triton_cdiv(d, bd) * nw < cfg["below"] * slots:
+            fill = b * triton_cdiv(d, bd) * nw / slots
+            max_s = min(_SPLIT_MAX, max(1, l // _SPLIT_MIN_STEPS))
+            while fill * req < cfg["target"] and req * 2 <= max_s:
+                req *= 2
+    seg_ck = triton_cdiv(n_ck, min(req, n_ck))
+    seg_ch = seg_ck * ck_r
+    return triton_cdiv(n_chunks, seg_ch), seg_ch
+
+
+def _bwd_split(b, l, d, n, dpg_b, dpg_c, device):
+    """(S, SEG_CH) of the backward (see _split)."""
+    return _split("bwd", b, l, d, n, dpg_b, dpg_c, device)
+
+
+def bwd_split(u, A, B, C):
+    """The number of sequence segments the backward would use for these inputs (benchmarks)."""
+    b, l, d = u.shape
+    return _bwd_split(b, l, d, A.shape[1], _groups(B, d), _groups(C, d), u.device)[0]
+
+
+def fwd_split(u, A, B, C, for_grad=True):
+    """The number of sequence segments the forward would use (for_grad: saving checkpoints)."""
+    b, l, d = u.shape
+    return _split("fwd", b, l, d, A.shape[1], _groups(B, d), _groups(C, d), u.device,
+                  for_grad)[0]
+
+
+def _carry_pieces(b, n_dblocks, nw, n_split, seg_len, device):
+    """M, the pieces per segment of a carry pass (TUNING["carry_pieces"] overrides): the
+    smallest power of two whose (batch, dim blocks, (S - 1) M) programs give every SM
+    _CARRY_WARPS_PER_SM warps."""
+    if TUNING.get("carry_pieces"):
+        return max(1, min(int(TUNING["carry_pieces"]), seg_len))
+    slots = _sm_count(device) * _CARRY_WARPS_PER_SM
+    warps = b * n_dblocks * nw * (n_split - 1)
+    m = 1
+    while (warps * m < slots and m * 2 <= _CARRY_MAX_PIECES
+           and seg_len // (m * 2) >= _CARRY_MIN_STEPS):
+        m *= 2
+    return m
+
+
+def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len):
+    """Carry pass of the split forward: M (pieces per segment) and float32 (loc (b, (S - 1) M,
+    d, n), dtsum (b, (S - 1) M, d)) for the M pieces of each segment 0 .. S - 2
+    (selective_scan_triton_fwd_carry.py)."""
+    b, l, d = u.shape
+    n = A.shape[1]
+    dpg_b = _groups(B, d)
+    bt, bd, ni, no, nw = _config("fwd_carry", l, d, n, dpg_b, dpg_b)
+    n_db = triton_cdiv(d, bd)
+    m = _carry_pieces(b, n_db, nw, n_split, seg_len, u.device)
+    loc = _empty((b, (n_split - 1) * m, d, n), torch.float32, u.device)
+    dtsum = _empty((b, (n_split - 1) * m, d), torch.float32, u.device)
+    _scan_fwd_carry_kernel[(b, n_db, (n_split - 1) * m)](
+        u, delta, A, B, delta_bias if delta_bias is not None else u, loc, dtsum,
+        l, d, n, dpg_b, seg_len, triton_cdiv(seg_len, m), m,
+        *u.stride(), *delta.stride(), *_bc_strides(B),
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
+    )
+    return m, loc, dtsum
+
+
+def _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_len):
+    """Carry pass of the split backward: M (pieces per segment) and float32 (loc (b, (S - 1) M,
+    d, n), dtsum (b, (S - 1) M, d)), for the M pieces of each segment 1 .. S - 1
+    (selective_scan_triton_bwd_carry.py)."""
+    b, l, d = delta.shape
+    n = A.shape[1]
+    dpg_c = _groups(C, d)
+    bt, bd, ni, no, nw = _config("carry", l, d, n, dpg_c, dpg_c)
+    n_db = triton_cdiv(d, bd)
+    m = _carry_pieces(b, n_db, nw, n_split, seg_len, delta.device)
+    loc = _empty((b, (n_split - 1) * m, d, n), torch.float32, delta.device)
+    dtsum = _empty((b, (n_split - 1) * m, d), torch.float32, delta.device)
+    zz = z if z is not None else delta
+    _scan_bwd_carry_kernel[(b, n_db, (n_split - 1) * m)](
+        delta, A, C, zz, delta_bias if delta_bias is not None else delta, dout, loc, dtsum,
+        l, d, n, dpg_c, seg_len, triton_cdiv(seg_len, m), m,
+        *delta.stride(), *zz.stride(), *_bc_strides(C), *dout.stride(),
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
+    )
+    return m, loc, dtsum
+
+
 def _bwd(saved, softplus, has_h0, dout, dhlast):
     u, delta, A, B, C, D, z, delta_bias, ckpt, ypre = saved
     b, l, d = u.shape
@@ -183,6 +399,10 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
     n_chunks = triton_cdiv(l, bt)
     dev = u.device
     n_dblocks = triton_cdiv(d, bd)
+    n_split, seg_ch = _bwd_split(b, l, d, n, dpg_b, dpg_c, dev)
+    m, loc, dtsum = 1, None, None
+    if n_split > 1:
+        m, loc, dtsum = _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_ch * bt)
     du = _empty((b, l, d), u.dtype, dev)
     ddelta = _empty((b, l, d), delta.dtype, dev)
     dz = _empty((b, l, d), z.dtype, dev) if z is not None else du
@@ -195,32 +415,35 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
     else:
         dBp = _empty((n_dblocks, b, l, n), torch.float32, dev)
         dCp = _empty((n_dblocks, b, l, n), torch.float32, dev)
-    dAp = _empty((b, d, n), torch.float32, dev)
-    dDp = _empty((b, d), torch.float32, dev) if D is not None else dAp
-    dbp = _empty((b, d), torch.float32, dev) if delta_bias is not None else dAp
+    dAp = _empty((n_split, b, d, n), torch.float32, dev)
+    dDp = _empty((n_split, b, d), torch.float32, dev) if D is not None else dAp
+    dbp = _empty((n_split, b, d), torch.float32, dev) if delta_bias is not None else dAp
     dh0 = _empty((b, d, n), torch.float32, dev) if has_h0 else dAp
     # per program: the states at the sub-chunk starts of one checkpoint segment (CK_R > 1)
-    scratch = (torch.empty((b, n_dblocks, ck // bt, bd * ni * no), dtype=torch.float32,
+    scratch = (torch.empty((b, n_dblocks, n_split, ck // bt, bd * ni * no), dtype=torch.float32,
                            device=dev) if ck > bt else dAp)
     zz = z if z is not None else u
-    _scan_bwd_kernel[(b, n_dblocks)](
+    _scan_bwd_kernel[(b, n_dblocks, n_split)](
         u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, ckpt, dout,
         dhlast.float().contiguous() if dhlast is not None else dAp,
         ypre if ypre is not None else du,
+        loc if n_split > 1 else dAp, dtsum if n_split > 1 else dAp,
         du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
-        l, d, n, dpg_b, dpg_c, n_chunks, ckpt.shape[1],
+        l, d, n, dpg_b, dpg_c, n_chunks, ckpt.shape[1], seg_ch, m,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
         *dout.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_DHLAST=dhlast is not None, STORE_DH0=has_h0,
         BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw, CK_R=ck // bt, BC_ATOMIC=atomic,
+        UNIT_LD=all(x.stride()[1:] == (d, 1) for x in (u, delta, zz, dout)),
+        **_launch_opts("bwd"),
     )
     dB = _reduce_bc(dBp, B, d, bd, atomic)
     dC = _reduce_bc(dCp, C, d, bd, atomic)
-    dA = dAp.sum(0).to(A.dtype)
-    dD = dDp.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbp.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    dA = dAp.sum((0, 1)).to(A.dtype)
+    dD = dDp.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbp.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, (dz if z is not None else None), dbias, \
         (dh0 if has_h0 else None)
 

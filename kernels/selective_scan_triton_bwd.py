@@ -11,18 +11,24 @@ With g_t the gradient of the gated output, the adjoint of the recurrence runs ba
     gA    = sum_t gh_t a_t h_{t-1} dt_t     g(initial_state) = a_0 gh_0
     gdelta = gdt * sigmoid(delta + delta_bias) under softplus, else gdt;  g(delta_bias) = sum gdelta
 
-Grid (batch, dim blocks), the forward's 4-D (time, ni, dim, no) tile. Each program walks its
-chunks in reverse. Per chunk it reloads the inputs, recomputes h_t from the chunk-start state
-that the forward saved (forward ``tl.associative_scan``, carry folded into the first step), then
-solves the adjoint recurrence with a reverse ``tl.associative_scan`` over (a_{t+1}, gy_t C_t)
-(a_{t+1} from the next row of delta, loaded shifted by one step; the carry gh folded into the
-last step).
+Grid (batch, dim blocks, segments), the forward's 4-D (time, ni, dim, no) tile. The sequence
+is cut into S segments of SEG_CH chunks (S = 1: one segment, the whole sequence); each program
+walks its segment's chunks in reverse. A segment's states come from the forward's checkpoints
+(segments start on checkpoint boundaries), and the adjoint entering it from its end is folded from
+the later segments' carries, computed beforehand by the carry pass
+(selective_scan_triton_bwd_carry.py: gh at a segment start = loc + exp(A sum dt) * gh at the
+next segment's start), so the segments run in parallel.
+
+Per chunk it reloads the inputs, recomputes h_t from the chunk-start state that the forward saved
+(forward ``tl.associative_scan``, carry folded into the first step), then solves the adjoint
+recurrence with a reverse ``tl.associative_scan`` over (a_{t+1}, gy_t C_t) (a_{t+1} from the
+next row of delta, loaded shifted by one step; the carry gh folded into the last step).
 
 Reductions across programs: gB and gC are written as float32 partials per dim block,
 (n_dblocks, batch, seqlen, dstate), summed by the host (deterministic), or with BC_ATOMIC
 atomically added into float32 (batch, seqlen, groups, dstate) (for big dstate, where the
-partials would be large); gA, gD and g(delta_bias) as per-batch partials (batch, dim, dstate) /
-(batch, dim).
+partials would be large); gA, gD and g(delta_bias) as per-(segment, batch) partials
+(S, batch, dim, dstate) / (S, batch, dim); g(initial_state) from segment 0.
 """
 from __future__ import annotations
 
@@ -34,13 +40,14 @@ from .selective_scan_triton_fwd import LOG2E, _linrec_combine, _softplus
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-@triton.jit
+# the split sizes vary with S: no recompile for each value
+@triton.jit(do_not_specialize=["SEG_CH", "M"])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
-    dhlast_ptr, ypre_ptr,
+    dhlast_ptr, ypre_ptr, loc_ptr, dtsum_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
     scratch_ptr,
-    L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg,
+    L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg, SEG_CH, M,
     s_u_b, s_u_l, s_u_d,
     s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -50,12 +57,17 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, STORE_DH0: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
-    CK_R: tl.constexpr, BC_ATOMIC: tl.constexpr,
+    CK_R: tl.constexpr, BC_ATOMIC: tl.constexpr, UNIT_LD: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)  # sequence segment: chunks [c_lo, c_hi)
     n_bat = tl.num_programs(0)
     n_dblk = tl.num_programs(1)
+    n_split = tl.num_programs(2)
+    c_lo = pid_s * SEG_CH
+    c_hi = tl.minimum(c_lo + SEG_CH, n_chunks)
+    T_lo = c_lo * BLOCK_T
     d0 = pid_d * BLOCK_D
     grp_B = d0 // DPG_B
     grp_C = d0 // DPG_C
@@ -83,30 +95,57 @@ def _scan_bwd_kernel(
         G = tl.load(dhlast_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
     else:
         G = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
+    # The adjoint entering this segment from its end: fold the carries of the later segments'
+    # M pieces each (selective_scan_triton_bwd_carry.py), last first:
+    # gh at a piece start = loc + exp(A sum dt) * gh at the next piece's start
+    n_slot = (n_split - 1) * M
+    for k in range(0, (n_split - 1 - pid_s) * M):
+        slot = pid_b * n_slot + (n_slot - 1 - k)
+        loc = tl.load(loc_ptr + slot * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
+        dts = tl.load(dtsum_ptr + slot * DIM + offs_d, mask=mask_d, other=0.0)
+        G = loc + tl.exp2(dts[None, :, None] * A) * G
 
-    # Pointers at the last chunk; every iteration steps them one chunk back.
-    t_last = tl.full((), (n_chunks - 1) * BLOCK_T, tl.int64)
+    # Addresses: scalar bases at the segment's last chunk, stepped one chunk back every
+    # iteration, plus int32 in-chunk offset tiles computed once (64-bit pointer tiles for every
+    # input would cost registers, which bound this kernel's occupancy).
+    t_last = (c_hi - 1).to(tl.int64) * BLOCK_T
     td = offs_t[:, None]
-    u_p = u_ptr + pid_b * s_u_b + (t_last + td) * s_u_l + offs_d[None, :] * s_u_d
-    dt_p = delta_ptr + pid_b * s_dt_b + (t_last + td) * s_dt_l + offs_d[None, :] * s_dt_d
-    z_p = z_ptr + pid_b * s_z_b + (t_last + td) * s_z_l + offs_d[None, :] * s_z_d
-    g_p = dout_ptr + pid_b * s_g_b + (t_last + td) * s_g_l + offs_d[None, :] * s_g_d
-    # du / ddelta / dz are contiguous (b, l, d)
-    o_off = pid_b * L * DIM + (t_last + td) * DIM + offs_d[None, :]
-    B_p = B_ptr + pid_b * s_B_b + grp_B * s_B_g + (t_last + t3) * s_B_l + n3p * s_B_n
-    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + (t_last + t3) * s_C_l + n3p * s_C_n
+    off_o = td * DIM + offs_d[None, :]  # du / ddelta / dz / ypre: contiguous (b, l, d)
+    if UNIT_LD:  # u, delta, z and the output gradient have the same (l, d) strides (DIM, 1)
+        off_u = off_o
+        off_dt = off_o
+        off_z = off_o
+        off_g = off_o
+    else:
+        off_u = td * s_u_l + offs_d[None, :] * s_u_d
+        off_dt = td * s_dt_l + offs_d[None, :] * s_dt_d
+        off_z = td * s_z_l + offs_d[None, :] * s_z_d
+        off_g = td * s_g_l + offs_d[None, :] * s_g_d
+    u_p = u_ptr + pid_b * s_u_b + t_last * s_u_l
+    dt_p = delta_ptr + pid_b * s_dt_b + t_last * s_dt_l
+    z_p = z_ptr + pid_b * s_z_b + t_last * s_z_l
+    g_p = dout_ptr + pid_b * s_g_b + t_last * s_g_l
+    o_b = pid_b * L * DIM + t_last * DIM
+    off_B = t3 * s_B_l + n3p * s_B_n
+    off_C = t3 * s_C_l + n3p * s_C_n
+    B_p = B_ptr + pid_b * s_B_b + grp_B * s_B_g + t_last * s_B_l
+    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + t_last * s_C_l
     if BC_ATOMIC:  # gB / gC accumulated with atomics in float32 (batch, L, groups, NSTATE)
         n_gB = DIM // DPG_B
         n_gC = DIM // DPG_C
-        pB_off = ((pid_b * L + t_last + t3) * n_gB + grp_B) * NSTATE + n3p
-        pC_off = ((pid_b * L + t_last + t3) * n_gC + grp_C) * NSTATE + n3p
+        off_pB = (t3 * n_gB + grp_B) * NSTATE + n3p
+        off_pC = (t3 * n_gC + grp_C) * NSTATE + n3p
+        pB_b = (pid_b * L + t_last) * n_gB * NSTATE
+        pC_b = (pid_b * L + t_last) * n_gC * NSTATE
     else:  # gB / gC partials per dim block: (n_dblocks, batch, L, NSTATE) contiguous
-        pB_off = (pid_d * n_bat + pid_b) * L * NSTATE + (t_last + t3) * NSTATE + n3p
-        pC_off = pB_off
-    ck_b = ckpt_ptr + pid_b * n_seg * DIM * NSTATE + state_off
+        off_pB = t3 * NSTATE + n3p
+        off_pC = off_pB
+        pB_b = (pid_d * n_bat + pid_b) * L * NSTATE + t_last * NSTATE
+        pC_b = pB_b
+    ck_b = ckpt_ptr + pid_b * n_seg * DIM * NSTATE  # + chunk * DIM * NSTATE + state_off
     # this program's scratch: the states at the CK_R sub-chunk starts of the current segment
     SLOT = BLOCK_D * NI * NO
-    sc_p = scratch_ptr + (pid_b * n_dblk + pid_d) * (CK_R * SLOT) \
+    sc_p = scratch_ptr + ((pid_b * n_dblk + pid_d) * n_split + pid_s) * (CK_R * SLOT) \
         + tl.arange(0, BLOCK_D)[None, :, None] * (NI * NO) + n3
 
     dA_acc = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
@@ -115,27 +154,29 @@ def _scan_bwd_kernel(
     first = t4 == 0
     last = t4 == BLOCK_T - 1
 
-    # the last chunk's inputs; each iteration then prefetches the chunk before it
-    t0 = (n_chunks - 1) * BLOCK_T
+    # the segment's last chunk's inputs; each iteration then prefetches the chunk before it
+    # (int32 like the loop's t0: Triton wants a loop-carried name to keep its type)
+    t0 = (c_hi - 1) * BLOCK_T
     mask_td = ((t0 + offs_t) < L)[:, None] & mask_d[None, :]
     mask_t1d = ((t0 + offs_t + 1) < L)[:, None] & mask_d[None, :]
     mask_p = ((t0 + t3) < L) & (n3p < NSTATE)
-    u_n = tl.load(u_p, mask=mask_td, other=0.0)
-    dl_n = tl.load(dt_p, mask=mask_td, other=0.0)
-    dln_n = tl.load(dt_p + s_dt_l, mask=mask_t1d, other=0.0)
-    g_n = tl.load(g_p, mask=mask_td, other=0.0)
-    B_n = tl.load(B_p, mask=mask_p, other=0.0)
-    C_n = tl.load(C_p, mask=mask_p, other=0.0)
+    u_n = tl.load(u_p + off_u, mask=mask_td, other=0.0)
+    dl_n = tl.load(dt_p + off_dt, mask=mask_td, other=0.0)
+    dln_n = tl.load(dt_p + s_dt_l + off_dt, mask=mask_t1d, other=0.0)
+    g_n = tl.load(g_p + off_g, mask=mask_td, other=0.0)
+    B_n = tl.load(B_p + off_B, mask=mask_p, other=0.0)
+    C_n = tl.load(C_p + off_C, mask=mask_p, other=0.0)
     if HAS_Z:
-        z_n = tl.load(z_p, mask=mask_td, other=0.0)
-        yq_n = tl.load(ypre_ptr + o_off, mask=mask_td, other=0.0)
+        z_n = tl.load(z_p + off_z, mask=mask_td, other=0.0)
+        yq_n = tl.load(ypre_ptr + o_b + off_o, mask=mask_td, other=0.0)
     if CK_R == 1:  # a checkpoint at every chunk start: no recompute pass, no scratch
-        h0_n = tl.load(ck_b + (n_chunks - 1) * DIM * NSTATE, mask=mask_s, other=0.0)
+        h0_n = tl.load(ck_b + (c_hi - 1).to(tl.int64) * DIM * NSTATE + state_off, mask=mask_s,
+                       other=0.0)
     else:
         h0_n = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
 
-    for k in range(0, n_chunks):
-        c = n_chunks - 1 - k
+    for k in range(0, c_hi - c_lo):
+        c = c_hi - 1 - k
         t0 = c * BLOCK_T
         j = c % CK_R  # sub-chunk index inside its checkpoint segment
         if CK_R > 1:
@@ -143,7 +184,8 @@ def _scan_bwd_kernel(
                 # Entering segment c // CK_R from its end: recompute forward from its
                 # checkpoint the states at the starts of its sub-chunks 0..j, into the scratch.
                 tl.debug_barrier()  # every thread is done reading the previous segment's slots
-                h = tl.load(ck_b + (c // CK_R) * DIM * NSTATE, mask=mask_s, other=0.0)
+                h = tl.load(ck_b + (c // CK_R).to(tl.int64) * DIM * NSTATE + state_off,
+                            mask=mask_s, other=0.0)
                 seg0 = tl.full((), (c - j) * BLOCK_T, tl.int64)
                 for jj in range(0, j):
                     tl.store(sc_p + jj * SLOT, h)
@@ -184,28 +226,28 @@ def _scan_bwd_kernel(
             zz = z_n.to(tl.float32)
             y = yq_n.to(tl.float32)  # y before the gate, saved by the forward
 
-        # prefetch chunk k + 1 (= the previous time chunk; all masked after the first chunk)
+        # prefetch chunk k + 1 (= the previous time chunk; all masked after the segment's first)
         u_p -= BLOCK_T * s_u_l
         dt_p -= BLOCK_T * s_dt_l
         g_p -= BLOCK_T * s_g_l
         B_p -= BLOCK_T * s_B_l
         C_p -= BLOCK_T * s_C_l
-        pre_t = (t0 - BLOCK_T + offs_t) >= 0
+        pre_t = (t0 - BLOCK_T + offs_t) >= T_lo
         pre_td = pre_t[:, None] & mask_d[None, :]
-        pre_p = ((t0 - BLOCK_T + t3) >= 0) & (n3p < NSTATE)
-        u_n = tl.load(u_p, mask=pre_td, other=0.0)
-        dl_n = tl.load(dt_p, mask=pre_td, other=0.0)
-        dln_n = tl.load(dt_p + s_dt_l, mask=pre_td, other=0.0)
-        g_n = tl.load(g_p, mask=pre_td, other=0.0)
-        B_n = tl.load(B_p, mask=pre_p, other=0.0)
-        C_n = tl.load(C_p, mask=pre_p, other=0.0)
+        pre_p = ((t0 - BLOCK_T + t3) >= T_lo) & (n3p < NSTATE)
+        u_n = tl.load(u_p + off_u, mask=pre_td, other=0.0)
+        dl_n = tl.load(dt_p + off_dt, mask=pre_td, other=0.0)
+        dln_n = tl.load(dt_p + s_dt_l + off_dt, mask=pre_td, other=0.0)
+        g_n = tl.load(g_p + off_g, mask=pre_td, other=0.0)
+        B_n = tl.load(B_p + off_B, mask=pre_p, other=0.0)
+        C_n = tl.load(C_p + off_C, mask=pre_p, other=0.0)
         if HAS_Z:
             z_p -= BLOCK_T * s_z_l
-            z_n = tl.load(z_p, mask=pre_td, other=0.0)
-            yq_n = tl.load(ypre_ptr + o_off - BLOCK_T * DIM, mask=pre_td, other=0.0)
+            z_n = tl.load(z_p + off_z, mask=pre_td, other=0.0)
+            yq_n = tl.load(ypre_ptr + (o_b - BLOCK_T * DIM) + off_o, mask=pre_td, other=0.0)
         if CK_R == 1:
-            h0_n = tl.load(ck_b + (c - 1) * DIM * NSTATE, mask=mask_s & ((d3 * 0 + c) > 0),
-                           other=0.0)
+            h0_n = tl.load(ck_b + (c - 1).to(tl.int64) * DIM * NSTATE + state_off,
+                           mask=mask_s & ((d3 * 0 + c) > c_lo), other=0.0)
         else:  # the next chunk's start state when it lies in this segment (else the pass
             # above reloads it on entering the previous segment)
             h0_n = tl.load(sc_p + (j - 1) * SLOT, mask=(d3 * 0 + j) > 0, other=0.0)
@@ -232,15 +274,15 @@ def _scan_bwd_kernel(
         if HAS_Z:
             sz = 1.0 / (1.0 + tl.exp(-zz))
             gz = gout * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(dz_ptr + o_off, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)
+            tl.store(dz_ptr + o_b + off_o, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)
             gy = gout * zz * sz
         else:
             gy = gout
         gy4 = gy[:, None, :, None]
         if BC_ATOMIC:
-            tl.atomic_add(dCp_ptr + pC_off, tl.sum(hs * gy4, axis=2), mask=mask_p)
+            tl.atomic_add(dCp_ptr + pC_b + off_pC, tl.sum(hs * gy4, axis=2), mask=mask_p)
         else:
-            tl.store(dCp_ptr + pC_off, tl.sum(hs * gy4, axis=2), mask=mask_p)
+            tl.store(dCp_ptr + pC_b + off_pC, tl.sum(hs * gy4, axis=2), mask=mask_p)
         hm = hs - bx  # a_t h_{t-1}
 
         # adjoint: gh_t = gy_t C_t + a_{t+1} gh_{t+1}, a reverse scan, carry G folded in
@@ -264,28 +306,31 @@ def _scan_bwd_kernel(
             gdl = gdt
         gdl = tl.where(mask_td, gdl, 0.0)
         dbias_acc += gdl
-        tl.store(du_ptr + o_off, gu.to(du_ptr.dtype.element_ty), mask=mask_td)
-        tl.store(ddelta_ptr + o_off, gdl.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
+        tl.store(du_ptr + o_b + off_o, gu.to(du_ptr.dtype.element_ty), mask=mask_td)
+        tl.store(ddelta_ptr + o_b + off_o, gdl.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
         if BC_ATOMIC:
-            tl.atomic_add(dBp_ptr + pB_off, tl.sum(gh * dtu[:, None, :, None], axis=2),
+            tl.atomic_add(dBp_ptr + pB_b + off_pB, tl.sum(gh * dtu[:, None, :, None], axis=2),
                           mask=mask_p)
         else:
-            tl.store(dBp_ptr + pB_off, tl.sum(gh * dtu[:, None, :, None], axis=2), mask=mask_p)
+            tl.store(dBp_ptr + pB_b + off_pB, tl.sum(gh * dtu[:, None, :, None], axis=2),
+                     mask=mask_p)
 
-        o_off -= BLOCK_T * DIM
+        o_b -= BLOCK_T * DIM
         if BC_ATOMIC:
-            pB_off -= BLOCK_T * n_gB * NSTATE
-            pC_off -= BLOCK_T * n_gC * NSTATE
+            pB_b -= BLOCK_T * n_gB * NSTATE
+            pC_b -= BLOCK_T * n_gC * NSTATE
         else:
-            pB_off -= BLOCK_T * NSTATE
-            pC_off = pB_off
+            pB_b -= BLOCK_T * NSTATE
+            pC_b = pB_b
 
-    tl.store(dAp_ptr + pid_b * DIM * NSTATE + state_off, dA_acc, mask=mask_s)
+    # per-(segment, batch) partials, (n_split, batch, dim[, dstate])
+    pb = pid_s * n_bat + pid_b
+    tl.store(dAp_ptr + pb * DIM * NSTATE + state_off, dA_acc, mask=mask_s)
     if HAS_D:
-        tl.store(dDp_ptr + pid_b * DIM + offs_d, tl.sum(dD_acc, axis=0), mask=mask_d)
+        tl.store(dDp_ptr + pb * DIM + offs_d, tl.sum(dD_acc, axis=0), mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbiasp_ptr + pid_b * DIM + offs_d, tl.sum(dbias_acc, axis=0), mask=mask_d)
-    if STORE_DH0:
+        tl.store(dbiasp_ptr + pb * DIM + offs_d, tl.sum(dbias_acc, axis=0), mask=mask_d)
+    if STORE_DH0:  # G = gh_0 in segment 0 (other segments store nothing)
         # g(initial_state) = a_0 * gh_0, with a_0 recomputed from the first row of delta
         dl0 = tl.load(delta_ptr + pid_b * s_dt_b + offs_d * s_dt_d, mask=mask_d, other=0.0)
         dl0 = dl0.to(tl.float32)
@@ -294,4 +339,5 @@ def _scan_bwd_kernel(
         if SOFTPLUS:
             dl0 = _softplus(dl0)
         a0 = tl.exp2(dl0[None, :, None] * A)
-        tl.store(dh0_ptr + pid_b * DIM * NSTATE + state_off, a0 * G, mask=mask_s)
+        tl.store(dh0_ptr + pid_b * DIM * NSTATE + state_off, a0 * G,
+                 mask=mask_s & ((d3 * 0 + pid_s) == 0))

@@ -7,7 +7,10 @@ Math (DESIGN.md), per batch b, channel d, state index n, time t:
     h_t  = a_t * h_{t-1} + b_t                     (float32, h_{-1} = initial_state or 0)
     y_t  = sum_n C_t[n] h_t[n] + D[d] u_t          y_t *= silu(z_t) when z is given
 
-Kernel design. The grid is (batch, dim blocks). One program owns BLOCK_D channels x BLOCK_N
+Kernel design. The grid is (batch, dim blocks, segments): with S > 1 segments of SEG_CH chunks
+(whole checkpoint segments) each program starts from the state entering its segment, folded from
+the carry pass's per-piece end states (selective_scan_triton_fwd_carry.py); S = 1 is the plain
+scan. One program owns BLOCK_D channels x BLOCK_N
 states of h in registers and walks time in chunks of BLOCK_T steps. Each chunk loads
 (BLOCK_T, BLOCK_D) tiles of u / delta / z (contiguous along dim: coalesced in our (b, l, d)
 layout) and (BLOCK_T, BLOCK_N) tiles of B / C; the next chunk's tiles are loaded before the
@@ -47,11 +50,12 @@ def _linrec_combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
-@triton.jit
+# the split sizes vary with S: no recompile for each value
+@triton.jit(do_not_specialize=["SEG_CH", "M"])
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, loc_ptr, dtsum_ptr,
     y_ptr, hlast_ptr, ckpt_ptr, ypre_ptr,
-    L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg,
+    L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg, SEG_CH, M,
     s_u_b, s_u_l, s_u_d,
     s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -65,6 +69,11 @@ def _scan_fwd_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)  # sequence segment: chunks [c_lo, c_hi)
+    n_split = tl.num_programs(2)
+    c_lo = pid_s * SEG_CH
+    c_hi = tl.minimum(c_lo + SEG_CH, n_chunks)
+    T_lo = (c_lo * BLOCK_T).to(tl.int64)
     d0 = pid_d * BLOCK_D
     # B / C groups of this dim block (the host picks BLOCK_D so that a block never straddles
     # two groups; DPG_* = channels per group, dim for (b, l, n) B / C)
@@ -97,19 +106,29 @@ def _scan_fwd_kernel(
         h = tl.load(h0_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
     else:
         h = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
+    # the state entering this segment: fold the earlier segments' M pieces each, first to last
+    # (selective_scan_triton_fwd_carry.py): h at a piece end = loc + exp(A sum dt) * h before it
+    n_slot = (n_split - 1) * M
+    for k in range(0, pid_s * M):
+        slot = pid_b * n_slot + k
+        loc = tl.load(loc_ptr + slot * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
+        dts = tl.load(dtsum_ptr + slot * DIM + offs_d, mask=mask_d, other=0.0)
+        h = loc + tl.exp2(dts[None, :, None] * A) * h
 
-    u_p = u_ptr + pid_b * s_u_b + offs_t[:, None] * s_u_l + offs_d[None, :] * s_u_d
-    dt_p = delta_ptr + pid_b * s_dt_b + offs_t[:, None] * s_dt_l + offs_d[None, :] * s_dt_d
-    z_p = z_ptr + pid_b * s_z_b + offs_t[:, None] * s_z_l + offs_d[None, :] * s_z_d
-    y_p = y_ptr + pid_b * s_y_b + offs_t[:, None] * s_y_l + offs_d[None, :] * s_y_d
-    yq_p = ypre_ptr + pid_b * L * DIM + offs_t[:, None] * DIM + offs_d[None, :]  # contiguous
-    B_p = B_ptr + pid_b * s_B_b + grp_B * s_B_g + t3 * s_B_l + nb * s_B_n
-    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + t3 * s_C_l + nb * s_C_n
+    tt = T_lo + offs_t[:, None]
+    u_p = u_ptr + pid_b * s_u_b + tt * s_u_l + offs_d[None, :] * s_u_d
+    dt_p = delta_ptr + pid_b * s_dt_b + tt * s_dt_l + offs_d[None, :] * s_dt_d
+    z_p = z_ptr + pid_b * s_z_b + tt * s_z_l + offs_d[None, :] * s_z_d
+    y_p = y_ptr + pid_b * s_y_b + tt * s_y_l + offs_d[None, :] * s_y_d
+    yq_p = ypre_ptr + pid_b * L * DIM + tt * DIM + offs_d[None, :]  # contiguous
+    B_p = B_ptr + pid_b * s_B_b + grp_B * s_B_g + (T_lo + t3) * s_B_l + nb * s_B_n
+    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + (T_lo + t3) * s_C_l + nb * s_C_n
     ck_p = ckpt_ptr + pid_b * n_seg * DIM * NSTATE + state_off
+    T_hi = tl.minimum(c_hi * BLOCK_T, L)  # the segment's end (prefetches stop there)
 
-    # chunk 0's inputs; each iteration then prefetches the next chunk before computing
-    mask_td = (offs_t < L)[:, None] & mask_d[None, :]
-    mask_tn = (t3 < L) & (nb < NSTATE)
+    # the segment's first chunk's inputs; each iteration then prefetches the next chunk
+    mask_td = ((T_lo + offs_t) < L)[:, None] & mask_d[None, :]
+    mask_tn = ((T_lo + t3) < L) & (nb < NSTATE)
     u_n = tl.load(u_p, mask=mask_td, other=0.0)
     dt_n = tl.load(dt_p, mask=mask_td, other=0.0)
     B_n = tl.load(B_p, mask=mask_tn, other=0.0)
@@ -118,7 +137,7 @@ def _scan_fwd_kernel(
         z_n = tl.load(z_p, mask=mask_td, other=0.0)
     first = t4 == 0
     last = t4 == BLOCK_T - 1
-    for c in range(0, n_chunks):
+    for c in range(c_lo, c_hi):
         if STORE_CKPT:  # the state entering every CK_R-th chunk (a segment start); a
             # predicated store rather than a branch keeps the loop body straight-line
             tl.store(ck_p + (c // CK_R) * DIM * NSTATE, h,
@@ -136,8 +155,8 @@ def _scan_fwd_kernel(
         dt_p += BLOCK_T * s_dt_l
         B_p += BLOCK_T * s_B_l
         C_p += BLOCK_T * s_C_l
-        mask_nd = ((t0 + BLOCK_T + offs_t) < L)[:, None] & mask_d[None, :]
-        mask_nn = ((t0 + BLOCK_T + t3) < L) & (nb < NSTATE)
+        mask_nd = ((t0 + BLOCK_T + offs_t) < T_hi)[:, None] & mask_d[None, :]
+        mask_nn = ((t0 + BLOCK_T + t3) < T_hi) & (nb < NSTATE)
         u_n = tl.load(u_p, mask=mask_nd, other=0.0)
         dt_n = tl.load(dt_p, mask=mask_nd, other=0.0)
         B_n = tl.load(B_p, mask=mask_nn, other=0.0)
@@ -169,5 +188,6 @@ def _scan_fwd_kernel(
         tl.store(y_p, y.to(y_ptr.dtype.element_ty), mask=mask_td)
         y_p += BLOCK_T * s_y_l
 
-    if STORE_HLAST:
-        tl.store(hlast_ptr + pid_b * DIM * NSTATE + state_off, h, mask=mask_s)
+    if STORE_HLAST:  # from the last segment
+        tl.store(hlast_ptr + pid_b * DIM * NSTATE + state_off, h,
+                 mask=mask_s & ((d3 * 0 + pid_s) == n_split - 1))

@@ -25,8 +25,10 @@ def tuning():
     """Set TUNING block shapes for one test; restore the heuristic afterwards."""
     saved = dict(sst.TUNING)
 
-    def set_(fwd=None, bwd=None, ckpt=None):
-        sst.TUNING.update(fwd=fwd, bwd=bwd, ckpt=ckpt)
+    def set_(fwd=None, bwd=None, ckpt=None, **more):
+        """fwd / bwd / ckpt and any other TUNING key (split, carry, ...); the rest: None."""
+        sst.TUNING.update({k: None for k in sst.TUNING})
+        sst.TUNING.update(fwd=fwd, bwd=bwd, ckpt=ckpt, **more)
 
     yield set_
     sst.TUNING.clear()
@@ -123,9 +125,91 @@ def test_fp32_forward_and_grads(case, tuning):
     check(run_both(make(b, l, d, n, g)), 1e-5)
 
 
+# Sequence split forced: (b, l, d, n, groups, fwd, bwd, bwd carry tuning, ckpt steps, S asked
+# (forward, backward), carry pieces per segment M, S expected (forward, backward)). Segments are
+# whole checkpoint segments, the last one ragged; the carry passes may use other chunk lengths
+# than the main kernels, and their pieces may be shorter than a chunk, or empty.
+SPLIT_CASES = {
+    "s2_ragged_empty_pieces": (1, 11, 5, 3, None, (4, 4, 2, 4), (4, 4, 2, 4), None, None,
+                               (2, 2), 3, (2, 2)),
+    "s3_ckpt_recompute_grouped": (1, 19, 8, 3, 2, (8, 4, 2, 4), (4, 2, 2, 4), (8, 2, 2, 4), 8,
+                                  (3, 3), 2, (3, 3)),
+    "bwd_only_s3_dstate1_carry_blocks": (2, 10, 6, 1, None, (2, 4, 2, 4), (4, 8, 2, 4),
+                                         (2, 2, 1, 4), None, (1, 3), 2, (1, 3)),
+    "fwd_only_s3": (1, 11, 4, 2, None, (2, 4, 2, 4), (4, 4, 2, 4), None, None, (3, 1), None,
+                    (3, 1)),
+    "seqlen1_clamped": (2, 1, 4, 4, None, None, None, None, None, (2, 2), None, (1, 1)),
+    "dstate64_default_blocks": (1, 19, 2, 64, None, None, None, None, None, (2, 2), None,
+                                (2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_fp32(case, tuning):
+    b, l, d, n, g, tf, tb, tc, ck, (sf, sb), m, want = SPLIT_CASES[case]
+    tuning(tf, tb, ck, carry=tc, split=sb, fwd_split=sf, carry_pieces=m,
+           fwd_carry=(2, 2, 2, 4) if tf is not None else None)
+    t = make(b, l, d, n, g)
+    assert (sst.fwd_split(t["u"], t["A"], t["B"], t["C"]),
+            sst.bwd_split(t["u"], t["A"], t["B"], t["C"])) == want
+    check(run_both(t), 1e-5)
+
+
+def test_split_backward_no_options_hlast_only(tuning):
+    """Split with no z / D / delta_bias / initial state, raw dt, loss on h_last alone: the carry
+    from g(h_last) must cross every segment."""
+    tuning((4, 4, 2, 4), (4, 4, 2, 4), split=3, fwd_split=2)
+    t = make(1, 12, 4, 2, z=False, D=False, bias=False, h0=False)
+    with torch.no_grad():
+        t["delta"].abs_()
+    assert sst.bwd_split(t["u"], t["A"], t["B"], t["C"]) == 3
+    assert sst.fwd_split(t["u"], t["A"], t["B"], t["C"]) == 2
+    check(run_both(t, softplus=False, loss_on=("h",)), 1e-5)
+
+
+def test_split_choice(monkeypatch, tuning):
+    """The automatic S: 1 where batch x dim blocks programs fill the SMs, more for few programs
+    and long sequences; HYBRIDSEQ_SCAN_BWD_SPLIT and TUNING["split"] override it. The forward
+    splits by the same rule."""
+    monkeypatch.setattr(sst, "_sm_count", lambda device: 132)
+    monkeypatch.delenv(sst.SPLIT_ENV, raising=False)
+    tuning()
+    split = lambda b, d, l: sst._bwd_split(b, l, d, 16, d, d, "cuda")[0]  # noqa: E731
+    assert split(8, 2048, 2048) == 1  # 1024 one-warp programs: a full wave
+    assert split(2, 4096, 8192) == 2
+    assert split(1, 1024, 65536) == 8
+    assert split(1, 1024, 600) == 1  # too short to cut
+    fsplit = lambda b, d, l: sst._split("fwd", b, l, d, 16, d, d, "cuda")[0]  # noqa: E731
+    assert fsplit(8, 2048, 2048) == 1  # the forward splits the same way (measured: B2 1.47 -> 1.22 ms)
+    assert fsplit(2, 4096, 8192) == 2
+    u, BC = torch.empty(1, 65536, 64, device="meta"), torch.empty(1, 65536, 16, device="meta")
+    assert sst.fwd_split(u, torch.empty(64, 16), BC, BC) > 1  # few programs, a long sequence
+    # resident warps from the registers per thread (ptxas counts; a maxnreg cap when set)
+    def warps():
+        return sst._resident_warps("bwd", sst._config("bwd", 4096, 4096, 16, 4096, 4096))
+
+    assert warps() == 8
+    tuning(bwd=(2, 16, 4, 1))
+    assert warps() == 12
+    tuning(bwd=(4, 16, 4, 1, 224))
+    assert warps() == 9
+    tuning()
+    monkeypatch.setenv(sst.SPLIT_ENV, "4")
+    assert split(8, 2048, 2048) == 4
+    tuning(split=2)  # TUNING wins over the environment
+    assert split(8, 2048, 2048) == 2
+    tuning()
+    monkeypatch.setenv(sst.SPLIT_ENV, "four")
+    with pytest.raises(ValueError, match=sst.SPLIT_ENV):
+        split(8, 2048, 2048)
+    monkeypatch.setattr(sst, "_sm_count", lambda device: 0)  # CPU: no split unless asked
+    monkeypatch.setenv(sst.SPLIT_ENV, "auto")
+    assert split(1, 64, 65536) == 1
+
+
 def test_options_off_no_softplus(tuning):
-    """No z, D, delta_bias, initial_state; raw delta as dt; y only."""
-    tuning((4, 4, 2, 4), (4, 4, 2, 4))
+    """No z, D, delta_bias, initial_state; raw delta as dt; y only; a register cap."""
+    tuning((4, 4, 2, 4), (4, 4, 2, 4, 128))
     t = make(2, 10, 5, 4, z=False, D=False, bias=False, h0=False)
     with torch.no_grad():
         t["delta"].abs_()  # dt > 0 without softplus
@@ -214,23 +298,115 @@ def test_bad_arguments_raise():
                               t["C"])
 
 
+# Compiled for sm_90 without a GPU (Triton's CUDA backend and its bundled ptxas): catches what
+# the interpreter lets through, e.g. a loop-carried variable that changes type.
+_COMPILE_SM90 = r"""
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hybridseq.kernels import (selective_scan_triton_bwd as bwd, selective_scan_triton_fwd as fwd,
+                               selective_scan_triton_bwd_carry as bc,
+                               selective_scan_triton_fwd_carry as fc)
+
+def build(kernel, bf16_ptrs, consts, num_warps=1):
+    sig = {}
+    for p in inspect.signature(kernel.fn).parameters:
+        sig[p] = ("constexpr" if p in consts else
+                  ("*bf16" if p in bf16_ptrs else "*fp32") if p.endswith("_ptr") else "i32")
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "ypre_ptr", "y_ptr", "du_ptr",
+      "ddelta_ptr", "dz_ptr")
+opt = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+build(fwd._scan_fwd_kernel, io, dict(HAS_D=True, HAS_H0=True, STORE_HLAST=True, STORE_CKPT=True,
+      CK_R=1, STORE_YPRE=True, BLOCK_T=4, BLOCK_D=8, NI=4, NO=4, **opt))
+build(bwd._scan_bwd_kernel, io, dict(HAS_D=True, HAS_DHLAST=True, STORE_DH0=True, BLOCK_T=4,
+      BLOCK_D=16, NI=4, NO=4, CK_R=2, BC_ATOMIC=False, UNIT_LD=False, **opt))
+build(bc._scan_bwd_carry_kernel, io, dict(BLOCK_T=4, BLOCK_D=16, NI=4, NO=4, **opt))
+build(fc._scan_fwd_carry_kernel, io, dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_T=4, BLOCK_D=8,
+      NI=4, NO=4))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels")
+def test_kernels_compile_for_sm90():
+    """Every scan kernel through Triton's real compiler (frontend, LLVM, ptxas) for an H100,
+    in a subprocess without TRITON_INTERPRET; skipped where Triton has no CUDA backend."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:  # a Triton build without the CUDA backend
+        pytest.skip(f"no Triton CUDA backend: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("Triton's bundled ptxas is missing")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- GPU, real shapes
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(8, 2048, 2048, 16, torch.bfloat16),
-                                   (1, 128, 65536, 16, torch.float32)])
-def test_gpu_real_shapes_poisoned(shape, monkeypatch):
+@pytest.mark.parametrize("shape", [(8, 2048, 2048, 16, torch.bfloat16, None),
+                                   (8, 2048, 2048, 16, torch.bfloat16, 3),
+                                   (1, 128, 65536, 16, torch.float32, None)])
+def test_gpu_real_shapes_poisoned(shape, monkeypatch, tuning):
     """Real sizes on the GPU, every output buffer NaN-poisoned before the kernels run; the
     reference is the chunked PyTorch path in float64 (tested against selective_scan_ref
-    elsewhere), fast enough at these sizes."""
+    elsewhere), fast enough at these sizes. The sequence splits: automatic (None; the L=65536
+    backward splits on its own) or forced (forward and backward)."""
     from hybridseq.kernels.selective_scan_chunked import selective_scan_chunked
 
     monkeypatch.setattr(sst, "POISON_OUTPUTS", True)
-    b, d, l, n, dtype = shape
+    b, d, l, n, dtype, split = shape
+    tuning(split=split, fwd_split=split)
     t = make(b, l, d, n, dtype=dtype, device="cuda")
     with torch.no_grad():
         t["delta_bias"].sub_(3.0)  # Mamba-like dt ~ softplus(-3)
     res = run_both(t, ref_fn=selective_scan_chunked)
     check(res, 1e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_split_matches_unsplit_b2_d4096_l8192(monkeypatch, tuning):
+    """B2 D4096 L8192 N16 (the low-parallelism benchmark shape), fp32 inputs, grouped C: the
+    forward / backward with S = 2, 4, 8 segments (and the automatic choice) give the outputs and
+    gradients of S = 1 up to float32 rounding, with every output NaN-poisoned."""
+    monkeypatch.setattr(sst, "POISON_OUTPUTS", True)
+    b, d, l, n = 2, 4096, 8192, 16
+    t = make(b, l, d, n, device="cuda")
+    t["C"] = torch.randn(b, l, 4, n, device="cuda").requires_grad_()
+    with torch.no_grad():
+        t["delta_bias"].sub_(3.0)
+    gy = torch.randn(b, l, d, device="cuda")
+    gh = torch.randn(b, d, n, device="cuda")
+
+    def grads(fwd_split, split):
+        tuning(split=split, fwd_split=fwd_split)
+        for v in t.values():
+            v.grad = None
+        y, h = selective_scan_triton(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"],
+                                     z=t["z"], delta_bias=t["delta_bias"], delta_softplus=True,
+                                     initial_state=t["initial_state"], return_final_state=True)
+        ((y * gy).sum() + (h * gh).sum()).backward()
+        return {"y": y.detach(), "h_last": h.detach(), **{k: v.grad.clone() for k, v in t.items()}}
+
+    base = grads(1, 1)
+    for splits in ((1, 2), (1, 4), (1, 8), (None, None), (2, 1), (4, 4)):
+        got = grads(*splits)
+        for k in base:
+            assert torch.isfinite(got[k]).all(), (splits, k)
+            assert rel(got[k], base[k]) < 1e-5, (splits, k, rel(got[k], base[k]))
 
 
 def test_bench_scan_helpers_on_tiny_cpu_shape():
@@ -253,6 +429,13 @@ def test_bench_scan_helpers_on_tiny_cpu_shape():
     for impl in ("triton", "torch"):
         row = scan._time_shape((1, 4, 5, 2), impl, args, DEV)
         assert row["impl"] == impl and row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
+    assert scan.parse_splits(["auto", "1", "4"]) == [None, 1, 4]
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="--bwd-split"):
+            scan.parse_splits([bad])
+    with scan._tuning(split=2, fwd_split=2):  # --bwd-split / --fwd-split: the row says which ran
+        row = scan._time_shape((1, 4, 5, 2), "triton", args, DEV)
+        assert (row["fwd_split"], row["split"]) == (2, 2)
 
 
 def test_checkpoint_spacing_keeps_saved_states_small():

@@ -5,13 +5,18 @@ median times (CUDA events through ``common.time_fn``), with z, D, delta_bias and
 in a Mamba block. ``*_GBps`` is the effective bandwidth of the fewest bytes the pass must move
 (every input read once, every output written once; see ``fewest_bytes``). mamba_ssm's
 ``selective_scan_fn`` takes (batch, dim, seqlen) tensors: we transpose outside the timed region.
-``--sweep`` times the Triton kernels over several block shapes (tuning aid).
+``--sweep`` times the Triton kernels over several block shapes (tuning aid). ``--bwd-split``
+times the Triton scan once per backward sequence split S (``auto``: the shipped heuristic; the
+``split`` column gives the S that ran), ``--fwd-split`` the same for the forward (``fwd_split``;
+``asked`` = forward/backward as asked); ``bwd_ms`` is fwd+bwd minus fwd.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib
+import json
+import sys
 
 import torch
 
@@ -43,9 +48,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "profilers such as ncu); --fwd-configs/--bwd-configs pick the blocks")
     parser.add_argument("--fwd-configs", nargs="*", default=None,
                         help="--sweep candidates for the forward, each BLOCK_T,BLOCK_D,NO,"
-                             "num_warps (without --sweep: the first one is timed)")
+                             "num_warps[,maxnreg] (without --sweep: the first one is timed)")
     parser.add_argument("--bwd-configs", nargs="*", default=None,
                         help="--sweep candidates for the backward (the forward keeps its default)")
+    parser.add_argument("--carry-configs", nargs="*", default=None,
+                        help="block shapes of the split backward's carry pass, as --bwd-configs "
+                             "(with --sweep: swept; without: the first one is used)")
+    parser.add_argument("--bwd-split", nargs="+", default=["auto"],
+                        help="backward sequence segments S for the Triton scan, one timed row "
+                             "each: integers or 'auto' (the shipped heuristic; the environment "
+                             "variable HYBRIDSEQ_SCAN_BWD_SPLIT when set). With --sweep: the first")
+    parser.add_argument("--fwd-split", nargs="+", default=["auto"],
+                        help="forward sequence segments, as --bwd-split "
+                             "(HYBRIDSEQ_SCAN_FWD_SPLIT); one row per (forward, backward) pair")
+    parser.add_argument("--progress", action="store_true",
+                        help="also print each row to stderr as soon as it is timed")
+    parser.add_argument("--carry-pieces", type=int, default=0,
+                        help="pieces per segment of the carry pass (0: the heuristic)")
+
+
+def parse_splits(values) -> list:
+    """--bwd-split values: 'auto' -> None, else a positive integer."""
+    out = []
+    for v in values:
+        if str(v).lower() == "auto":
+            out.append(None)
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise ValueError(f"--bwd-split: expected integers or 'auto', got {v!r}") from None
+        if out[-1] < 1:
+            raise ValueError(f"--bwd-split: S must be >= 1, got {v!r}")
+    return out
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -100,6 +135,15 @@ def _mamba_ssm_fn():
         return None
 
 
+def _mamba_ssm_missing() -> str:
+    """Why mamba_ssm's selective_scan_fn cannot be imported (for the skip line)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore # noqa
+        return ""
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:100]
+
+
 def _bdl(x):
     """(b, l, d) -> contiguous (b, d, l) leaf, mamba_ssm's layout."""
     return x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
@@ -150,6 +194,11 @@ def _time_shape(shape, impl, args, device):
     iters, warmup = (max(1, args.iters // 5), min(2, args.warmup)) if slow else \
         (args.iters, args.warmup)
     row = {"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl}
+    if impl == "triton":  # the segments that ran (forward: the one saving checkpoints)
+        sst = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+        row["fwd_split"] = sst.fwd_split(t["u"], t["A"], t["B"], t["C"], for_grad=backward)
+        if backward:
+            row["split"] = sst.bwd_split(t["u"], t["A"], t["B"], t["C"])
     with torch.no_grad():
         ms = time_fn(f, iters=iters, warmup=warmup)["median_ms"]
     row["fwd_ms"] = ms
@@ -157,8 +206,14 @@ def _time_shape(shape, impl, args, device):
     if fb is not None:
         ms = time_fn(fb, iters=iters, warmup=warmup)["median_ms"]
         row["fwdbwd_ms"] = ms
+        row["bwd_ms"] = ms - row["fwd_ms"]
         row["fwdbwd_GBps"] = fewest_bytes(b, d, l, n, dtype, args.groups, True) / ms / 1e6
     return row
+
+
+def _progress(args, row):
+    if getattr(args, "progress", False):
+        print("row " + json.dumps(row, default=str), file=sys.stderr, flush=True)
 
 
 def _parse_configs(configs):
@@ -181,20 +236,25 @@ def _tuning(**overrides):
 def _sweep(shape, args, device) -> list[dict]:
     fwd_c = _parse_configs(args.fwd_configs) if args.fwd_configs is not None else _SWEEP_FWD
     bwd_c = _parse_configs(args.bwd_configs) if args.bwd_configs is not None else _SWEEP_BWD
+    carry_c = _parse_configs(args.carry_configs) if args.carry_configs else []
     rows = []
-    for kind, cands in (("fwd", fwd_c), ("bwd", [] if args.no_backward else bwd_c)):
+    for kind, cands in (("fwd", fwd_c), ("bwd", [] if args.no_backward else bwd_c),
+                        ("carry", [] if args.no_backward else carry_c)):
         for cfg in cands:
             blocks = dict(kind=kind, BLOCK_T=cfg[0], BLOCK_D=cfg[1], NO=cfg[2], warps=cfg[3])
+            if len(cfg) > 4:
+                blocks["maxnreg"] = cfg[4]
             sub = argparse.Namespace(**{**vars(args), "no_backward": kind == "fwd"})
             try:
                 with _tuning(**{kind: cfg}):
                     row = {**_time_shape(shape, "triton", sub, device), **blocks}
-                if kind == "bwd":
+                if kind != "fwd":
                     row["bwd_only_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
             except Exception as e:  # a block shape that does not compile: report, go on
                 row = {"shape": "x".join(map(str, shape)), **blocks,
                        "error": f"{type(e).__name__}: {e}"[:80]}
             rows.append(row)
+            _progress(args, row)
             torch.cuda.empty_cache()
     return rows
 
@@ -213,32 +273,51 @@ def run(args) -> list[dict]:
         raise RuntimeError("hybridseq bench scan needs a CUDA device (the timings are GPU times)")
     device = "cuda"
     shapes = [parse_shape(s) for s in args.shapes]
-    if args.sweep:
-        return [r for s in shapes for r in _sweep(s, args, device)]
+    splits = parse_splits(args.bwd_split)
+    fwd_splits = parse_splits(args.fwd_split)
+    pairs = [(f, s) for f in fwd_splits for s in splits]
     first = lambda cs: _parse_configs(cs)[0] if cs else None  # noqa: E731
-    with _tuning(fwd=first(args.fwd_configs), bwd=first(args.bwd_configs)):
+    pieces = args.carry_pieces or None
+    if args.sweep:  # the carry candidates are swept, not fixed
+        with _tuning(split=splits[0], fwd_split=fwd_splits[0], carry_pieces=pieces):
+            return [r for s in shapes for r in _sweep(s, args, device)]
+    with _tuning(fwd=first(args.fwd_configs), bwd=first(args.bwd_configs),
+                 carry=first(args.carry_configs), carry_pieces=pieces):
         if args.once:
-            return [_once(s, args, device) for s in shapes]
+            with _tuning(split=splits[0], fwd_split=fwd_splits[0]):
+                return [_once(s, args, device) for s in shapes]
         impls = [i.strip() for i in args.impls.split(",") if i.strip()]
         rows = []
+
+        def add(row):
+            rows.append(row)
+            _progress(args, row)
+
         for b, d, l, n in shapes:
             base = None
             for impl in impls:
                 if impl == "mamba_ssm" and _mamba_ssm_fn() is None:
+                    add({"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl,
+                         "note": f"skipped: not importable ({_mamba_ssm_missing()})"})
                     continue
                 if impl == "torch" and b * d * l * n > args.torch_max_elems:
-                    rows.append({"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype,
-                                 "impl": impl, "note": "skipped (--torch-max-elems)"})
+                    add({"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl,
+                         "note": "skipped (--torch-max-elems)"})
                     continue
-                row = _time_shape((b, d, l, n), impl, args, device)
-                if impl == "triton":
-                    base = row
-                elif base is not None:  # how many times slower than Triton
-                    row["vs_triton_fwd"] = row["fwd_ms"] / base["fwd_ms"]
-                    if "fwdbwd_ms" in row and "fwdbwd_ms" in base:
-                        row["vs_triton_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
-                rows.append(row)
-                torch.cuda.empty_cache()
+                for fsplit, split in (pairs if impl == "triton" else [(None, None)]):
+                    with _tuning(split=split, fwd_split=fsplit):
+                        row = _time_shape((b, d, l, n), impl, args, device)
+                    if impl == "triton":
+                        row["asked"] = "/".join("auto" if v is None else str(v)
+                                                for v in (fsplit, split))
+                        if base is None or (split is None and fsplit is None):
+                            base = row  # the ratios below compare with the shipped default
+                    elif base is not None:  # how many times slower than Triton
+                        row["vs_triton_fwd"] = row["fwd_ms"] / base["fwd_ms"]
+                        if "fwdbwd_ms" in row and "fwdbwd_ms" in base:
+                            row["vs_triton_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
+                    add(row)
+                    torch.cuda.empty_cache()
         return rows
 
 

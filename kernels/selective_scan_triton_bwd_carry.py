@@ -1,0 +1,134 @@
+"""Triton carry pass of the sequence-split selective-scan backward (the math of the backward is in
+selective_scan_triton_bwd.py; the tile layout in selective_scan_triton_fwd.py).
+
+The adjoint recurrence gh_t = gy_t C_t + a_{t+1} gh_{t+1} is linear in its carry. For any
+stretch of steps [lo, hi), the adjoint at its start is
+
+    gh_lo = loc + P * gh_hi
+    loc   = sum_{t in [lo, hi)} (prod_{k=lo+1}^{t} a_k) gy_t C_t      (the zero-carry adjoint)
+    P     = prod_{k=lo+1}^{hi} a_k = exp(A * sum_{k=lo+1}^{hi} dt_k)
+
+(a_k = 1 past the sequence end; at the sequence end gh_L = g(h_last)). The backward cuts the
+sequence into S segments of SEG_LEN steps, and this pass cuts each segment s = 1 .. S - 1 into
+M pieces of SUB_LEN steps (the last ones may be short or empty) and computes every piece's loc
+(batch, (S - 1) M, dim, dstate) and dt sum (batch, (S - 1) M, dim) in parallel: grid (batch, dim
+blocks, (S - 1) M). It reads only delta, z, C and the output gradient: no state recompute and no
+gradient outputs. The main backward kernel then folds the pieces after its segment, last first,
+into the adjoint entering its segment from its end, so every segment runs in parallel.
+
+Each program walks its piece's chunks in reverse with the main kernel's reverse
+``tl.associative_scan`` over (a_{t+1}, gy_t C_t), the carry folded into the chunk's last step;
+rows past the piece end get gy = 0 and a = 1, so they pass the (zero) carry through.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .selective_scan_triton_fwd import LOG2E, _linrec_combine, _softplus
+
+
+# the split sizes vary with S: no recompile for each value
+@triton.jit(do_not_specialize=["SEG_LEN", "SUB_LEN", "M"])
+def _scan_bwd_carry_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, loc_ptr, dtsum_ptr,
+    L, DIM, NSTATE, DPG_C, SEG_LEN, SUB_LEN, M,
+    s_dt_b, s_dt_l, s_dt_d,
+    s_z_b, s_z_l, s_z_d,
+    s_C_b, s_C_l, s_C_g, s_C_n,
+    s_g_b, s_g_l, s_g_d,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    slot = tl.program_id(2)  # piece M + slot: piece i of segment s is s * M + i
+    n_slot = tl.num_programs(2)
+    d0 = pid_d * BLOCK_D
+    grp_C = d0 // DPG_C
+    seg = 1 + slot // M
+    seg_end = tl.minimum((seg + 1) * SEG_LEN, L)
+    lo = tl.minimum(seg * SEG_LEN + (slot % M) * SUB_LEN, seg_end)
+    hi = tl.minimum(lo + SUB_LEN, seg_end)  # the piece [lo, hi), maybe empty
+    n_ch = (hi - lo + BLOCK_T - 1) // BLOCK_T
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
+    ni = tl.arange(0, NI)
+    no = tl.arange(0, NO)
+    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
+    d3 = offs_d[None, :, None]
+    mask_s = (d3 < DIM) & (n3 < NSTATE)
+    state_off = d3 * NSTATE + n3
+    t3 = offs_t[:, None, None]
+    n3p = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO): C tiles (time, ni, no)
+    td = offs_t[:, None]
+
+    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    G = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
+    dts_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)  # summed over time at the end
+    first = t4 == 0
+    last = t4 == BLOCK_T - 1
+
+    # pointers at the piece's last chunk; each iteration prefetches the chunk before it
+    t_last = (lo + (n_ch - 1) * BLOCK_T).to(tl.int64)
+    dt_p = delta_ptr + pid_b * s_dt_b + (t_last + 1 + td) * s_dt_l + offs_d[None, :] * s_dt_d
+    g_p = dout_ptr + pid_b * s_g_b + (t_last + td) * s_g_l + offs_d[None, :] * s_g_d
+    z_p = z_ptr + pid_b * s_z_b + (t_last + td) * s_z_l + offs_d[None, :] * s_z_d
+    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + (t_last + t3) * s_C_l + n3p * s_C_n
+    m_t = (t_last + offs_t >= lo) & (t_last + offs_t < hi)
+    m_td = m_t[:, None] & mask_d[None, :]
+    m_t1d = ((t_last + offs_t + 1) < L)[:, None] & m_td
+    m_p = (t_last + t3 >= lo) & (t_last + t3 < hi) & (n3p < NSTATE)
+    dln_n = tl.load(dt_p, mask=m_t1d, other=0.0)
+    g_n = tl.load(g_p, mask=m_td, other=0.0)
+    C_n = tl.load(C_p, mask=m_p, other=0.0)
+    if HAS_Z:
+        z_n = tl.load(z_p, mask=m_td, other=0.0)
+
+    for k in range(0, n_ch):
+        t0 = t_last - k * BLOCK_T
+        rows = t0 + offs_t
+        m_td = (rows < hi)[:, None] & mask_d[None, :]
+        m_t1d = ((rows + 1) < L)[:, None] & m_td
+        dln = dln_n.to(tl.float32)
+        gout = g_n.to(tl.float32)
+        Ct = C_n.to(tl.float32)[:, :, None, :]
+        if HAS_Z:
+            zz = z_n.to(tl.float32)
+        # prefetch the previous chunk (all masked before the piece start)
+        dt_p -= BLOCK_T * s_dt_l
+        g_p -= BLOCK_T * s_g_l
+        C_p -= BLOCK_T * s_C_l
+        pre_td = ((rows - BLOCK_T) >= lo)[:, None] & mask_d[None, :]
+        pre_p = ((t0 - BLOCK_T + t3) >= lo) & (n3p < NSTATE)
+        dln_n = tl.load(dt_p, mask=pre_td, other=0.0)
+        g_n = tl.load(g_p, mask=pre_td, other=0.0)
+        C_n = tl.load(C_p, mask=pre_p, other=0.0)
+        if HAS_Z:
+            z_p -= BLOCK_T * s_z_l
+            z_n = tl.load(z_p, mask=pre_td, other=0.0)
+
+        if HAS_Z:
+            gy = gout * zz / (1.0 + tl.exp(-zz))
+        else:
+            gy = gout
+        if HAS_BIAS:
+            dln = dln + bias[None, :]
+        if SOFTPLUS:
+            dln = _softplus(dln)
+        dtn = tl.where(m_t1d, dln, 0.0)  # a_{t+1}; 1 past the piece / sequence end
+        dts_acc += dtn
+        an = tl.exp2(dtn[:, None, :, None] * A[None])
+        cc = gy[:, None, :, None] * Ct  # 0 past the piece end (masked loads)
+        _, gh = tl.associative_scan((an, tl.where(last, cc + an * G[None], cc)), 0,
+                                    _linrec_combine, reverse=True)
+        G = tl.sum(tl.where(first, gh, 0.0), axis=0)
+
+    base = pid_b * n_slot + slot
+    tl.store(loc_ptr + base * DIM * NSTATE + state_off, G, mask=mask_s)
+    tl.store(dtsum_ptr + base * DIM + offs_d, tl.sum(dts_acc, axis=0), mask=mask_d)

@@ -20,13 +20,13 @@ Tiles are (rows of time) x (channels); channels are the contiguous axis, so ever
 coalesced row. The w shifted loads of one tile overlap and are served by L1/L2. Measured on an
 H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU): forward 0.104 ms kernel time, the same as a
 device copy of the same bytes in that run (0.106 ms; 0.0907 in a later run, the kernel 0.1035).
-Interior tiles (no state, halo and rows inside x) then got an unmasked path with 32-bit in-tile
-offsets, and no channel masks where the tile width divides dim (EVEN_D); the forward tile can be
-pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS (``hybridseq bench conv --sweep`` times candidates).
+An unmasked interior-tile path was tried and measured 5% slower (see ``_conv_fwd_kernel``); the
+forward tile can be pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS (``hybridseq bench conv --sweep``
+times candidates; none beat the autotuned default on the H100, 2026-11-22).
 A second forward variant, "roll" (pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS,roll; no state,
 w <= 4), walks a program's rows in order with the last w-1 input rows kept in registers, so each
-input row is loaded once instead of w times; unmeasured as of 2026-11-22 16:10 UTC, so the
-autotuned tile variant stays the default.
+input row is loaded once instead of w times; measured slower on the H100 (0.129-0.149 ms against
+0.110 for the tile variant, 2026-11-22), so the autotuned tile variant stays the default.
 
 ``causal_conv1d_fwd`` / ``causal_conv1d_bwd``: the kernels without autograd, for fused callers
 (the Mamba block's conv + projections node); the backward can write dx into a given strided
@@ -92,55 +92,29 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
                      EVEN_D: tl.constexpr):
     """y rows [pid_l*BL, +BL) x channels [pid_d*BD, +BD) of batch pid_b: one load per tap.
 
-    Interior tiles (all w-1 halo rows and all BL rows inside x; no initial state) take an
-    unmasked path with 32-bit in-tile offsets from a 64-bit tile base; with EVEN_D (BD divides
-    D) no channel mask either. Edge tiles keep the general masked path."""
+    Every tile takes the masked path. (An unmasked interior-tile path with 32-bit in-tile
+    offsets, EVEN_D, measured 5% slower on an H100: 0.1104 against 0.1050 ms in one run,
+    2026-11-22, B8 D4096 L2048 W4 bf16 + SiLU, so it was taken out; EVEN_D is kept in the
+    signature for the launcher and is unused.)"""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    r = tl.arange(0, BL)
-    t = pid_l * BL + r
+    t = pid_l * BL + tl.arange(0, BL)
     c = pid_d * BD + tl.arange(0, BD)
     cmask = c < D
+    x_base = x_ptr + pid_b * sxb
+    s_base = s_ptr + pid_b * ssb
     acc = tl.zeros((BL, BD), dtype=tl.float32)
-    t0 = pid_l * BL
-    interior = (t0 >= W - 1) & (t0 + BL <= L)
-    if HAS_STATE:  # rows before x come from the state: the general path
-        interior = interior & (t0 < 0)
-    if interior:
-        xb = x_ptr + pid_b * sxb + (t0 - (W - 1)).to(tl.int64) * sxl
-        offs = r[:, None] * sxl + c[None, :] * sxd
-        for k in tl.static_range(W):
-            if EVEN_D:
-                wk = tl.load(w_ptr + c * swd + k * swk).to(tl.float32)
-                xv = tl.load(xb + k * sxl + offs).to(tl.float32)
-            else:
-                wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
-                xv = tl.load(xb + k * sxl + offs, mask=cmask[None, :], other=0.0).to(tl.float32)
-            acc += xv * wk[None, :]
-    else:
-        x_base = x_ptr + pid_b * sxb
-        s_base = s_ptr + pid_b * ssb
-        for k in tl.static_range(W):
-            wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
-            xv = _load_xc(x_base, s_base, t + k, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
-            acc += xv * wk[None, :]
+    for k in tl.static_range(W):
+        wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
+        xv = _load_xc(x_base, s_base, t + k, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        acc += xv * wk[None, :]
     if HAS_BIAS:
-        if EVEN_D:
-            acc += tl.load(b_ptr + c).to(tl.float32)[None, :]
-        else:
-            acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
-    out = acc.to(y_ptr.dtype.element_ty)
-    y_ptrs = (y_ptr + pid_b * syb + t0.to(tl.int64) * syl) + (r[:, None] * syl + c[None, :] * syd)
-    full = t0 + BL <= L
-    if not EVEN_D:
-        full = full & (t0 < 0)
-    if full:
-        tl.store(y_ptrs, out)
-    else:
-        tl.store(y_ptrs, out, mask=(t < L)[:, None] & cmask[None, :])
+    y_ptrs = y_ptr + pid_b * syb + t.to(tl.int64)[:, None] * syl + c[None, :] * syd
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
 
 
 @triton.jit

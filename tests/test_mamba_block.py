@@ -33,9 +33,12 @@ def _few_conv_tiles(monkeypatch):
 
 
 def _rel(a, b):
+    """Relative error, with an absolute floor of 1e-12: a gradient that is exactly 0 in the
+    reference (A_log at seqlen 1 without a state: h_{-1} = 0) comes out of the kernel as
+    rounding noise (~1e-16 on an H100: a_t h_{t-1} is formed as h_t - b_t)."""
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all(), "non-finite values"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12 / 1e-5)).item()
 
 
 def _pair(d_model, spec, dtype=torch.float32):

@@ -18,16 +18,7 @@ log=$out/attention.log
 tmp=$(mktemp -d)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 : > "$log"
-say() { echo "$@" | tee -a "$log"; }
-step() {  # step NAME SECONDS CMD...: run with a timeout, log everything, keep the status
-  local name=$1 secs=$2; shift 2
-  local t0=$SECONDS
-  say "== $name (timeout ${secs}s)"
-  timeout -k 3 "$secs" "$@" >> "$log" 2>&1
-  local rc=$?
-  say "== $name: exit $rc$([ $rc -ge 124 ] && echo ' (timeout)') in $((SECONDS - t0)) s"
-  return $rc
-}
+source "$(dirname "${BASH_SOURCE[0]}")/_steps.sh"  # say, step
 
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$log" 2>&1
 

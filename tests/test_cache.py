@@ -7,22 +7,7 @@ import torch
 import hybridseq as hs
 from hybridseq.errors import HybridSeqError
 
-BLOCKS = {
-    "M": {"kind": "mamba", "d_state": 4, "impl": "torch"},
-    "A": {"kind": "attention", "n_heads": 4},                                  # full, RoPE
-    "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 5},   # sliding GQA
-    "N": {"kind": "attention", "n_heads": 2, "window": 4, "rope_theta": None, "qk_norm": True},
-    "E": {"kind": "moe", "n_experts": 4, "top_k": 2, "d_ff": 16},
-    "F": {"kind": "mlp", "d_ff": 32},
-}
-V = 41
-
-
-def make_model(layout, seed=0, **model):
-    torch.manual_seed(seed)
-    cfg = hs.load_config({"model": {"d_model": 16, "vocab_size": V, "init_std": 0.15, **model},
-                          "blocks": BLOCKS, "layout": layout})
-    return hs.build_model(cfg).eval()
+from conftest import MIXED_VOCAB as V, make_mixed_model as make_model
 
 
 def assert_logits_close(a, b, tol=1e-4):

@@ -14,24 +14,16 @@ import hybridseq as hs
 from hybridseq.decode_graph import GraphedDecodeStep, decode_attention, graph_blockers
 from hybridseq.errors import HybridSeqError
 
-BLOCKS = {
-    "M": {"kind": "mamba", "d_state": 4, "impl": "torch"},
-    "A": {"kind": "attention", "n_heads": 4},                                  # full, RoPE
-    "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 5},   # sliding GQA
-    "N": {"kind": "attention", "n_heads": 2, "window": 4, "rope_theta": None, "qk_norm": True},
-    "E": {"kind": "moe", "n_experts": 4, "top_k": 2, "d_ff": 16},
-    "C": {"kind": "moe", "n_experts": 4, "top_k": 2, "d_ff": 16, "capacity_factor": 1.0},
-    "F": {"kind": "mlp", "d_ff": 32},
-}
-V = 41
+from conftest import MIXED_BLOCKS, MIXED_VOCAB as V, make_mixed_model
+
+# the mixed blocks, plus a capacity-mode MoE (which cannot be captured)
+BLOCKS = {**MIXED_BLOCKS, "C": {"kind": "moe", "n_experts": 4, "top_k": 2, "d_ff": 16,
+                                "capacity_factor": 1.0}}
 LAYOUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "layouts")
 
 
 def make_model(layout, seed=0, **model):
-    torch.manual_seed(seed)
-    cfg = hs.load_config({"model": {"d_model": 16, "vocab_size": V, "init_std": 0.15, **model},
-                          "blocks": BLOCKS, "layout": layout})
-    return hs.build_model(cfg).eval()
+    return make_mixed_model(layout, seed, BLOCKS, **model)
 
 
 def close(a, b, tol=1e-5):

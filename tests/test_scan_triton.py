@@ -324,6 +324,8 @@ build(fwd._scan_fwd_kernel, io, dict(HAS_D=True, HAS_H0=True, STORE_HLAST=True, 
       CK_R=1, STORE_YPRE=True, BLOCK_T=4, BLOCK_D=8, NI=4, NO=4, **opt))
 build(bwd._scan_bwd_kernel, io, dict(HAS_D=True, HAS_DHLAST=True, STORE_DH0=True, BLOCK_T=4,
       BLOCK_D=16, NI=4, NO=4, CK_R=2, BC_ATOMIC=False, UNIT_LD=False, **opt))
+build(bwd._scan_bwd_kernel, io, dict(HAS_D=True, HAS_DHLAST=True, STORE_DH0=True, BLOCK_T=4,
+      BLOCK_D=16, NI=4, NO=4, CK_R=1, BC_ATOMIC=False, UNIT_LD=True, **opt))
 build(bc._scan_bwd_carry_kernel, io, dict(BLOCK_T=4, BLOCK_D=16, NI=4, NO=4, **opt))
 build(fc._scan_fwd_carry_kernel, io, dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_T=4, BLOCK_D=8,
       NI=4, NO=4))

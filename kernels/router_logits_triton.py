@@ -3,13 +3,16 @@
     logits (N, E) fp32 = x.float() @ W^T,   x (N, D) bf16/fp16/fp32, W (E, D) fp32
     backward:  dx (N, D) in x's dtype = dlogits @ W;   dW (E, D) fp32 = dlogits^T @ x.float()
 
-The same fp32 math as ``F.linear(x.float(), W)`` (products and sums in fp32, ``tl.dot`` with
-input_precision "ieee", so no TF32), without materialising the fp32 copy of x (N, D) in the
+The same fp32 math as ``F.linear(x.float(), W)`` (products and sums in fp32: ``tl.dot`` with
+input_precision "ieee", so no TF32; for bf16 x the forward splits W into three bf16 parts whose
+products with x are exact, three tensor-core dots with fp32 accumulation), without materialising the fp32 copy of x (N, D) in the
 forward, its gradient in fp32 and the cast back in the backward. dW is summed over token chunks
 (``N_SPLIT`` partial sums, then one torch sum). ``kernels/router_logits.py`` holds the reference
 and the autograd op.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -18,17 +21,36 @@ import triton.language as tl
 
 @triton.jit
 def _logits_fwd_kernel(x_ptr, w_ptr, out_ptr, N, D, E, stride_x, stride_w, stride_o,
-                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                       SPLIT_W: tl.constexpr, BF16_DOT: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     es = tl.arange(0, BLOCK_E)
     acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float32)
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
         w = tl.load(w_ptr + es[None, :] * stride_w + cols[:, None],
                     mask=(es[None, :] < E) & (cols[:, None] < D), other=0.0).to(tl.float32)
-        acc += tl.dot(x, w, input_precision="ieee")
+        if SPLIT_W:
+            # bf16 x: W = w1 + w2 + w3 in bf16 (8 + 8 + 8 significand bits: W's 24, to within
+            # 2^-25 relative); each bf16 x bf16 product is exact in the fp32 accumulator, so three
+            # tensor-core dots give fp32 math (the ieee FMA dot ran at ~10x the memory time)
+            w1 = w.to(tl.bfloat16)
+            r = w - w1.to(tl.float32)
+            w2 = r.to(tl.bfloat16)
+            w3 = (r - w2.to(tl.float32)).to(tl.bfloat16)
+            if BF16_DOT:
+                acc = tl.dot(x, w1, acc)
+                acc = tl.dot(x, w2, acc)
+                acc = tl.dot(x, w3, acc)
+            else:  # Triton's interpreter: bf16 dots are wrong there; the same exact products in fp32
+                xf = x.to(tl.float32)
+                acc = tl.dot(xf, w1.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(xf, w2.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(xf, w3.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
     tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], acc,
              mask=(rows[:, None] < N) & (es[None, :] < E))
 
@@ -69,7 +91,12 @@ def _logits_dw_kernel(g_ptr, x_ptr, part_ptr, N, D, E, rows_per_split, stride_g,
 
 
 BLOCK_N, BLOCK_D = 32, 64
+FWD_BLOCK_N, FWD_BLOCK_D = 64, 128  # the bf16 split forward (tensor-core dots)
 N_SPLIT = 32
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _block_e(e: int) -> int:
@@ -88,8 +115,11 @@ def router_logits_fwd_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, e, dtype=torch.float32, device=x.device)
     if n == 0:
         return out
-    _logits_fwd_kernel[(triton.cdiv(n, BLOCK_N),)](x, w, out, n, d, e, x.stride(0), w.stride(0), out.stride(0),
-                                                  BLOCK_N=BLOCK_N, BLOCK_E=_block_e(e), BLOCK_D=BLOCK_D)
+    split = x.dtype == torch.bfloat16
+    bn, bd = (FWD_BLOCK_N, FWD_BLOCK_D) if split else (BLOCK_N, BLOCK_D)
+    _logits_fwd_kernel[(triton.cdiv(n, bn),)](x, w, out, n, d, e, x.stride(0), w.stride(0), out.stride(0),
+                                             BLOCK_N=bn, BLOCK_E=_block_e(e), BLOCK_D=bd, SPLIT_W=split,
+                                             BF16_DOT=not _interpreting())
     return out
 
 

@@ -94,6 +94,18 @@ def test_permute_unpermute_match_refs_with_drops():
         assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("e", [1, 7, 255, 256, 300, 40000])
+def test_sort_by_expert_narrow_keys_match_int64_sort(e):
+    """The sort runs on uint8 / int16 / int32 keys; the order must be the int64 stable sort's."""
+    g = torch.Generator().manual_seed(e)
+    indices = torch.randint(0, e + 1, (513, 3), generator=g)
+    indices[::7] = e  # dropped slots (value e) at the top of the key range
+    order, counts, inv = sort_by_expert(indices, e)
+    assert torch.equal(order, torch.argsort(indices.view(-1), stable=True))
+    assert torch.equal(inv[order], torch.arange(order.numel()))
+    assert counts.tolist() == torch.bincount(indices.view(-1), minlength=e + 1).tolist()
+
+
 @pytest.mark.parametrize("k,d", [(1, 5), (2, 7), (3, 1100)])
 def test_permute_triton_matches_ref(k, d):
     """The fused Triton gather-sum / scatter-scale-dot kernels (interpreter on CPU)."""

@@ -13,9 +13,15 @@ from typing import Callable, Sequence
 import torch
 
 
-def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, device=None) -> dict:
+def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, device=None,
+            back_to_back: int = 1) -> dict:
     """Median/min wall time of ``fn()`` in milliseconds. CUDA: CUDA events per iteration and a
-    cache-flushing buffer between iterations; CPU: perf_counter."""
+    cache-flushing buffer between iterations; CPU: perf_counter.
+
+    ``back_to_back`` = R > 1: each timed sample runs ``fn()`` R times in a row (the cache flushed
+    once before them) and reports the time per call: steady-state throughput, where the host
+    queues the next call's kernels while the GPU runs this one's (as in a training step), so the
+    host's launch latency before a call's first large kernel is not counted. R = 1 counts it."""
     cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     for _ in range(warmup):
         fn()
@@ -27,15 +33,17 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, devic
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(back_to_back):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / back_to_back)
     else:
         for _ in range(iters):
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(back_to_back):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / back_to_back)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
 
 

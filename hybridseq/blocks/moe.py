@@ -59,7 +59,7 @@ from torch import nn
 from hybridseq.errors import ConfigError
 
 from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
-from hybridseq.kernels.moe_permute import histogram
+from hybridseq.kernels.moe_permute import argsort_experts, histogram
 from hybridseq.kernels.swiglu import swiglu
 
 from .base import Block
@@ -128,7 +128,7 @@ def apply_capacity(indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
     Returns (indices with dropped slots set to E, weights with them set to 0, keep mask (N, k)).
     """
     flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = argsort_experts(flat, n_experts)
     counts = histogram(flat, n_experts)
     start = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(flat)

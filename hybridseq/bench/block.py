@@ -8,6 +8,9 @@ block's closed-form ``flops_per_token`` (x3 for forward+backward).
 Timed regions (unchanged since the first BENCHMARKS.md entry, so rows compare across runs): ``fwd``
 is ``blk(x)`` under ``no_grad``; ``fwd+bwd`` is ``torch.autograd.grad(blk(x), [x, *params], dy)``,
 bf16 parameters (A_log, D, dt bias fp32), no autocast; ``common.time_fn`` medians, L2 flushed.
+``--mamba-impls mamba_ssm`` times ``mamba_ssm.modules.mamba_simple.Mamba`` (d_state 16, d_conv 4,
+expand 2, its fast path when causal_conv1d is importable; cast to the bench dtype as a whole) when
+mamba_ssm imports, the same timed regions; a status row otherwise.
 ``--mamba-impls triton-unfused`` is the Triton block with plain autograd around the kernels
 (``MambaBlock.fuse = False``: the path before the fused conv/x_proj/dt_proj node), for an in-run
 before/after. ``--profile`` prints, per Mamba row, every kernel of one fwd+bwd (torch.profiler).
@@ -70,6 +73,13 @@ def _profile(fn, label, device) -> None:
         print(f"== profile: {label}: failed: {type(e).__name__}: {e}", flush=True)
 
 
+def _mamba_ssm_block(d_model: int):
+    """mamba_ssm's Mamba mixer with our MambaBlock's default sizes (raises ImportError when absent)."""
+    from mamba_ssm.modules.mamba_simple import Mamba  # type: ignore
+
+    return Mamba(d_model=d_model, d_state=16, d_conv=4, expand=2)
+
+
 def run(args) -> list[dict]:
     from ..blocks import BLOCKS, build_block
 
@@ -86,7 +96,10 @@ def run(args) -> list[dict]:
             unfused = kind == "mamba" and spec["impl"] == "triton-unfused"
             if unfused:
                 spec = {**spec, "impl": "triton"}
-            blk = build_block(kind, d, spec).to(device=device, dtype=dtype)
+            if kind == "mamba" and spec["impl"] == "mamba_ssm":
+                blk = _mamba_ssm_block(d).to(device=device, dtype=dtype)
+            else:
+                blk = build_block(kind, d, spec).to(device=device, dtype=dtype)
             if unfused:
                 blk.fuse = False
             x = torch.randn(b, l, d, device=device, dtype=dtype, requires_grad=True)
@@ -108,7 +121,7 @@ def run(args) -> list[dict]:
         except Exception as e:  # an impl that cannot run here: say why, keep going
             rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:90]}"})
             continue
-        flops = BLOCKS[kind].flops_per_token(d, blk.spec, l) * b * l
+        flops = BLOCKS[kind].flops_per_token(d, getattr(blk, "spec", {}), l) * b * l
         rows.append({**row, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
                      "fwd_TFLOPs": flops / t_f / 1e9, "fwd_bwd_TFLOPs": 3 * flops / t_fb / 1e9,
                      "tokens_per_s_fwd_bwd": b * l / t_fb * 1e3, "status": "ok"})

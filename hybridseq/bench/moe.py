@@ -91,14 +91,17 @@ def fixed_assignment(kind: str, n: int, e: int, k: int, device) -> torch.Tensor:
 
 
 def force_routing(blk: MoEBlock, indices: torch.Tensor) -> None:
-    """Make ``blk.router`` choose ``indices`` (N, k) while still computing its logits/losses."""
+    """Make ``blk.router`` (softmax) choose ``indices`` (N, k): its logits and softmax as usual,
+    the top-k replaced by these indices, weights = their renormalised probabilities (so a forced
+    row pays what a learned router pays, minus the top-k search, plus a gather)."""
     router = blk.router
-    orig = router.forward
 
     def forward(x):
-        r = orig(x)
-        w = r.probs.gather(1, indices)
-        return RouterOutput(r.logits, r.probs, indices, w / w.sum(-1, keepdim=True))
+        logits = router.compute_logits(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            probs = torch.softmax(logits, dim=-1)
+            w = probs.gather(1, indices)
+        return RouterOutput(logits, probs, indices, w / w.sum(-1, keepdim=True))
 
     router.forward = forward
 

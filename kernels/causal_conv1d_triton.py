@@ -23,10 +23,9 @@ device copy of the same bytes in that run (0.106 ms; 0.0907 in a later run, the 
 An unmasked interior-tile path was tried and measured 5% slower (see ``_conv_fwd_kernel``); the
 forward tile can be pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS (``hybridseq bench conv --sweep``
 times candidates; none beat the autotuned default on the H100, 2026-11-22).
-A second forward variant, "roll" (pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS,roll; no state,
-w <= 4), walks a program's rows in order with the last w-1 input rows kept in registers, so each
-input row is loaded once instead of w times; measured slower on the H100 (0.129-0.149 ms against
-0.110 for the tile variant, 2026-11-22), so the autotuned tile variant stays the default.
+A variant that walked a program's rows in order with the last w-1 input rows in registers (each
+input row loaded once instead of w times) measured slower on the H100 (0.129-0.149 ms against
+0.110 for the tile kernel, 2026-11-22) and was removed.
 
 ``causal_conv1d_fwd`` / ``causal_conv1d_bwd``: the kernels without autograd, for fused callers
 (the Mamba block's conv + projections node); the backward can write dx into a given strided
@@ -115,74 +114,6 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
         acc = acc / (1.0 + tl.exp(-acc))
     y_ptrs = y_ptr + pid_b * syb + t.to(tl.int64)[:, None] * syl + c[None, :] * syd
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _conv_fwd_roll_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
-                          L, D,
-                          sxb, sxl, sxd, swd, swk, syb, syl, syd,
-                          W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                          BL: tl.constexpr, BD: tl.constexpr, U: tl.constexpr):
-    """The "roll" forward variant (no state, w <= 4): rows [pid_l*BL, +BL) x channels
-    [pid_d*BD, +BD). A program walks its rows in order, one (BD,) row vector per step, U rows
-    unrolled per loop trip, and keeps the last w-1 input rows in registers: every input row is
-    loaded once (plus w-1 halo rows per program), where the tile variant loads each row w times
-    (L1 hits). y[t] = bias + w[w-1] x[t] + w[w-2] x[t-1] + w[w-3] x[t-2] + w[w-4] x[t-3]."""
-    pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    c = pid_d * BD + tl.arange(0, BD)
-    cmask = c < D
-    xb = x_ptr + pid_b * sxb + c * sxd
-    yb = y_ptr + pid_b * syb + c * syd
-    wl = tl.load(w_ptr + c * swd + (W - 1) * swk, mask=cmask, other=0.0).to(tl.float32)
-    w1 = wl
-    w2 = wl
-    w3 = wl
-    if W > 1:
-        w1 = tl.load(w_ptr + c * swd + (W - 2) * swk, mask=cmask, other=0.0).to(tl.float32)
-    if W > 2:
-        w2 = tl.load(w_ptr + c * swd + (W - 3) * swk, mask=cmask, other=0.0).to(tl.float32)
-    if W > 3:
-        w3 = tl.load(w_ptr + c * swd + (W - 4) * swk, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BD,), dtype=tl.float32)
-    t0 = pid_l * BL
-    # x[t0-1], x[t0-2], x[t0-3] (0 before the sequence start)
-    h1 = tl.zeros((BD,), dtype=tl.float32)
-    tz = tl.zeros((BD,), dtype=tl.int32)  # t0 broadcast to a vector for the halo masks
-    h2 = h1
-    h3 = h1
-    if W > 1:
-        h1 = tl.load(xb + (t0 - 1).to(tl.int64) * sxl, mask=cmask & (tz + t0 >= 1),
-                     other=0.0).to(tl.float32)
-    if W > 2:
-        h2 = tl.load(xb + (t0 - 2).to(tl.int64) * sxl, mask=cmask & (tz + t0 >= 2),
-                     other=0.0).to(tl.float32)
-    if W > 3:
-        h3 = tl.load(xb + (t0 - 3).to(tl.int64) * sxl, mask=cmask & (tz + t0 >= 3),
-                     other=0.0).to(tl.float32)
-    end = tl.minimum(t0 + BL, L)
-    for i in range(t0, end, U):
-        for j in tl.static_range(U):
-            t = i + j
-            m = cmask & (tz + t < end)
-            xv = tl.load(xb + t.to(tl.int64) * sxl, mask=m, other=0.0).to(tl.float32)
-            acc = bias + wl * xv
-            if W > 1:
-                acc += w1 * h1
-            if W > 2:
-                acc += w2 * h2
-            if W > 3:
-                acc += w3 * h3
-            if SILU:
-                acc = acc / (1.0 + tl.exp(-acc))
-            tl.store(yb + t.to(tl.int64) * syl, acc.to(y_ptr.dtype.element_ty), mask=m)
-            h3 = h2
-            h2 = h1
-            h1 = xv
 
 
 @triton.jit
@@ -465,41 +396,35 @@ _conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU
 # Under the interpreter (CPU tests) one small tile, no autotuning.
 _INTERP_META = {"BL": 32, "BD": 32, "num_warps": 1}
 _INTERP_BWD = {"GATHER": 1}  # the backward's variant under the interpreter (tests set both)
-_INTERP_FWD = {"ROLL": False}  # the forward's variant under the interpreter (tests set it)
 # Autotuned choices, so that later launches skip the autotuner's Python overhead:
 # (kind, D, W, HAS_STATE, SILU, dtypes, device) -> (config kwargs, num_warps).
 _TUNED: dict = {}
 # Forward tiles that ``hybridseq bench conv --sweep`` times one by one (a superset of
-# FWD_CONFIGS: taller tiles now that interior tiles load unmasked, and 2/8 warps), (BL, BD, warps).
-# The roll variant (BL rows walked in order per program, BD = 256 * warps gives each thread
-# 8 channels, one 16-byte bf16 vector) is only reachable by a pin.
-SWEEP_FWD_CONFIGS = [(32, 128, 4, False), (16, 256, 4, False), (64, 128, 4, False),
-                     (32, 256, 4, False), (64, 64, 2, False), (32, 128, 2, False),
-                     (64, 128, 8, False), (128, 128, 8, False), (64, 256, 8, False),
-                     (64, 512, 2, True), (128, 512, 2, True), (64, 1024, 4, True),
-                     (32, 512, 2, True), (128, 256, 1, True)]
-_ROLL_UNROLL = 4  # rows per loop trip of the roll variant
+# FWD_CONFIGS: taller tiles, 2 and 8 warps), (BL, BD, warps).
+SWEEP_FWD_CONFIGS = [(32, 128, 4), (16, 256, 4), (64, 128, 4), (32, 256, 4), (64, 64, 2),
+                     (32, 128, 2), (64, 128, 8), (128, 128, 8), (64, 256, 8)]
 FWD_PIN_ENV = "HYBRIDSEQ_CONV_FWD"
 
 
 def parse_fwd_pin(text):
-    """``"BL,BD,NUM_WARPS"`` (tile variant) or ``"BL,BD,NUM_WARPS,roll"`` (the rolling variant,
-    used without a state and for w <= 4), powers of two -> (BL, BD, num_warps, roll); None for
-    an empty string."""
+    """``"BL,BD,NUM_WARPS"`` (``x`` also separates), powers of two -> (BL, BD, num_warps); None
+    for an empty string."""
     if not text:
         return None
     parts = text.replace("x", ",").split(",")
-    roll = len(parts) == 4 and parts[3].strip().lower() == "roll"
+    if len(parts) == 4:  # the old "BL,BD,NUM_WARPS,roll" form
+        raise ValueError(f"{FWD_PIN_ENV}={text!r}: the 4th field is no longer accepted (the roll "
+                         "forward variant was removed); expected BL,BD,NUM_WARPS, e.g. 32,128,4")
     try:
-        if len(parts) != 3 + roll:
+        if len(parts) != 3:
             raise ValueError
-        bl, bd, nw = (int(v) for v in parts[:3])
+        bl, bd, nw = (int(v) for v in parts)
     except ValueError:
-        raise ValueError(f"{FWD_PIN_ENV}={text!r}: expected BL,BD,NUM_WARPS[,roll], e.g. 32,128,4"
+        raise ValueError(f"{FWD_PIN_ENV}={text!r}: expected BL,BD,NUM_WARPS, e.g. 32,128,4"
                          ) from None
     if any(v < 1 or v & (v - 1) for v in (bl, bd, nw)):
         raise ValueError(f"{FWD_PIN_ENV}={text!r}: BL, BD and NUM_WARPS must be powers of two")
-    return bl, bd, nw, roll
+    return bl, bd, nw
 
 
 # The forward tile pinned by the environment (no autotuning), or None: autotune FWD_CONFIGS.
@@ -537,29 +462,12 @@ def _launch_fwd(x, weight, bias, state, silu):
     consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu)
     grid_fn = lambda META: (triton.cdiv(l, META["BL"]), triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
-        hit = (dict(_INTERP_META, ROLL=True), 1) if _INTERP_FWD["ROLL"] else None
-    else:
-        key = fwd_key(x, weight, state, silu)
-        if FWD_PIN is not None and key not in _TUNED:
-            _TUNED[key] = ({"BL": FWD_PIN[0], "BD": FWD_PIN[1], "ROLL": FWD_PIN[3]}, FWD_PIN[2])
-        hit = _TUNED.get(key)
-    if hit is not None and hit[0].get("ROLL") and state is None and w <= 4:
-        meta, nw = hit
-        _conv_fwd_roll_kernel[grid_fn(meta)](
-            x, weight, bias if bias is not None else weight, y, l, d, *x.stride(),
-            *weight.stride(), *y.stride(), W=w, HAS_BIAS=bias is not None, SILU=silu,
-            BL=meta["BL"], BD=meta["BD"], U=_ROLL_UNROLL, num_warps=nw)
-        return y
-    if hit is not None and hit[0].get("ROLL"):  # a state or w > 4: the tile variant's default
-        hit = ({"BL": 32, "BD": 128}, 4)
-    if _INTERPRET:
         _conv_fwd_heur[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
-    elif hit is not None:
-        meta, nw = hit
-        _conv_fwd_heur[grid_fn(meta)](*args, **consts, BL=meta["BL"], BD=meta["BD"],
-                                      num_warps=nw)
-    else:
-        _launch(_conv_fwd_heur, _conv_fwd_tuned, grid_fn, args, consts, key)
+        return y
+    key = fwd_key(x, weight, state, silu)
+    if FWD_PIN is not None and key not in _TUNED:
+        _TUNED[key] = ({"BL": FWD_PIN[0], "BD": FWD_PIN[1]}, FWD_PIN[2])
+    _launch(_conv_fwd_heur, _conv_fwd_tuned, grid_fn, args, consts, key)
     return y
 
 

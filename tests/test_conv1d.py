@@ -277,32 +277,10 @@ def test_bench_conv_smoke(conv_mod):
 
 def test_fwd_pin_parses_and_names_the_variable(conv_mod):
     assert conv_mod.parse_fwd_pin("") is None
-    assert conv_mod.parse_fwd_pin("64,128,8") == (64, 128, 8, False)
-    assert conv_mod.parse_fwd_pin("32x256x4") == (32, 256, 4, False)
-    assert conv_mod.parse_fwd_pin("64,512,2,roll") == (64, 512, 2, True)
+    assert conv_mod.parse_fwd_pin("64,128,8") == (64, 128, 8)
+    assert conv_mod.parse_fwd_pin("32x256x4") == (32, 256, 4)
     for bad in ("32,128", "32,100,4", "a,b,c", "32,128,4,fast"):
         with pytest.raises(ValueError, match=conv_mod.FWD_PIN_ENV):
             conv_mod.parse_fwd_pin(bad)
-
-
-@pytest.mark.parametrize("l,w,bias,silu,d", [(1, 4, True, True, 8), (5, 1, False, True, 8),
-                                             (67, 4, True, True, 64), (67, 3, False, False, 8),
-                                             (40, 2, True, False, 40)])
-def test_roll_forward_matches_ref(conv_mod, monkeypatch, l, w, bias, silu, d):
-    """The rolling forward variant (pinned; rows carried in registers across a program's rows,
-    halo across programs at seqlen 67 with 16-row programs); with a state the tile variant runs."""
-    monkeypatch.setitem(conv_mod._INTERP_FWD, "ROLL", True)  # interpreter
-    monkeypatch.setattr(conv_mod, "FWD_PIN", (16, 32, 1, True))  # compiled
-    x = torch.randn(2, l, d)
-    weight = torch.randn(d, w)
-    bi = torch.randn(d) if bias else None
-    act = "silu" if silu else None
-    y = causal_conv1d(x, weight, bi, act, impl="triton")
-    ref = causal_conv1d_ref(x.double(), weight.double(), bi.double() if bias else None, act)
-    assert rel(y, ref) < 1e-6
-    if w > 1:
-        st = torch.randn(2, w - 1, d)
-        y = causal_conv1d(x, weight, bi, act, initial_state=st, impl="triton")
-        ref = causal_conv1d_ref(x.double(), weight.double(), bi.double() if bias else None, act,
-                                initial_state=st.double())
-        assert rel(y, ref) < 1e-6
+    with pytest.raises(ValueError, match="roll forward variant was removed"):
+        conv_mod.parse_fwd_pin("64,512,2,roll")

@@ -20,7 +20,8 @@ cache), so its ``graph_ms`` is what ``HYBRIDSEQ_CONV_FWD=BL,BD,WARPS`` would shi
 ``copy (ceiling)`` row is a device copy of the same bytes, the in-run bandwidth ceiling.
 ``--check`` first compares every Triton output (and, for the conv, every gradient) with the
 reference at the benchmarked shape, with outputs poisoned (NaN) before the call. ``--sweep``
-times and checks every forward block shape of the autotuner's list.
+times and checks every forward tile of ``SWEEP_FWD_CONFIGS`` (a superset of the autotuner's list)
+or of ``--fwd-configs``.
 """
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="also time (and check) forward tiles one by one (--fwd-configs)")
     parser.add_argument("--fwd-configs", default=None,
-                        help="tiles for --sweep, 'BLxBDxWARPS[xroll],...' (default: the kernel "
+                        help="tiles for --sweep, 'BLxBDxWARPS,...' (default: the kernel "
                              "module's SWEEP_FWD_CONFIGS); the env var "
-                             "HYBRIDSEQ_CONV_FWD=BL,BD,WARPS[,roll] pins the shipped forward to one")
+                             "HYBRIDSEQ_CONV_FWD=BL,BD,WARPS pins the shipped forward to one")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu only for smoke tests under TRITON_INTERPRET=1")
 
@@ -122,9 +123,8 @@ def _best_configs() -> str | None:
     mod = importlib.import_module("hybridseq.kernels.causal_conv1d_triton")
     out = []
     if getattr(mod, "FWD_PIN", None):
-        bl, bd, nw, roll = mod.FWD_PIN
-        out.append(f"fwd {'roll ' if roll else ''}BL{bl} BD{bd} w{nw} (pinned by "
-                   f"{mod.FWD_PIN_ENV})")
+        bl, bd, nw = mod.FWD_PIN
+        out.append(f"fwd BL{bl} BD{bd} w{nw} (pinned by {mod.FWD_PIN_ENV})")
     for kind, tuner in (("fwd", getattr(mod, "_conv_fwd_tuned", None)),
                         ("bwd", getattr(mod, "_conv_bwd_tuned", None))):
         cfg = getattr(tuner, "best_config", None)
@@ -170,12 +170,10 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
     else:
         tiles = list(mod.SWEEP_FWD_CONFIGS)
     try:
-        for bl, bd, nw, roll in tiles:
-            kw = {"BL": bl, "BD": bd, "ROLL": roll}
-            name = f"{'roll ' if roll else ''}BL{bl} BD{bd} w{nw}"
-            row = {"op": "conv_fwd_sweep", "shape": label, "dtype": args.dtype, "impl": name,
-                   "pin": f"{mod.FWD_PIN_ENV}={bl},{bd},{nw}{',roll' if roll else ''}"}
-            mod._TUNED[key] = (dict(kw), nw)
+        for bl, bd, nw in tiles:
+            row = {"op": "conv_fwd_sweep", "shape": label, "dtype": args.dtype,
+                   "impl": f"BL{bl} BD{bd} w{nw}", "pin": f"{mod.FWD_PIN_ENV}={bl},{bd},{nw}"}
+            mod._TUNED[key] = ({"BL": bl, "BD": bd}, nw)
             try:
                 with torch.no_grad():
                     with _Poisoned("causal_conv1d_triton"):
@@ -185,7 +183,7 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
                     ms = _graph_ms(lambda: mod.causal_conv1d_triton(x, weight, bias, "silu"))
                 row["graph_ms"] = ms
                 row["fwd_GBps"] = fwd_bytes / ms / 1e6 if ms else None
-                working.append((bl, bd, nw, roll))
+                working.append((bl, bd, nw))
             except Exception as e:  # a config that fails to compile: say so, go on
                 row["note"] = f"{type(e).__name__}: {e}"[:80]
             rows.append(row)
@@ -194,7 +192,7 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
             mod._TUNED.pop(key, None)
         else:
             mod._TUNED[key] = saved
-    ident = lambda c: (c.kwargs["BL"], c.kwargs["BD"], c.num_warps, False)  # noqa: E731
+    ident = lambda c: (c.kwargs["BL"], c.kwargs["BD"], c.num_warps)  # noqa: E731
     bad = ({ident(c) for c in mod.FWD_CONFIGS} - set(working)) & set(tiles)
     if bad and len(bad) < len(mod.FWD_CONFIGS):  # drop tiles that fail here from the autotuner
         mod._conv_fwd_tuned.configs = [c for c in mod.FWD_CONFIGS if ident(c) not in bad]

@@ -6,6 +6,8 @@ tokens, only the last position's logits computed, the cache in ``--dtype``), the
 decode mode, run ``--warmup`` untimed and ``--new-tokens`` timed greedy one-token steps (argmax
 outside the graph, in every mode). The modes continue the same cache one after the other, so
 one prefill serves them all (the cache holds P + modes x (warmup + new tokens) positions).
+``prefill`` and ``time_decode`` also time ``hybridseq compare``'s decode columns
+(``hybridseq.compare.measure.decode_speed``: mode off, one warm-up step, short prompt).
 
 Modes (``--cuda-graph``): ``off`` = the ordinary ``model(next_ids, cache=cache)``; ``on`` = the
 step captured in a CUDA graph (``hybridseq.decode_graph.GraphedDecodeStep``), once per
@@ -192,11 +194,26 @@ def fit_batch(estimates, budget: float, batch: int) -> int:
     return 0
 
 
-def _time_mode(model, cache, mode, method, nxt, args, device, row):
-    """Warm-up and timed greedy steps of one mode; fills ``row``; returns the last tokens."""
+def prefill(model, ids, cache, chunk: int):
+    """Feed ``ids`` (B, P) into ``cache`` in chunks of ``chunk`` tokens, computing only the last
+    position's logits; returns them (B, V). The caller sets the grad mode (``bench_layout``:
+    inference mode; ``hybridseq.compare.measure.decode_speed``: no_grad)."""
+    for s in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, s:s + chunk], cache=cache, logits_to_keep=1).logits
+    return logits[:, -1]
+
+
+def time_decode(model, cache, nxt, device, stats: dict, *, new_tokens: int, warmup: int,
+                mode: str = "off", method: str | None = None):
+    """``warmup`` untimed, then ``new_tokens`` timed greedy one-token steps that continue
+    ``cache`` from the tokens ``nxt`` (B,); argmax outside the step in every mode. ``mode``:
+    "off" (the model's ordinary forward), "graph" (captured CUDA graph) or "static" (the graph's
+    step without capture), with ``method`` the graph step's attention. Fills ``stats``
+    (``ms_per_step``, ``tokens_per_s``; ``capture_s`` first, so a mode that fails later still
+    reports it); returns the last tokens."""
     from ..decode_graph import GraphedDecodeStep
 
-    B, n = nxt.shape[0], args.new_tokens
+    B, n = nxt.shape[0], new_tokens
     if mode == "off":
         def step(x):
             return model(x[:, None], cache=cache).logits[:, -1]
@@ -204,8 +221,8 @@ def _time_mode(model, cache, mode, method, nxt, args, device, row):
         t0 = time.perf_counter()
         step = GraphedDecodeStep(model, cache, capture=mode == "graph", decode_attn=method)
         _sync(device)
-        row["capture_s"] = time.perf_counter() - t0
-    for _ in range(args.warmup):
+        stats["capture_s"] = time.perf_counter() - t0
+    for _ in range(warmup):
         nxt = step(nxt).argmax(-1)
     _sync(device)
     t0 = time.perf_counter()
@@ -213,8 +230,8 @@ def _time_mode(model, cache, mode, method, nxt, args, device, row):
         nxt = step(nxt).argmax(-1)
     _sync(device)
     dt = time.perf_counter() - t0
-    row.update({"ms_per_step": 1e3 * dt / max(n, 1),
-                "tokens_per_s": B * n / dt if dt > 0 else 0.0})
+    stats.update({"ms_per_step": 1e3 * dt / max(n, 1),
+                  "tokens_per_s": B * n / dt if dt > 0 else 0.0})
     return nxt
 
 
@@ -233,11 +250,10 @@ def bench_layout(name, cfg, args, device, dtype, modes, batch, est) -> list[dict
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
-    for s in range(0, P, args.prefill_chunk):
-        logits = model(ids[:, s:s + args.prefill_chunk], cache=cache, logits_to_keep=1).logits
+    logits = prefill(model, ids, cache, args.prefill_chunk)
     _sync(device)
     base["prefill_s"] = time.perf_counter() - t0
-    nxt = logits[:, -1].argmax(-1)
+    nxt = logits.argmax(-1)
     del logits, ids
     cache_mb = cache.nbytes() / B / 1e6
     closed = model.state_bytes(cache.max_seq_len, torch.tensor([], dtype=dtype).element_size()) / 1e6
@@ -245,7 +261,8 @@ def bench_layout(name, cfg, args, device, dtype, modes, batch, est) -> list[dict
     for mode, method in modes:
         row = {"layout": name, "mode": "off" if mode == "off" else f"{mode}[{method}]", **base}
         try:
-            nxt = _time_mode(model, cache, mode, method, nxt, args, device, row)
+            nxt = time_decode(model, cache, nxt, device, row, new_tokens=n, warmup=args.warmup,
+                              mode=mode, method=method)
         except Exception as e:  # a mode that cannot run (capture refused, OOM): say so, go on
             row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
             if device.type == "cuda":

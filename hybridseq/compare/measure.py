@@ -12,7 +12,8 @@
   one ``"oom"``; ``budget_s`` skips a length (and the longer ones: ``"skipped"``) when the time spent
   plus its predicted time (extrapolated from the previous lengths) would pass the budget.
 - ``decode_speed(...)``: greedy one-token steps through the model's inference cache after a
-  short prefill: tokens/s over ``batch`` sequences, and the cache's measured bytes per sequence.
+  short prefill, timed by ``hybridseq bench decode``'s helpers: tokens/s over ``batch``
+  sequences, and the cache's measured bytes per sequence.
 - ``seqlen_sweep(...)``: training throughput (forward + backward, tokens/s) and peak memory at
   several sequence lengths, with a fixed number of tokens per step.
 - ``static_costs(cfg, seq_len)``: closed-form total/active parameters, forward FLOPs per token and
@@ -201,32 +202,31 @@ def eval_lengths(trainer, task_cfg: dict, lengths: list[int], seed: int, n_seqs:
 def decode_speed(model, vocab_size: int, device, *, batch: int = 4, prompt_len: int = 16,
                  new_tokens: int = 32, autocast=None, seed: int = 0) -> dict:
     """Greedy decoding through ``model.new_cache``: prefill ``prompt_len`` random tokens, then
-    ``new_tokens`` single-token steps, timed (steps only). -> ``decode_tokens_per_s`` (all
-    sequences), ``decode_ms_per_token`` (one step), ``cache_bytes_per_seq`` (the cache's tensors
-    after decoding, in the model's dtype, divided by ``batch``)."""
+    one untimed and ``new_tokens`` timed single-token steps (``hybridseq bench decode``'s
+    ``prefill`` and ``time_decode``, mode off). -> ``decode_tokens_per_s`` (all sequences),
+    ``decode_ms_per_token`` (one step), ``cache_bytes_per_seq`` (the cache's tensors after
+    decoding, in the model's dtype, divided by ``batch``).
+
+    Under no_grad, where the bench uses inference mode: compare trains this model afterwards, and
+    what the attention backends cache by sequence length during the prefill (masks, FlexAttention
+    block masks) would be inference tensors, which autograd refuses to save for backward."""
+    from ..bench.decode import prefill, time_decode
+
     device = torch.device(device)
     was_training = model.training
     model.eval()
     ctx = autocast or contextlib.nullcontext
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (batch, prompt_len), generator=g).to(device)
+    stats: dict = {}
     try:
         cache = model.new_cache(batch_size=batch, max_seq_len=prompt_len + new_tokens + 1)
         with ctx():
-            logits = model(prompt, cache=cache).logits
-            nxt = logits[:, -1:].argmax(-1)
-            # one untimed step (lazy initialisation, kernel compilation)
-            nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)
-            _sync(device)
-            dt = time.perf_counter() - t0
+            nxt = prefill(model, prompt, cache, prompt_len).argmax(-1)
+            time_decode(model, cache, nxt, device, stats, new_tokens=new_tokens, warmup=1)
     finally:
         model.train(was_training)
-    return {"decode_tokens_per_s": batch * new_tokens / max(dt, 1e-9),
-            "decode_ms_per_token": 1e3 * dt / max(1, new_tokens),
+    return {"decode_tokens_per_s": stats["tokens_per_s"], "decode_ms_per_token": stats["ms_per_step"],
             "cache_bytes_per_seq": int(cache.nbytes() // batch), "decode_batch": batch}
 
 

@@ -38,7 +38,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan_triton_fwd import LOG2E, _linrec_combine, _softplus
+from .selective_scan_triton_fwd import (_delta_to_dt, _linrec_combine, _load_params, _softplus,
+                                        _tile_index)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -84,25 +85,10 @@ def _scan_bwd_kernel(
     grp_B = d0 // DPG_B
     grp_C = d0 // DPG_C
 
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
-    ni = tl.arange(0, NI)
-    no = tl.arange(0, NO)
-    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
-    d3 = offs_d[None, :, None]
-    mask_s = (d3 < DIM) & (n3 < NSTATE)
-    state_off = d3 * NSTATE + n3
-    # (time, ni, no) tiles: B / C loads (broadcast along dim afterwards) and gB / gC partials
-    t3 = offs_t[:, None, None]
-    n3p = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO)
-
-    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_t, offs_d, mask_d, t3, nb, n3, d3, mask_s, state_off, first, last = _tile_index(
+        d0, DIM, NSTATE, BLOCK_T, BLOCK_D, NI, NO)
+    A, Dv, bias = _load_params(A_ptr, D_ptr, bias_ptr, state_off, mask_s, offs_d, mask_d, HAS_D,
+                               HAS_BIAS)
     if HAS_DHLAST:
         G = tl.load(dhlast_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
     else:
@@ -121,11 +107,7 @@ def _scan_bwd_kernel(
     m_T = mask_d & ((T_end + offs_d * 0) < L)
     dlT = tl.load(delta_ptr + pid_b * s_dt_b + T_end * s_dt_l + offs_d * s_dt_d,
                   mask=m_T, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dlT = dlT + bias
-    if SOFTPLUS:
-        dlT = _softplus(dlT)
-    dlT = tl.where(m_T, dlT, 0.0)
+    dlT = _delta_to_dt(dlT, bias, m_T, HAS_BIAS, SOFTPLUS)
     G = tl.exp2(dlT[None, :, None] * A) * G
 
     # Addresses: scalar bases at the segment's last chunk, stepped one chunk back every
@@ -149,19 +131,19 @@ def _scan_bwd_kernel(
     z_p = z_ptr + pid_b * s_z_b + t_last * s_z_l
     g_p = dout_ptr + pid_b * s_g_b + t_last * s_g_l
     o_b = pid_b * L * DIM + t_last * DIM
-    off_B = t3 * s_B_l + n3p * s_B_n
-    off_C = t3 * s_C_l + n3p * s_C_n
+    off_B = t3 * s_B_l + nb * s_B_n
+    off_C = t3 * s_C_l + nb * s_C_n
     B_p = B_ptr + pid_b * s_B_b + grp_B * s_B_g + t_last * s_B_l
     C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + t_last * s_C_l
     if BC_ATOMIC:  # gB / gC accumulated with atomics in float32 (batch, L, groups, NSTATE)
         n_gB = DIM // DPG_B
         n_gC = DIM // DPG_C
-        off_pB = (t3 * n_gB + grp_B) * NSTATE + n3p
-        off_pC = (t3 * n_gC + grp_C) * NSTATE + n3p
+        off_pB = (t3 * n_gB + grp_B) * NSTATE + nb
+        off_pC = (t3 * n_gC + grp_C) * NSTATE + nb
         pB_b = (pid_b * L + t_last) * n_gB * NSTATE
         pC_b = (pid_b * L + t_last) * n_gC * NSTATE
     else:  # gB / gC partials per dim block: (n_dblocks, batch, L, NSTATE) contiguous
-        off_pB = t3 * NSTATE + n3p
+        off_pB = t3 * NSTATE + nb
         off_pC = off_pB
         pB_b = (pid_d * n_bat + pid_b) * L * NSTATE + t_last * NSTATE
         pC_b = pB_b
@@ -174,14 +156,12 @@ def _scan_bwd_kernel(
     dA_acc = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)  # summed over time at the end
     dbias_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    first = t4 == 0
-    last = t4 == BLOCK_T - 1
 
     # the segment's last chunk's inputs; each iteration then prefetches the chunk before it
     # (int32 like the loop's t0: Triton wants a loop-carried name to keep its type)
     t0 = (c_hi - 1) * BLOCK_T
     mask_td = ((t0 + offs_t) < L)[:, None] & mask_d[None, :]
-    mask_p = ((t0 + t3) < L) & (n3p < NSTATE)
+    mask_p = ((t0 + t3) < L) & (nb < NSTATE)
     u_n = tl.load(u_p + off_u, mask=mask_td, other=0.0)
     dl_n = tl.load(dt_p + off_dt, mask=mask_td, other=0.0)
     g_n = tl.load(g_p + off_g, mask=mask_td, other=0.0)
@@ -212,18 +192,14 @@ def _scan_bwd_kernel(
                     tl.store(sc_p + jj * SLOT, h)
                     tq = seg0 + jj * BLOCK_T
                     m_td = ((tq + offs_t) < L)[:, None] & mask_d[None, :]
-                    m_p = ((tq + t3) < L) & (n3p < NSTATE)
+                    m_p = ((tq + t3) < L) & (nb < NSTATE)
                     uq = tl.load(u_ptr + pid_b * s_u_b + (tq + td) * s_u_l
                                  + offs_d[None, :] * s_u_d, mask=m_td, other=0.0).to(tl.float32)
                     dq = tl.load(delta_ptr + pid_b * s_dt_b + (tq + td) * s_dt_l
                                  + offs_d[None, :] * s_dt_d, mask=m_td, other=0.0).to(tl.float32)
                     Bq = tl.load(B_ptr + pid_b * s_B_b + grp_B * s_B_g + (tq + t3) * s_B_l
-                                 + n3p * s_B_n, mask=m_p, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        dq = dq + bias[None, :]
-                    if SOFTPLUS:
-                        dq = _softplus(dq)
-                    dq = tl.where(m_td, dq, 0.0)
+                                 + nb * s_B_n, mask=m_p, other=0.0).to(tl.float32)
+                    dq = _delta_to_dt(dq, bias, m_td, HAS_BIAS, SOFTPLUS)
                     aq = tl.exp2(dq[:, None, :, None] * A[None])
                     bq = (dq * uq)[:, None, :, None] * Bq[:, :, None, :]
                     bq = tl.where(first, bq + aq * h[None], bq)
@@ -234,7 +210,7 @@ def _scan_bwd_kernel(
                 h0_n = tl.load(sc_p + j * SLOT)
         mask_t = (t0 + offs_t) < L
         mask_td = mask_t[:, None] & mask_d[None, :]
-        mask_p = ((t0 + t3) < L) & (n3p < NSTATE)
+        mask_p = ((t0 + t3) < L) & (nb < NSTATE)
         u = u_n.to(tl.float32)
         dl = dl_n.to(tl.float32)
         gout = g_n.to(tl.float32)
@@ -253,7 +229,7 @@ def _scan_bwd_kernel(
         C_p -= BLOCK_T * s_C_l
         pre_t = (t0 - BLOCK_T + offs_t) >= T_lo
         pre_td = pre_t[:, None] & mask_d[None, :]
-        pre_p = ((t0 - BLOCK_T + t3) >= T_lo) & (n3p < NSTATE)
+        pre_p = ((t0 - BLOCK_T + t3) >= T_lo) & (nb < NSTATE)
         u_n = tl.load(u_p + off_u, mask=pre_td, other=0.0)
         dl_n = tl.load(dt_p + off_dt, mask=pre_td, other=0.0)
         g_n = tl.load(g_p + off_g, mask=pre_td, other=0.0)

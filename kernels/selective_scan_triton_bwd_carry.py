@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan_triton_fwd import LOG2E, _linrec_combine, _softplus
+from .selective_scan_triton_fwd import _delta_to_dt, _linrec_combine, _load_params, _tile_index
 
 
 # the split sizes vary with S: no recompile for each value
@@ -52,38 +52,24 @@ def _scan_bwd_carry_kernel(
     hi = tl.minimum(lo + SUB_LEN, seg_end)  # the piece [lo, hi), maybe empty
     n_ch = (hi - lo + BLOCK_T - 1) // BLOCK_T
 
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
-    ni = tl.arange(0, NI)
-    no = tl.arange(0, NO)
-    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
-    d3 = offs_d[None, :, None]
-    mask_s = (d3 < DIM) & (n3 < NSTATE)
-    state_off = d3 * NSTATE + n3
-    t3 = offs_t[:, None, None]
-    n3p = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO): C tiles (time, ni, no)
+    offs_t, offs_d, mask_d, t3, nb, n3, d3, mask_s, state_off, first, last = _tile_index(
+        d0, DIM, NSTATE, BLOCK_T, BLOCK_D, NI, NO)
     td = offs_t[:, None]
-
-    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A, _D, bias = _load_params(A_ptr, None, bias_ptr, state_off, mask_s, offs_d, mask_d, False,
+                               HAS_BIAS)  # no D in this pass
     G = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     dts_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)  # summed over time at the end
-    first = t4 == 0
-    last = t4 == BLOCK_T - 1
 
     # pointers at the piece's last chunk; each iteration prefetches the chunk before it
     t_last = (lo + (n_ch - 1) * BLOCK_T).to(tl.int64)
     dt_p = delta_ptr + pid_b * s_dt_b + (t_last + 1 + td) * s_dt_l + offs_d[None, :] * s_dt_d
     g_p = dout_ptr + pid_b * s_g_b + (t_last + td) * s_g_l + offs_d[None, :] * s_g_d
     z_p = z_ptr + pid_b * s_z_b + (t_last + td) * s_z_l + offs_d[None, :] * s_z_d
-    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + (t_last + t3) * s_C_l + n3p * s_C_n
+    C_p = C_ptr + pid_b * s_C_b + grp_C * s_C_g + (t_last + t3) * s_C_l + nb * s_C_n
     m_t = (t_last + offs_t >= lo) & (t_last + offs_t < hi)
     m_td = m_t[:, None] & mask_d[None, :]
     m_t1d = ((t_last + offs_t + 1) < L)[:, None] & m_td
-    m_p = (t_last + t3 >= lo) & (t_last + t3 < hi) & (n3p < NSTATE)
+    m_p = (t_last + t3 >= lo) & (t_last + t3 < hi) & (nb < NSTATE)
     dln_n = tl.load(dt_p, mask=m_t1d, other=0.0)
     g_n = tl.load(g_p, mask=m_td, other=0.0)
     C_n = tl.load(C_p, mask=m_p, other=0.0)
@@ -105,7 +91,7 @@ def _scan_bwd_carry_kernel(
         g_p -= BLOCK_T * s_g_l
         C_p -= BLOCK_T * s_C_l
         pre_td = ((rows - BLOCK_T) >= lo)[:, None] & mask_d[None, :]
-        pre_p = ((t0 - BLOCK_T + t3) >= lo) & (n3p < NSTATE)
+        pre_p = ((t0 - BLOCK_T + t3) >= lo) & (nb < NSTATE)
         dln_n = tl.load(dt_p, mask=pre_td, other=0.0)
         g_n = tl.load(g_p, mask=pre_td, other=0.0)
         C_n = tl.load(C_p, mask=pre_p, other=0.0)
@@ -117,11 +103,8 @@ def _scan_bwd_carry_kernel(
             gy = gout * zz / (1.0 + tl.exp(-zz))
         else:
             gy = gout
-        if HAS_BIAS:
-            dln = dln + bias[None, :]
-        if SOFTPLUS:
-            dln = _softplus(dln)
-        dtn = tl.where(m_t1d, dln, 0.0)  # a_{t+1}; 1 past the piece / sequence end
+        # dt_{t+1}, for a_{t+1}: 0 (a = 1) past the piece / sequence end
+        dtn = _delta_to_dt(dln, bias, m_t1d, HAS_BIAS, SOFTPLUS)
         dts_acc += dtn
         an = tl.exp2(dtn[:, None, :, None] * A[None])
         cc = gy[:, None, :, None] * Ct  # 0 past the piece end (masked loads)

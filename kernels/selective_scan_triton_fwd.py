@@ -50,6 +50,56 @@ def _linrec_combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
+@triton.jit
+def _tile_index(d0, DIM, NSTATE, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr,
+                NO: tl.constexpr):
+    """Index tiles of the dim block starting at d0 (the layout above), shared by the kernels.
+    2-D (time, dim) tiles: offs_t, offs_d, mask_d. 3-D (time, ni, no) tiles: t3 and nb, the state
+    index (1, NI, NO); B / C are loaded in this shape and then broadcast along dim (a 4-D load
+    would make the compiler give the whole 4-D computation the load's layout). 3-D (ni, dim, no)
+    state: n3, d3, mask_s and state_off, the offset in a (dim, dstate) array. first / last: the
+    first / last time step of the 4-D (time, ni, dim, no) work tile."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
+    ni = tl.arange(0, NI)
+    no = tl.arange(0, NO)
+    t3 = offs_t[:, None, None]
+    nb = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO)
+    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
+    d3 = offs_d[None, :, None]  # (1, D, 1)
+    mask_s = (d3 < DIM) & (n3 < NSTATE)
+    state_off = d3 * NSTATE + n3
+    return offs_t, offs_d, mask_d, t3, nb, n3, d3, mask_s, state_off, t4 == 0, t4 == BLOCK_T - 1
+
+
+@triton.jit
+def _load_params(A_ptr, D_ptr, bias_ptr, state_off, mask_s, offs_d, mask_d, HAS_D: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    """A as a (ni, dim, no) state tile, times log2(e) for exp2; D and delta_bias (dim,), float32
+    (zeros when absent: a jit function cannot return None)."""
+    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
+    Dv = tl.zeros(offs_d.shape, tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros(offs_d.shape, tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return A, Dv, bias
+
+
+@triton.jit
+def _delta_to_dt(delta, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt = softplus(delta + bias) (each step optional; bias (dim,) broadcasts along time), 0 off
+    mask: there a = 1, b = 0, so the carry passes through."""
+    if HAS_BIAS:
+        delta = delta + bias
+    if SOFTPLUS:
+        delta = _softplus(delta)
+    return tl.where(mask, delta, 0.0)
+
+
 # the split sizes vary with S: no recompile for each value
 @triton.jit(do_not_specialize=["SEG_CH", "M"])
 def _scan_fwd_kernel(
@@ -80,28 +130,10 @@ def _scan_fwd_kernel(
     grp_B = d0 // DPG_B
     grp_C = d0 // DPG_C
 
-    # 2-D (time, dim) tiles
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    # 4-D (time, ni, dim, no) work tile; 3-D (ni, dim, no) state
-    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
-    ni = tl.arange(0, NI)
-    no = tl.arange(0, NO)
-    # B / C are loaded as 3-D (time, ni, no) tiles and then broadcast along dim: a 4-D load
-    # would make the compiler give the whole 4-D computation the load's layout
-    t3 = offs_t[:, None, None]
-    nb = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO)
-    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
-    d3 = offs_d[None, :, None]  # (1, D, 1)
-    mask_s = (d3 < DIM) & (n3 < NSTATE)
-    state_off = d3 * NSTATE + n3
-
-    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_t, offs_d, mask_d, t3, nb, n3, d3, mask_s, state_off, first, last = _tile_index(
+        d0, DIM, NSTATE, BLOCK_T, BLOCK_D, NI, NO)
+    A, Dv, bias = _load_params(A_ptr, D_ptr, bias_ptr, state_off, mask_s, offs_d, mask_d, HAS_D,
+                               HAS_BIAS)
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
     else:
@@ -135,8 +167,6 @@ def _scan_fwd_kernel(
     C_n = tl.load(C_p, mask=mask_tn, other=0.0)
     if HAS_Z:
         z_n = tl.load(z_p, mask=mask_td, other=0.0)
-    first = t4 == 0
-    last = t4 == BLOCK_T - 1
     for c in range(c_lo, c_hi):
         if STORE_CKPT:  # the state entering every CK_R-th chunk (a segment start); a
             # predicated store rather than a branch keeps the loop body straight-line
@@ -165,11 +195,7 @@ def _scan_fwd_kernel(
             z_p += BLOCK_T * s_z_l
             z_n = tl.load(z_p, mask=mask_nd, other=0.0)
 
-        if HAS_BIAS:
-            dt = dt + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(mask_td, dt, 0.0)  # a = 1, b = 0 past the end: the carry passes through
+        dt = _delta_to_dt(dt, bias, mask_td, HAS_BIAS, SOFTPLUS)  # 0 past the end
         dt4 = dt[:, None, :, None]
         a = tl.exp2(dt4 * A[None])
         bx = (dt * u)[:, None, :, None] * Bt

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan_triton_fwd import LOG2E, _linrec_combine, _softplus
+from .selective_scan_triton_fwd import _delta_to_dt, _linrec_combine, _load_params, _tile_index
 
 
 # the split sizes vary with S: no recompile for each value
@@ -45,26 +45,12 @@ def _scan_fwd_carry_kernel(
     hi = tl.minimum(lo + SUB_LEN, seg_end)  # the piece [lo, hi), maybe empty
     n_ch = (hi - lo + BLOCK_T - 1) // BLOCK_T
 
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    t4 = tl.arange(0, BLOCK_T)[:, None, None, None]
-    ni = tl.arange(0, NI)
-    no = tl.arange(0, NO)
-    t3 = offs_t[:, None, None]
-    nb = no[None, None, :] * NI + ni[None, :, None]  # (1, NI, NO): B tiles (time, ni, no)
-    n3 = no[None, None, :] * NI + ni[:, None, None]  # (NI, 1, NO)
-    d3 = offs_d[None, :, None]
-    mask_s = (d3 < DIM) & (n3 < NSTATE)
-    state_off = d3 * NSTATE + n3
-
-    A = tl.load(A_ptr + state_off, mask=mask_s, other=0.0).to(tl.float32) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_t, offs_d, mask_d, t3, nb, n3, d3, mask_s, state_off, first, last = _tile_index(
+        d0, DIM, NSTATE, BLOCK_T, BLOCK_D, NI, NO)
+    A, _D, bias = _load_params(A_ptr, None, bias_ptr, state_off, mask_s, offs_d, mask_d, False,
+                               HAS_BIAS)  # no D in this pass
     h = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     dts_acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)  # summed over time at the end
-    first = t4 == 0
-    last = t4 == BLOCK_T - 1
 
     t_lo = lo.to(tl.int64)
     u_p = u_ptr + pid_b * s_u_b + (t_lo + offs_t[:, None]) * s_u_l + offs_d[None, :] * s_u_d
@@ -92,11 +78,7 @@ def _scan_fwd_carry_kernel(
         dt_n = tl.load(dt_p, mask=nxt_td, other=0.0)
         B_n = tl.load(B_p, mask=nxt_p, other=0.0)
 
-        if HAS_BIAS:
-            dt = dt + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(m_td, dt, 0.0)  # a = 1, b = 0 past the piece end
+        dt = _delta_to_dt(dt, bias, m_td, HAS_BIAS, SOFTPLUS)  # 0 past the piece end
         dts_acc += dt
         a = tl.exp2(dt[:, None, :, None] * A[None])
         bx = (dt * u)[:, None, :, None] * Bt

@@ -7,7 +7,9 @@ block's closed-form ``flops_per_token`` (x3 for forward+backward).
 
 Timed regions (unchanged since the first BENCHMARKS.md entry, so rows compare across runs): ``fwd``
 is ``blk(x)`` under ``no_grad``; ``fwd+bwd`` is ``torch.autograd.grad(blk(x), [x, *params], dy)``,
-bf16 parameters (A_log, D, dt bias fp32), no autocast; ``common.time_fn`` medians, L2 flushed.
+bf16 parameters (A_log, D, dt bias fp32), no autocast; ``common.time_fn`` medians, L2 flushed
+(``--back-to-back R``: R calls per timed sample, the time per call: the steady state of a model
+whose host runs ahead of the GPU, without the launch latency before one call's first kernels).
 ``--mamba-impls mamba_ssm`` times ``mamba_ssm.modules.mamba_simple.Mamba`` (d_state 16, d_conv 4,
 expand 2, its fast path when causal_conv1d is importable; cast to the bench dtype as a whole) when
 mamba_ssm imports, the same timed regions; a status row otherwise.
@@ -40,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--back-to-back", type=int, default=1, metavar="R",
+                        help="time R calls in a row per sample, per call (bench.common.time_fn): "
+                             "steady state, the host's launch latency hidden as in a model of many "
+                             "layers; 1 (default): each call alone after a cache flush")
     parser.add_argument("--profile", action="store_true",
                         help="print the kernels of one Mamba fwd+bwd (torch.profiler) per impl")
 
@@ -114,8 +120,9 @@ def run(args) -> list[dict]:
                 torch.autograd.grad(blk(x), [x, *params], dy)
 
             fwd_bwd()
-            t_f = time_fn(fwd, iters=args.iters, device=device)["median_ms"]
-            t_fb = time_fn(fwd_bwd, iters=args.iters, device=device)["median_ms"]
+            r = max(1, int(getattr(args, "back_to_back", 1) or 1))
+            t_f = time_fn(fwd, iters=args.iters, device=device, back_to_back=r)["median_ms"]
+            t_fb = time_fn(fwd_bwd, iters=args.iters, device=device, back_to_back=r)["median_ms"]
             if args.profile and kind == "mamba":
                 _profile(fwd_bwd, f"mamba {row['impl']}", device)
         except Exception as e:  # an impl that cannot run here: say why, keep going

@@ -206,3 +206,88 @@ def test_router_with_triton_logits_matches_torch():
     with pytest.raises(ValueError, match="router logits impl"):
         router_logits(x, r.weight, "fast")
     assert torch.equal(router_logits(x.cpu(), r.weight.cpu(), "auto"), router_logits(x.cpu(), r.weight.cpu(), "torch"))
+
+
+@pytest.mark.parametrize("n,e,k,renorm", [(1, 8, 2, True), (37, 8, 2, True), (33, 64, 8, True),
+                                          (50, 7, 3, False), (20, 5, 1, True), (17, 256, 4, True),
+                                          (5, 3, 3, True)])
+def test_softmax_topk_triton_matches_ref(n, e, k, renorm):
+    """The fused softmax/top-k/logsumexp kernel (interpreter on CPU) against torch: probs, weights,
+    indices, lse and the logits' gradient through all three outputs, at sizes off the blocks."""
+    pytest.importorskip("triton")
+    from hybridseq.kernels.router_topk import softmax_topk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(n * 1000 + e)
+    l0 = (torch.randn(n, e, generator=g) * 2).to(dev)
+    gp, gw, gl = (torch.randn(n, e, generator=g).to(dev), torch.randn(n, k, generator=g).to(dev),
+                  torch.randn(n, generator=g).to(dev))
+    outs = []
+    for impl in ("triton", "torch"):
+        logits = l0.clone().requires_grad_(True)
+        p, w, i, lse = softmax_topk(logits, k, renorm, impl=impl)
+        (dl,) = torch.autograd.grad((p * gp).sum() + (w * gw).sum() + (lse * gl).sum(), logits)
+        outs.append((p, w, i, lse, dl))
+    (p, w, i, lse, dl), (p_r, w_r, i_r, lse_r, dl_r) = outs
+    assert torch.equal(i, i_r) and i.dtype == torch.int64
+    for a, b in ((p, p_r), (w, w_r), (lse, lse_r), (dl, dl_r)):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    if renorm and k > 1:
+        assert torch.allclose(w.sum(-1), torch.ones(n, device=dev))
+
+
+@pytest.mark.parametrize("used", ["weights", "probs", "lse"])
+def test_softmax_topk_triton_partial_gradients(used):
+    """Only one output reaches the loss (the others get no gradient): the backward must still be
+    the reference's."""
+    pytest.importorskip("triton")
+    from hybridseq.kernels.router_topk import softmax_topk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(3)
+    l0 = torch.randn(19, 6, device=dev)
+    grads = []
+    for impl in ("triton", "torch"):
+        logits = l0.clone().requires_grad_(True)
+        p, w, _, lse = softmax_topk(logits, 2, True, impl=impl)
+        out = {"weights": w, "probs": p, "lse": lse}[used]
+        (g,) = torch.autograd.grad((out * torch.arange(out.numel(), device=dev).view_as(out)).sum(),
+                                   logits)
+        grads.append(g)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_topk_ties_and_errors():
+    pytest.importorskip("triton")
+    from hybridseq.kernels.router_topk import softmax_topk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.zeros(3, 4, device=dev)  # all tied: the lower expert index wins
+    _, w, i, _ = softmax_topk(logits, 2, True, impl="triton")
+    assert i.tolist() == [[0, 1]] * 3 and torch.allclose(w, torch.full_like(w, 0.5))
+    with pytest.raises(ValueError, match="k must be"):
+        softmax_topk(logits, 5)
+    with pytest.raises(ValueError, match="impl must be"):
+        softmax_topk(logits, 1, impl="cuda")
+
+
+def test_router_fused_topk_matches_torch_topk_and_losses():
+    """A softmax Router with the fused kernel gives the torch path's outputs, z-loss (from lse)
+    and gradients of the logits' weight."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    r = Router(24, 6, 2).to(dev)
+    x = torch.randn(11, 24, device=dev)
+    res = []
+    for impl in ("triton", "torch"):
+        r.topk_impl = impl
+        r.zero_grad()
+        o = r(x)
+        loss = (o.weights.sum() + z_loss(o.logits, o.lse)
+                + load_balancing_loss(o.probs, o.indices, 6))
+        loss.backward()
+        res.append((o.indices, o.weights.detach(), z_loss(o.logits, o.lse).detach(), r.weight.grad.clone()))
+    assert torch.equal(res[0][0], res[1][0])
+    for a, b in zip(res[0][1:], res[1][1:]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'key=value,...' with keys mlp (auto|fused|autograd), act (auto|torch|triton), "
                              "layout (kernels.grouped_mlp.LAYOUTS), permute (auto|torch|triton), "
                              "gemm (torch: torch._grouped_mm | loop: cuBLAS per expert, one host sync), "
-                             "router (auto|torch|triton: the router logits kernel)")
+                             "router (auto|torch|triton: the router logits kernel), "
+                             "topk (auto|torch|triton: the fused softmax/top-k of kernels.router_topk)")
     parser.add_argument("--variant-rows", default="8x2:balanced",
                         help="comma-separated EXPERTSxTOPK:ROUTING rows that each variant is timed on")
     parser.add_argument("--jsonl", default="",
@@ -91,17 +92,19 @@ def fixed_assignment(kind: str, n: int, e: int, k: int, device) -> torch.Tensor:
 
 
 def force_routing(blk: MoEBlock, indices: torch.Tensor) -> None:
-    """Make ``blk.router`` (softmax) choose ``indices`` (N, k): its logits and softmax as usual,
-    the top-k replaced by these indices, weights = their renormalised probabilities (so a forced
-    row pays what a learned router pays, minus the top-k search, plus a gather)."""
+    """Make ``blk.router`` (softmax) choose ``indices`` (N, k): its logits and fused softmax/top-k
+    as usual (``kernels.router_topk``), its choice replaced by these indices, weights = their
+    renormalised probabilities (so a forced row pays what a learned router pays, plus a gather)."""
+    from hybridseq.kernels.router_topk import softmax_topk
+
     router = blk.router
 
     def forward(x):
         logits = router.compute_logits(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            probs = torch.softmax(logits, dim=-1)
+            probs, _, _, lse = softmax_topk(logits, indices.shape[1], True, router.topk_impl)
             w = probs.gather(1, indices)
-        return RouterOutput(logits, probs, indices, w / w.sum(-1, keepdim=True))
+        return RouterOutput(logits, probs, indices, w / w.sum(-1, keepdim=True), lse=lse)
 
     router.forward = forward
 
@@ -252,7 +255,8 @@ def _block(d, spec, device, dtype) -> MoEBlock:
 
 
 VARIANT_KEYS = {"mlp": "mlp_impl", "act": "act_impl", "layout": "gemm_layout", "permute": "permute_impl",
-                "gemm": "mlp_gemm", "router": "router.logits_impl"}
+                "gemm": "mlp_gemm", "router": "router.logits_impl",
+                "topk": "router.topk_impl"}
 
 
 def parse_variant(text: str) -> dict:
@@ -277,7 +281,7 @@ def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="") ->
     base, _, perm = impl.partition(":")
     blk = _block(d, {**spec, "impl": base}, device, dtype)
     knobs = {"permute_impl": perm or "auto", "mlp_impl": "auto", "act_impl": "auto",
-             "gemm_layout": DEFAULT_LAYOUT, "mlp_gemm": "torch", "router.logits_impl": "auto",
+             "gemm_layout": DEFAULT_LAYOUT, "mlp_gemm": "torch", "router.logits_impl": "auto", "router.topk_impl": "auto",
              **parse_variant(variant)}
     for attr, val in knobs.items():
         owner, _, name = attr.rpartition(".")

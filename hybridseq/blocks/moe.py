@@ -330,7 +330,7 @@ class MoEBlock(Block):
         s = self.spec
         counts = histogram(r.indices, self.n_experts)
         lb = load_balancing_loss(r.probs, r.indices, self.n_experts, counts=counts)
-        zl = z_loss(r.logits)
+        zl = z_loss(r.logits, r.lse)
         self.aux_loss = float(s["aux_loss_coef"]) * lb + float(s["z_loss_coef"]) * zl
         with torch.no_grad():
             self.metrics = {

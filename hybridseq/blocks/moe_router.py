@@ -39,6 +39,7 @@ from torch import nn
 
 from hybridseq.kernels.moe_permute import histogram
 from hybridseq.kernels.router_logits import router_logits
+from hybridseq.kernels.router_topk import softmax_topk
 
 ROUTER_KINDS = ("softmax", "sigmoid", "sinkhorn")
 
@@ -49,6 +50,7 @@ class RouterOutput:
     probs: torch.Tensor    # (N, E) fp32
     indices: torch.Tensor  # (N, k) int64
     weights: torch.Tensor  # (N, k) fp32
+    lse: torch.Tensor | None = None  # (N,) fp32 logsumexp(logits) when the router computed it
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
@@ -63,9 +65,12 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: i
     return n_experts * torch.sum(f * p)
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Router z-loss: mean(logsumexp(logits, -1) ** 2)."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+def z_loss(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss: mean(logsumexp(logits, -1) ** 2); ``lse`` = that logsumexp when already
+    computed (the fused softmax router returns it)."""
+    if lse is None:
+        lse = torch.logsumexp(logits.float(), dim=-1)
+    return lse.pow(2).mean()
 
 
 def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -119,6 +124,9 @@ class Router(nn.Module):
         # SIMT fp32 GEMMs and the fp32 dx cast cost ~0.47 ms of GPU time per fwd+bwd at 16384
         # tokens x d_model 2048 (2026-11-22 profile), most of the MoE layer's non-GEMM time.
         self.logits_impl = "auto"
+        # softmax routers: softmax, top-k, renormalisation and logsumexp as one op
+        # (``kernels.router_topk``): auto = one Triton kernel each way on CUDA, torch elsewhere
+        self.topk_impl = "auto"
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -145,10 +153,10 @@ class Router(nn.Module):
         k = self.top_k
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "softmax":
-                probs = torch.softmax(logits, dim=-1)
-                weights, indices = torch.topk(probs, k, dim=-1)
-                if self.renormalize and k > 1:
-                    weights = weights / weights.sum(-1, keepdim=True)
+                probs, weights, indices, lse = softmax_topk(logits, k, self.renormalize,
+                                                            self.topk_impl)
+                return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights,
+                                    lse=lse)
             elif self.kind == "sigmoid":
                 scores = torch.sigmoid(logits)
                 _, indices = torch.topk(scores.detach() + self.expert_bias, k, dim=-1)

@@ -1,0 +1,90 @@
+"""Triton kernels of the softmax router's selection (``router_topk.py`` holds the reference and the
+autograd op), fp32 throughout, one pass over (BLOCK_N rows, all E experts) each way.
+
+Forward, per row of logits l (E,):
+    m = max(l), s = sum(exp(l - m)), probs = exp(l - m) / s, lse = m + log(s)
+    top-k of probs by k rounds of argmax (ties: the lower expert index), w_j = probs at i_j,
+    renormalised to sum to 1 when RENORM
+Backward, from the gradients of probs (dP, may be absent), of the weights (dW) and of lse (dL):
+    dp  = dP + scatter over j of (RENORM: (dW_j - sum_m dW_m w_m) / S, S = sum_m probs at i_m;
+                                  else: dW_j)
+    dl  = probs * (dp - sum(probs * dp)) + dL * probs
+Replaces torch's softmax, topk (two kernels), the renormalisation, the z-loss's logsumexp and their
+backwards: about 15 small launches per MoE layer and step.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softmax_topk_fwd_kernel(l_ptr, p_ptr, w_ptr, i_ptr, lse_ptr, N, E,
+                             K: tl.constexpr, RENORM: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < N
+    cmask = cols < E
+    mask = rmask[:, None] & cmask[None, :]
+    l = tl.load(l_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=float("-inf"))
+    m = tl.max(l, axis=1)
+    m = tl.where(rmask, m, 0.0)  # padded rows: no inf - inf
+    e = tl.where(mask, tl.exp(l - m[:, None]), 0.0)
+    s = tl.sum(e, axis=1)
+    s = tl.where(rmask, s, 1.0)
+    p = e / s[:, None]
+    tl.store(p_ptr + rows[:, None] * E + cols[None, :], p, mask=mask)
+    tl.store(lse_ptr + rows, m + tl.log(s), mask=rmask)
+    # k rounds of argmax; chosen and padded columns drop to -1 (probs are >= 0)
+    pm = tl.where(mask, p, -1.0)
+    wsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(K):
+        wj = tl.max(pm, axis=1)
+        ij = tl.min(tl.where(pm == wj[:, None], cols[None, :], BLOCK_E), axis=1)
+        pm = tl.where(cols[None, :] == ij[:, None], -1.0, pm)
+        wsum += wj
+        tl.store(w_ptr + rows * K + j, wj, mask=rmask)
+        tl.store(i_ptr + rows * K + j, ij.to(tl.int64), mask=rmask)
+    if RENORM:
+        wsum = tl.where(rmask, wsum, 1.0)
+        for j in tl.static_range(K):
+            wj = tl.load(w_ptr + rows * K + j, mask=rmask, other=0.0)
+            tl.store(w_ptr + rows * K + j, wj / wsum, mask=rmask)
+
+
+@triton.jit
+def _softmax_topk_bwd_kernel(p_ptr, w_ptr, i_ptr, dp_ptr, dw_ptr, dlse_ptr, dl_ptr, N, E,
+                             K: tl.constexpr, RENORM: tl.constexpr, HAS_DP: tl.constexpr,
+                             HAS_DW: tl.constexpr, HAS_DLSE: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < N
+    mask = rmask[:, None] & (cols < E)[None, :]
+    offs = rows[:, None] * E + cols[None, :]
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    if HAS_DP:
+        dp = tl.load(dp_ptr + offs, mask=mask, other=0.0)
+    else:
+        dp = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    if HAS_DW:
+        if RENORM:  # w_j = p_j / S: dp_j = (dW_j - sum_m dW_m w_m) / S, S = sum_m p at i_m
+            dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+            S = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(K):
+                ij = tl.load(i_ptr + rows * K + j, mask=rmask, other=0)
+                dot += tl.load(dw_ptr + rows * K + j, mask=rmask, other=0.0) * \
+                    tl.load(w_ptr + rows * K + j, mask=rmask, other=0.0)
+                S += tl.sum(tl.where(cols[None, :] == ij[:, None], p, 0.0), axis=1)
+            S = tl.where(rmask, S, 1.0)
+        for j in tl.static_range(K):
+            ij = tl.load(i_ptr + rows * K + j, mask=rmask, other=0)
+            g = tl.load(dw_ptr + rows * K + j, mask=rmask, other=0.0)
+            if RENORM:
+                g = (g - dot) / S
+            dp += tl.where(cols[None, :] == ij[:, None], g[:, None], 0.0)
+    dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    if HAS_DLSE:
+        dl += tl.load(dlse_ptr + rows, mask=rmask, other=0.0)[:, None] * p
+    tl.store(dl_ptr + offs, dl, mask=mask)

@@ -170,8 +170,8 @@ def describe_moe_backend(spec: Mapping[str, Any], device=None) -> tuple[str, str
     if impl == "grouped":
         if dev.type == "cuda":
             why = ("tokens sorted by expert, the expert MLP as one op over torch._grouped_mm with the fused "
-                   "Triton SwiGLU (bf16; padded bmm for other dtypes), Triton fused un-permutation and "
-                   "router logits (fp32 math), no host synchronisation")
+                   "Triton SwiGLU (bf16; padded bmm for other dtypes), Triton fused un-permutation, "
+                   "router logits and softmax/top-k (fp32 math), no host synchronisation")
         else:
             why = "tokens sorted by expert, one padded bmm per projection (faster than the loop on CPU)"
     elif impl == "loop":

@@ -8,7 +8,9 @@ A router maps tokens x (N, d_model) to
 
 Router kinds (spec key ``router``):
 - ``softmax`` (Switch / Mixtral): probs = softmax(logits); top-k of probs; weights = the top-k
-  probs, renormalised to sum to 1 when ``renormalize`` (Mixtral), raw otherwise (Switch).
+  probs, renormalised to sum to 1 when ``renormalize`` (Mixtral), raw otherwise (Switch). One op
+  with the logsumexp the z-loss needs (``kernels.router_topk``: a Triton kernel each way on CUDA;
+  ties between equal probs go to the lower expert index there).
 - ``sigmoid`` (DeepSeek-V3, aux-loss-free balancing): scores = sigmoid(logits); the top-k is taken
   over scores + b, b a per-expert bias buffer used only for *selection*; weights = the selected
   scores (without b), renormalised when ``renormalize``. probs = scores / sum(scores) (for the

@@ -390,6 +390,22 @@ def _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_len):
     return m, loc, dtsum
 
 
+def _dz_buffer(z, du):
+    """(dz, laid out like z). When z is the strided half of a contiguous base twice its size (the
+    Mamba block's z = in_proj(x)[..., d_inner:]), dz is the same half of a new buffer shaped like
+    that base: the kernel writes it with z's offsets, and the caller that split the base can take
+    the whole buffer as the base's gradient and fill the other half itself (``_ConvProjFn`` does),
+    instead of copying dz into a new (b, l, 2 d) gradient. Else a contiguous (b, l, d) tensor."""
+    if z is None:
+        return du, False
+    base = z._base
+    if (z.stride()[1:] != (z.shape[2], 1) and base is not None and base.is_contiguous()
+            and base.dtype == z.dtype and base.numel() == 2 * z.numel()):
+        buf = _empty(tuple(base.shape), z.dtype, z.device)
+        return buf.as_strided(z.shape, z.stride(), z.storage_offset() - base.storage_offset()), True
+    return _empty(tuple(z.shape), z.dtype, z.device), False
+
+
 def _bwd(saved, softplus, has_h0, dout, dhlast):
     u, delta, A, B, C, D, z, delta_bias, ckpt, ypre = saved
     b, l, d = u.shape
@@ -405,7 +421,7 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
         m, loc, dtsum = _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_ch * bt)
     du = _empty((b, l, d), u.dtype, dev)
     ddelta = _empty((b, l, d), delta.dtype, dev)
-    dz = _empty((b, l, d), z.dtype, dev) if z is not None else du
+    dz, dz_like_z = _dz_buffer(z, du)
     # gB / gC: deterministic per-dim-block partials unless they would outgrow about twice the
     # (b, l, d) float32 activations (big dstate, narrow blocks); then float32 atomics
     atomic = n_dblocks * n > _PARTIAL_LIMIT * d
@@ -436,7 +452,8 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_DHLAST=dhlast is not None, STORE_DH0=has_h0,
         BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw, CK_R=ck // bt, BC_ATOMIC=atomic,
-        UNIT_LD=all(x.stride()[1:] == (d, 1) for x in (u, delta, zz, dout)),
+        UNIT_LD=all(x.stride()[1:] == (d, 1) for x in (u, delta, dout)),
+        UNIT_Z=zz.stride()[1:] == (d, 1), DZ_LIKE_Z=dz_like_z,
         **_launch_opts("bwd"),
     )
     dB = _reduce_bc(dBp, B, d, bd, atomic)

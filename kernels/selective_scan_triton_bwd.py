@@ -70,7 +70,8 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, STORE_DH0: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
-    CK_R: tl.constexpr, BC_ATOMIC: tl.constexpr, UNIT_LD: tl.constexpr,
+    CK_R: tl.constexpr, BC_ATOMIC: tl.constexpr, UNIT_LD: tl.constexpr, UNIT_Z: tl.constexpr,
+    DZ_LIKE_Z: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -116,19 +117,23 @@ def _scan_bwd_kernel(
     t_last = (c_hi - 1).to(tl.int64) * BLOCK_T
     td = offs_t[:, None]
     off_o = td * DIM + offs_d[None, :]  # du / ddelta / dz / ypre: contiguous (b, l, d)
-    if UNIT_LD:  # u, delta, z and the output gradient have the same (l, d) strides (DIM, 1)
+    if UNIT_LD:  # u, delta and the output gradient have the same (l, d) strides (DIM, 1)
         off_u = off_o
         off_dt = off_o
-        off_z = off_o
         off_g = off_o
     else:
         off_u = td * s_u_l + offs_d[None, :] * s_u_d
         off_dt = td * s_dt_l + offs_d[None, :] * s_dt_d
-        off_z = td * s_z_l + offs_d[None, :] * s_z_d
         off_g = td * s_g_l + offs_d[None, :] * s_g_d
+    if UNIT_Z:  # z too (in the Mamba block z is the strided second half of in_proj's output)
+        off_z = off_o
+    else:
+        off_z = td * s_z_l + offs_d[None, :] * s_z_d
     u_p = u_ptr + pid_b * s_u_b + t_last * s_u_l
     dt_p = delta_ptr + pid_b * s_dt_b + t_last * s_dt_l
     z_p = z_ptr + pid_b * s_z_b + t_last * s_z_l
+    if DZ_LIKE_Z:  # dz laid out like z (the z half of a buffer shaped like z's base): z's offsets
+        dz_p = dz_ptr + pid_b * s_z_b + t_last * s_z_l
     g_p = dout_ptr + pid_b * s_g_b + t_last * s_g_l
     o_b = pid_b * L * DIM + t_last * DIM
     off_B = t3 * s_B_l + nb * s_B_n
@@ -264,7 +269,11 @@ def _scan_bwd_kernel(
         if HAS_Z:
             sz = 1.0 / (1.0 + tl.exp(-zz))
             gz = gout * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(dz_ptr + o_b + off_o, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)
+            if DZ_LIKE_Z:
+                tl.store(dz_p + off_z, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)
+                dz_p -= BLOCK_T * s_z_l
+            else:
+                tl.store(dz_ptr + o_b + off_o, gz.to(dz_ptr.dtype.element_ty), mask=mask_td)
             gy = gout * zz * sz
         else:
             gy = gout

@@ -323,9 +323,11 @@ opt = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
 build(fwd._scan_fwd_kernel, io, dict(HAS_D=True, HAS_H0=True, STORE_HLAST=True, STORE_CKPT=True,
       CK_R=1, STORE_YPRE=True, BLOCK_T=4, BLOCK_D=8, NI=4, NO=4, **opt))
 build(bwd._scan_bwd_kernel, io, dict(HAS_D=True, HAS_DHLAST=True, STORE_DH0=True, BLOCK_T=4,
-      BLOCK_D=16, NI=4, NO=4, CK_R=2, BC_ATOMIC=False, UNIT_LD=False, **opt))
+      BLOCK_D=16, NI=4, NO=4, CK_R=2, BC_ATOMIC=False, UNIT_LD=False, UNIT_Z=False, DZ_LIKE_Z=False,
+      **opt))
 build(bwd._scan_bwd_kernel, io, dict(HAS_D=True, HAS_DHLAST=True, STORE_DH0=True, BLOCK_T=4,
-      BLOCK_D=16, NI=4, NO=4, CK_R=1, BC_ATOMIC=False, UNIT_LD=True, **opt))
+      BLOCK_D=16, NI=4, NO=4, CK_R=1, BC_ATOMIC=False, UNIT_LD=True, UNIT_Z=False, DZ_LIKE_Z=True,
+      **opt))
 build(bc._scan_bwd_carry_kernel, io, dict(BLOCK_T=4, BLOCK_D=16, NI=4, NO=4, **opt))
 build(fc._scan_fwd_carry_kernel, io, dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_T=4, BLOCK_D=8,
       NI=4, NO=4))
@@ -450,3 +452,38 @@ def test_checkpoint_spacing_keeps_saved_states_small():
     # dstate 16 by default: a checkpoint at every backward chunk (no recompute pass)
     _, bwd, ck = sst._plan(4096, 64, 16, 64, 64)
     assert ck == bwd[0]
+
+
+def test_dz_written_into_a_buffer_shaped_like_z_base():
+    """z as the strided second half of a (b, l, 2d) projection (the Mamba block's layout): dz comes
+    back as the same half of a new buffer shaped like that base (so the block takes the buffer
+    without a copy), with the reference's values; a contiguous z gets a contiguous dz."""
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    b, l, d, n = 2, 19, 8, 4
+    f64 = dict(dtype=torch.float64, device=dev)
+    xz = torch.randn(b, l, 2 * d, **f64)
+    u, delta = torch.randn(b, l, d, **f64), 0.5 * torch.randn(b, l, d, **f64)
+    A = -torch.rand(d, n, **f64) - 0.5
+    B, C = torch.randn(b, l, n, **f64), torch.randn(b, l, n, **f64)
+    gy = torch.randn(b, l, d, dtype=torch.float32, device=dev)
+    from hybridseq.kernels import selective_scan
+
+    res = {}
+    for name, zsrc in (("strided", xz.float()), ("contiguous", xz[..., d:].float().contiguous())):
+        zbase = zsrc.clone().requires_grad_(True)
+        z = zbase[..., d:] if name == "strided" else zbase
+        args = [t.float() for t in (u, delta, A, B, C)]
+        y = selective_scan(*args, z=z, delta_softplus=True, impl="triton")
+        (dz,) = torch.autograd.grad(y, z, gy)
+        res[name] = dz
+        if name == "strided":
+            assert dz._base is not None and dz._base.shape == (b, l, 2 * d)
+            assert dz.stride() == z.stride() and dz.storage_offset() == d
+        else:
+            assert dz.is_contiguous()
+        zr = z.detach().double().requires_grad_(True)
+        yr = selective_scan_ref(u, delta, A, B, C, z=zr, delta_softplus=True)
+        (dzr,) = torch.autograd.grad(yr, zr, gy.double())
+        assert torch.allclose(dz.double(), dzr, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(res["strided"], res["contiguous"])

@@ -98,7 +98,9 @@ class _ConvProjFn(torch.autograd.Function):
 
     All weights come in the activation dtype (the caller casts them, tracked by autograd).
     Backward: d x_dbl = [ddelta @ dt_proj_w, dB, dC]; dxc_total = dxc + d x_dbl @ x_proj_w in one
-    addmm; the conv backward writes dx into the x half of d(xz) and dz is copied into the other.
+    addmm; the conv backward writes dx into the x half of d(xz), whose z half the Triton scan's
+    backward already wrote (dz comes in as that half of a buffer shaped like xz; another dz is
+    copied in).
     Saved: xz, xc, x_dbl and the weights (all already alive for autograd; nothing new).
     """
 
@@ -138,13 +140,18 @@ class _ConvProjFn(torch.autograd.Function):
         else:
             dxc = torch.mm(d_x_dbl, x_proj_w)
         d_xw = torch.mm(d_x_dbl.t(), xc.view(bl, di)) if need[3] else None
-        dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+        # the Triton scan writes dz into the z half of a buffer shaped like xz
+        # (selective_scan_triton._dz_buffer): take that buffer, no copy of dz
+        shared = (dz is not None and dz._base is not None and dz._base.shape == xz.shape
+                  and dz._base.is_contiguous() and dz.stride() == xz.stride()
+                  and dz.storage_offset() - dz._base.storage_offset() == di)
+        dxz = dz._base if shared else torch.empty_like(xz, memory_format=torch.contiguous_format)
         _, d_cw, d_cb = _conv_triton().causal_conv1d_bwd(
             xz[..., :di], conv_w, conv_b, dxc.view(b, l, di), silu=True, dx_out=dxz[..., :di])
-        if dz is not None:
-            dxz[..., di:].copy_(dz)
-        else:
+        if dz is None:
             dxz[..., di:].zero_()
+        elif not shared:
+            dxz[..., di:].copy_(dz)
         return dxz, d_cw, d_cb, d_xw, d_dtw, None, None
 
 

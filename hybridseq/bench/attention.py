@@ -153,7 +153,7 @@ def run(args) -> list[dict]:
     best = max((r.get("fwd_bwd_TFLOPs", 0.0) for r in rows), default=0.0)
     for r in rows:
         if "fwd_bwd_TFLOPs" in r and best:
-            r["pct_of_best"] = 100.0 * r["fwd_bwd_TFLOPs"] / best
+            r["pct_of_best"] = 100.0 * (r["fwd_bwd_TFLOPs"] / best)  # exactly 100 for the best row
     return rows
 
 

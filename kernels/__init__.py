@@ -71,6 +71,11 @@ def triton_available() -> bool:
     return _triton_status()[0]
 
 
+def triton_interpreting() -> bool:
+    """True under Triton's interpreter (TRITON_INTERPRET=1), where kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _module_present(module: str) -> bool:
     return importlib.util.find_spec(f"{__name__}.{module}") is not None
 
@@ -87,7 +92,7 @@ def _resolve_impl(op: str, impl, tensor, module: str) -> str:
         ok, why = _triton_status()
         if not ok:
             raise RuntimeError(f"{op}(impl='triton'): Triton is unavailable: {why}")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not tensor.is_cuda and not triton_interpreting():
             raise RuntimeError(
                 f"{op}(impl='triton'): the tensors are on {tensor.device}; Triton kernels run on "
                 "CUDA tensors, or on CPU tensors only under the interpreter (set "

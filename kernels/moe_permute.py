@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_available
+
 
 def histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
     """counts[b] = #{values == b} for int values in [0, n_bins), int64. Unlike ``torch.bincount``
@@ -121,14 +123,6 @@ def _use_triton(t: torch.Tensor, impl: str) -> bool:
     if impl == "auto":
         return t.is_cuda and triton_available()
     return impl == "triton"
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def permute(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, top_k: int,

@@ -13,19 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import triton_available
+
 ROUTER_LOGITS_IMPLS = ("auto", "torch", "triton")
 
 
 def router_logits_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), w.float())
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -50,7 +44,7 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, impl: str = "torch") -> torc
     if impl not in ROUTER_LOGITS_IMPLS:
         raise ValueError(f"router logits impl must be one of {'|'.join(ROUTER_LOGITS_IMPLS)}, got {impl!r}")
     if impl == "auto":
-        impl = "triton" if x.is_cuda and _triton_importable() else "torch"
+        impl = "triton" if x.is_cuda and triton_available() else "torch"
     if impl == "torch" or x.dtype == torch.float64:
         return router_logits_ref(x, w)
     return _RouterLogits.apply(x, w.float())

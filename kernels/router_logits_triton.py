@@ -12,11 +12,11 @@ and the autograd op.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import triton_interpreting
 
 
 @triton.jit
@@ -95,10 +95,6 @@ FWD_BLOCK_N, FWD_BLOCK_D = 64, 128  # the bf16 split forward (tensor-core dots)
 N_SPLIT = 32
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _block_e(e: int) -> int:
     return max(16, triton.next_power_of_2(e))
 
@@ -119,7 +115,7 @@ def router_logits_fwd_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bn, bd = (FWD_BLOCK_N, FWD_BLOCK_D) if split else (BLOCK_N, BLOCK_D)
     _logits_fwd_kernel[(triton.cdiv(n, bn),)](x, w, out, n, d, e, x.stride(0), w.stride(0), out.stride(0),
                                              BLOCK_N=bn, BLOCK_E=_block_e(e), BLOCK_D=bd, SPLIT_W=split,
-                                             BF16_DOT=not _interpreting())
+                                             BF16_DOT=not triton_interpreting())
     return out
 
 

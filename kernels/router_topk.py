@@ -15,9 +15,9 @@ probs, weights and lse.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from . import triton_available, triton_interpreting
 
 SOFTMAX_TOPK_IMPLS = ("auto", "torch", "triton")
 MAX_E = 256
@@ -32,18 +32,10 @@ def softmax_topk_ref(logits: torch.Tensor, k: int, renormalize: bool):
     return probs, weights, indices, torch.logsumexp(logits, dim=-1)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _triton_ok(logits: torch.Tensor) -> bool:
-    if logits.shape[-1] > MAX_E or logits.dim() != 2:
+    if logits.shape[-1] > MAX_E or logits.dim() != 2 or not triton_available():
         return False
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return logits.is_cuda or _interpreting()
+    return logits.is_cuda or triton_interpreting()
 
 
 def _block_e(e: int) -> int:

@@ -345,6 +345,18 @@ def _carry_pieces(b, n_dblocks, nw, n_split, seg_len, device):
     return m
 
 
+def _carry_setup(kind, x, n, dpg, n_split, seg_len):
+    """A carry pass's block shape (kind "fwd_carry" / "carry"), dim blocks, pieces per segment M
+    and its float32 outputs loc (b, (S - 1) M, d, n) and dtsum (b, (S - 1) M, d); x (b, l, d)."""
+    b, l, d = x.shape
+    cfg = _config(kind, l, d, n, dpg, dpg)
+    n_db = triton_cdiv(d, cfg[1])
+    m = _carry_pieces(b, n_db, cfg[4], n_split, seg_len, x.device)
+    loc = _empty((b, (n_split - 1) * m, d, n), torch.float32, x.device)
+    dtsum = _empty((b, (n_split - 1) * m, d), torch.float32, x.device)
+    return cfg, n_db, m, loc, dtsum
+
+
 def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len):
     """Carry pass of the split forward: M (pieces per segment) and float32 (loc (b, (S - 1) M,
     d, n), dtsum (b, (S - 1) M, d)) for the M pieces of each segment 0 .. S - 2
@@ -352,11 +364,8 @@ def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len):
     b, l, d = u.shape
     n = A.shape[1]
     dpg_b = _groups(B, d)
-    bt, bd, ni, no, nw = _config("fwd_carry", l, d, n, dpg_b, dpg_b)
-    n_db = triton_cdiv(d, bd)
-    m = _carry_pieces(b, n_db, nw, n_split, seg_len, u.device)
-    loc = _empty((b, (n_split - 1) * m, d, n), torch.float32, u.device)
-    dtsum = _empty((b, (n_split - 1) * m, d), torch.float32, u.device)
+    (bt, bd, ni, no, nw), n_db, m, loc, dtsum = _carry_setup("fwd_carry", u, n, dpg_b, n_split,
+                                                               seg_len)
     _scan_fwd_carry_kernel[(b, n_db, (n_split - 1) * m)](
         u, delta, A, B, delta_bias if delta_bias is not None else u, loc, dtsum,
         l, d, n, dpg_b, seg_len, triton_cdiv(seg_len, m), m,
@@ -374,11 +383,8 @@ def _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_len):
     b, l, d = delta.shape
     n = A.shape[1]
     dpg_c = _groups(C, d)
-    bt, bd, ni, no, nw = _config("carry", l, d, n, dpg_c, dpg_c)
-    n_db = triton_cdiv(d, bd)
-    m = _carry_pieces(b, n_db, nw, n_split, seg_len, delta.device)
-    loc = _empty((b, (n_split - 1) * m, d, n), torch.float32, delta.device)
-    dtsum = _empty((b, (n_split - 1) * m, d), torch.float32, delta.device)
+    (bt, bd, ni, no, nw), n_db, m, loc, dtsum = _carry_setup("carry", delta, n, dpg_c, n_split,
+                                                               seg_len)
     zz = z if z is not None else delta
     _scan_bwd_carry_kernel[(b, n_db, (n_split - 1) * m)](
         delta, A, C, zz, delta_bias if delta_bias is not None else delta, dout, loc, dtsum,

@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan_triton_fwd import _delta_to_dt, _linrec_combine, _load_params, _tile_index
+from .selective_scan_triton_fwd import (_carry_piece, _delta_to_dt, _linrec_combine, _load_params,
+                                        _tile_index)
 
 
 # the split sizes vary with S: no recompile for each value
@@ -46,11 +47,7 @@ def _scan_bwd_carry_kernel(
     n_slot = tl.num_programs(2)
     d0 = pid_d * BLOCK_D
     grp_C = d0 // DPG_C
-    seg = 1 + slot // M
-    seg_end = tl.minimum((seg + 1) * SEG_LEN, L)
-    lo = tl.minimum(seg * SEG_LEN + (slot % M) * SUB_LEN, seg_end)
-    hi = tl.minimum(lo + SUB_LEN, seg_end)  # the piece [lo, hi), maybe empty
-    n_ch = (hi - lo + BLOCK_T - 1) // BLOCK_T
+    lo, hi, n_ch = _carry_piece(1 + slot // M, slot, M, SEG_LEN, SUB_LEN, L, BLOCK_T)
 
     offs_t, offs_d, mask_d, t3, nb, n3, d3, mask_s, state_off, first, last = _tile_index(
         d0, DIM, NSTATE, BLOCK_T, BLOCK_D, NI, NO)

@@ -90,6 +90,16 @@ def _load_params(A_ptr, D_ptr, bias_ptr, state_off, mask_s, offs_d, mask_d, HAS_
 
 
 @triton.jit
+def _carry_piece(seg, slot, M, SEG_LEN, SUB_LEN, L, BLOCK_T: tl.constexpr):
+    """Piece slot % M of segment seg, the unit of work of a carry pass: its steps [lo, hi) (maybe
+    empty: the last pieces of a short segment) and their chunk count."""
+    seg_end = tl.minimum((seg + 1) * SEG_LEN, L)
+    lo = tl.minimum(seg * SEG_LEN + (slot % M) * SUB_LEN, seg_end)
+    hi = tl.minimum(lo + SUB_LEN, seg_end)
+    return lo, hi, (hi - lo + BLOCK_T - 1) // BLOCK_T
+
+
+@triton.jit
 def _delta_to_dt(delta, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """dt = softplus(delta + bias) (each step optional; bias (dim,) broadcasts along time), 0 off
     mask: there a = 1, b = 0, so the carry passes through."""

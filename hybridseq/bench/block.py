@@ -23,7 +23,7 @@ import argparse
 
 import torch
 
-from .common import time_fn
+from .common import add_back_to_back_argument, time_fn
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -42,10 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--back-to-back", type=int, default=1, metavar="R",
-                        help="time R calls in a row per sample, per call (bench.common.time_fn): "
-                             "steady state, the host's launch latency hidden as in a model of many "
-                             "layers; 1 (default): each call alone after a cache flush")
+    add_back_to_back_argument(parser, "block's fwd and fwd+bwd")
     parser.add_argument("--profile", action="store_true",
                         help="print the kernels of one Mamba fwd+bwd (torch.profiler) per impl")
 
@@ -120,7 +117,7 @@ def run(args) -> list[dict]:
                 torch.autograd.grad(blk(x), [x, *params], dy)
 
             fwd_bwd()
-            r = max(1, int(getattr(args, "back_to_back", 1) or 1))
+            r = getattr(args, "back_to_back", 1)
             t_f = time_fn(fwd, iters=args.iters, device=device, back_to_back=r)["median_ms"]
             t_fb = time_fn(fwd_bwd, iters=args.iters, device=device, back_to_back=r)["median_ms"]
             if args.profile and kind == "mamba":

@@ -13,6 +13,14 @@ from typing import Callable, Sequence
 import torch
 
 
+def add_back_to_back_argument(parser, what: str = "timed call") -> None:
+    """``--back-to-back R`` (``time_fn``'s ``back_to_back``), shared by the benches."""
+    parser.add_argument("--back-to-back", type=int, default=1, metavar="R",
+                        help=f"time each {what} as R calls in a row, per call (bench.common.time_fn): "
+                             "steady state, the host's launch latency hidden as in a training step "
+                             "of many layers; 1 (default): each call alone after a cache flush")
+
+
 def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, device=None,
             back_to_back: int = 1) -> dict:
     """Median/min wall time of ``fn()`` in milliseconds. CUDA: CUDA events per iteration and a
@@ -22,6 +30,7 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, devic
     once before them) and reports the time per call: steady-state throughput, where the host
     queues the next call's kernels while the GPU runs this one's (as in a training step), so the
     host's launch latency before a call's first large kernel is not counted. R = 1 counts it."""
+    back_to_back = max(1, int(back_to_back or 1))
     cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     for _ in range(warmup):
         fn()

@@ -30,7 +30,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from hybridseq.bench.common import time_fn
+from hybridseq.bench.common import add_back_to_back_argument, time_fn
 from hybridseq.blocks.moe import MoEBlock, megablocks_available
 from hybridseq.blocks.moe_router import RouterOutput
 from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
@@ -71,10 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "object a line, ratios not filled in), so a run cut short keeps its rows")
     parser.add_argument("--gemm-layouts", action="store_true",
                         help="also time each expert GEMM of the first config alone per operand layout")
-    parser.add_argument("--back-to-back", type=int, default=1, metavar="R",
-                        help="time every fwd+bwd (MoE and dense alike) as R calls in a row, per call "
-                             "(bench.common.time_fn): steady-state throughput, host launch latency "
-                             "hidden as in a training step; 1 (default): each call alone")
+    add_back_to_back_argument(parser, "fwd+bwd (MoE and dense alike)")
     parser.add_argument("--dense-acts", default="torch,fused",
                         help="dense anchors (see _dense_row): torch | fused | block | block_fused; "
                              "vs_dense uses the first, vs_dense_<act> each")
@@ -193,10 +190,6 @@ def _profile(fn, title, device) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 
-def _b2b(args) -> int:
-    return max(1, int(getattr(args, "back_to_back", 1) or 1))
-
-
 DENSE_ACTS = ("torch", "fused", "block", "block_fused")
 
 
@@ -234,7 +227,7 @@ def _dense_row(args, x, gy, active_ff, label, act="torch"):
 
     t_f = time_fn(dense, warmup=args.warmup, iters=args.iters, device=x.device)["median_ms"]
     t_b = time_fn(_fwd_bwd(dense, [x] + params, gy), warmup=args.warmup, iters=args.iters,
-                  device=x.device, back_to_back=_b2b(args))["median_ms"]
+                  device=x.device, back_to_back=getattr(args, "back_to_back", 1))["median_ms"]
     flops = 3 * 2 * 3 * d * active_ff * x.shape[0]
     return {"what": f"dense swiglu d_ff={active_ff} act={act} ({label})", "fwd_ms": t_f, "fwd_bwd_ms": t_b,
             "tflops": flops / t_b / 1e9, "vs_dense": None, "dense_act": act}
@@ -311,7 +304,7 @@ def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="") ->
 
             t_f = time_fn(fwd, warmup=args.warmup, iters=args.iters, device=device)["median_ms"]
             t_b = time_fn(both, warmup=args.warmup, iters=args.iters, device=device,
-                          back_to_back=_b2b(args))["median_ms"]
+                          back_to_back=getattr(args, "back_to_back", 1))["median_ms"]
             if profile and routing == routings[0]:
                 _profile(both, f"moe {e}x{k} {impl} {routing}", device)
             rows.append({"what": what + label, "impl": impl, "fwd_ms": t_f, "fwd_bwd_ms": t_b,

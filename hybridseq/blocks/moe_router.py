@@ -153,12 +153,11 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits = self.compute_logits(x)
         k = self.top_k
+        lse = None  # the softmax router's logsumexp, for the z-loss
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "softmax":
                 probs, weights, indices, lse = softmax_topk(logits, k, self.renormalize,
                                                             self.topk_impl)
-                return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights,
-                                    lse=lse)
             elif self.kind == "sigmoid":
                 scores = torch.sigmoid(logits)
                 _, indices = torch.topk(scores.detach() + self.expert_bias, k, dim=-1)
@@ -179,7 +178,7 @@ class Router(nn.Module):
                     weights = probs.gather(1, indices)
                     if self.renormalize:
                         weights = weights / weights.sum(-1, keepdim=True)
-        return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights)
+        return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights, lse=lse)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -5,9 +5,9 @@
 
 The same fp32 math as ``F.linear(x.float(), W)`` (products and sums in fp32: ``tl.dot`` with
 input_precision "ieee", so no TF32; for bf16 x the forward splits W into three bf16 parts whose
-products with x are exact, three tensor-core dots with fp32 accumulation), without materialising the fp32 copy of x (N, D) in the
-forward, its gradient in fp32 and the cast back in the backward. dW is summed over token chunks
-(``N_SPLIT`` partial sums, then one torch sum). ``kernels/router_logits.py`` holds the reference
+products with x are exact, three tensor-core dots with fp32 accumulation), without materialising
+the fp32 copy of x (N, D) in the forward, its gradient in fp32 and the cast back in the
+backward. dW is summed over token chunks (``N_SPLIT`` partial sums, then one torch sum). ``kernels/router_logits.py`` holds the reference
 and the autograd op.
 """
 from __future__ import annotations

@@ -274,7 +274,8 @@ def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="") ->
     base, _, perm = impl.partition(":")
     blk = _block(d, {**spec, "impl": base}, device, dtype)
     knobs = {"permute_impl": perm or "auto", "mlp_impl": "auto", "act_impl": "auto",
-             "gemm_layout": DEFAULT_LAYOUT, "mlp_gemm": "torch", "router.logits_impl": "auto", "router.topk_impl": "auto",
+             "gemm_layout": DEFAULT_LAYOUT, "mlp_gemm": "torch", "router.logits_impl": "auto",
+             "router.topk_impl": "auto",
              **parse_variant(variant)}
     for attr, val in knobs.items():
         owner, _, name = attr.rpartition(".")

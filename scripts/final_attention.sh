@@ -12,15 +12,8 @@
 # Each step has its own timeout (34 + 26 s) so the whole stays near 60 s; a cut step says
 # "timeout" and the table still prints.
 set -uo pipefail
-out=${OUT:-/tmp/attention_out}
-mkdir -p "$out"
-log=$out/attention.log
-tmp=$(mktemp -d)
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-: > "$log"
-source "$(dirname "${BASH_SOURCE[0]}")/_steps.sh"  # say, step
-
-python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$log" 2>&1
+source "$(dirname "${BASH_SOURCE[0]}")/_steps.sh"  # start_log, say, step
+start_log attention
 
 step pytest 34 python -m pytest -v -p no:cacheprovider -m gpu \
   tests/test_attention_docmask.py \

@@ -18,15 +18,8 @@
 #   layouts/jamba.yaml --prompt 16 --batch 2 --new-tokens 2 --vocab 64 --cuda-graph static
 #   --decode-attn sdpa,matmul" bash scripts/final_decode.sh
 set -uo pipefail
-out=${OUT:-/tmp/decode_out}
-mkdir -p "$out"
-log=$out/decode.log
-tmp=$(mktemp -d)
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-: > "$log"
-source "$(dirname "${BASH_SOURCE[0]}")/_steps.sh"  # say, step
-
-python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$log" 2>&1
+source "$(dirname "${BASH_SOURCE[0]}")/_steps.sh"  # start_log, say, step
+start_log decode
 
 bench_args=${DECODE_BENCH_ARGS:---suite 350m --prompt 8192 --batch 64 --new-tokens 32 --warmup 4 --cuda-graph both --decode-attn sdpa,matmul}
 test_rc=skipped

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._utils import check_causal_conv1d_args, check_causal_conv1d_update_args
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "causal_conv1d_fwd",
@@ -431,12 +432,15 @@ def parse_fwd_pin(text):
 FWD_PIN = parse_fwd_pin(os.environ.get(FWD_PIN_ENV, ""))
 
 
-def _launch(kernel, tuned, grid_fn, args, consts, key):
-    """Launch ``kernel`` with the tuned config for ``key`` (autotune on the first call)."""
+def _launch(kernel, tuned, grid_fn, args, consts, key, heur=None):
+    """Launch ``kernel`` (a @triton.jit function) with the tuned config for ``key`` (autotune
+    on the first call, through ``tuned``); ``heur(meta)``: constexprs that follow from the
+    config (what a triton.heuristics wrapper in ``tuned`` computes)."""
     hit = _TUNED.get(key)
     if hit is not None:
         meta, nw = hit
-        kernel[grid_fn(meta)](*args, **consts, **meta, num_warps=nw)
+        extra = heur(meta) if heur is not None else {}
+        launch(kernel, grid_fn(meta), args, {**consts, **meta, **extra}, num_warps=nw)
         return
     tuned[grid_fn](*args, **consts)
     cfg = tuned.best_config
@@ -467,7 +471,8 @@ def _launch_fwd(x, weight, bias, state, silu):
     key = fwd_key(x, weight, state, silu)
     if FWD_PIN is not None and key not in _TUNED:
         _TUNED[key] = ({"BL": FWD_PIN[0], "BD": FWD_PIN[1]}, FWD_PIN[2])
-    _launch(_conv_fwd_heur, _conv_fwd_tuned, grid_fn, args, consts, key)
+    _launch(_conv_fwd_kernel, _conv_fwd_tuned, grid_fn, args, consts, key,
+            heur=lambda meta: {"EVEN_D": d % meta["BD"] == 0})
     return y
 
 

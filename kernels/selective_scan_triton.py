@@ -38,6 +38,7 @@ import os
 
 import torch
 
+from ._launch import launch
 from ._utils import check_selective_scan_args
 from .selective_scan_triton_bwd import _scan_bwd_kernel
 from .selective_scan_triton_bwd_carry import _scan_bwd_carry_kernel
@@ -217,18 +218,17 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlas
         m, loc = 1, torch.empty(1, dtype=torch.float32, device=dev)
         dtsum = loc
     grid = (b, triton_cdiv(d, bd), n_split)
-    _scan_fwd_kernel[grid](
+    launch(_scan_fwd_kernel, grid, (
         u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, h0, loc, dtsum,
         y, hlast, ckpt, ypre,
         l, d, n, dpg_b, dpg_c, n_chunks, n_seg, seg_ch, m,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
-        *y.stride(),
+        *y.stride()), dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=initial_state is not None, STORE_HLAST=want_hlast,
         STORE_CKPT=want_ckpt, CK_R=ck // bt, STORE_YPRE=want_ckpt and z is not None,
-        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
-    )
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no), num_warps=nw)
     return (y, (hlast if want_hlast else None), (ckpt if want_ckpt else None),
             (ypre if want_ckpt and z is not None else None))
 
@@ -366,13 +366,12 @@ def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len):
     dpg_b = _groups(B, d)
     (bt, bd, ni, no, nw), n_db, m, loc, dtsum = _carry_setup("fwd_carry", u, n, dpg_b, n_split,
                                                                seg_len)
-    _scan_fwd_carry_kernel[(b, n_db, (n_split - 1) * m)](
+    launch(_scan_fwd_carry_kernel, (b, n_db, (n_split - 1) * m), (
         u, delta, A, B, delta_bias if delta_bias is not None else u, loc, dtsum,
         l, d, n, dpg_b, seg_len, triton_cdiv(seg_len, m), m,
-        *u.stride(), *delta.stride(), *_bc_strides(B),
+        *u.stride(), *delta.stride(), *_bc_strides(B)), dict(
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
-    )
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no), num_warps=nw)
     return m, loc, dtsum
 
 
@@ -386,13 +385,12 @@ def _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_len):
     (bt, bd, ni, no, nw), n_db, m, loc, dtsum = _carry_setup("carry", delta, n, dpg_c, n_split,
                                                                seg_len)
     zz = z if z is not None else delta
-    _scan_bwd_carry_kernel[(b, n_db, (n_split - 1) * m)](
+    launch(_scan_bwd_carry_kernel, (b, n_db, (n_split - 1) * m), (
         delta, A, C, zz, delta_bias if delta_bias is not None else delta, dout, loc, dtsum,
         l, d, n, dpg_c, seg_len, triton_cdiv(seg_len, m), m,
-        *delta.stride(), *zz.stride(), *_bc_strides(C), *dout.stride(),
+        *delta.stride(), *zz.stride(), *_bc_strides(C), *dout.stride()), dict(
         HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw,
-    )
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no), num_warps=nw)
     return m, loc, dtsum
 
 
@@ -445,7 +443,7 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
     scratch = (torch.empty((b, n_dblocks, n_split, ck // bt, bd * ni * no), dtype=torch.float32,
                            device=dev) if ck > bt else dAp)
     zz = z if z is not None else u
-    _scan_bwd_kernel[(b, n_dblocks, n_split)](
+    launch(_scan_bwd_kernel, (b, n_dblocks, n_split), (
         u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, ckpt, dout,
         dhlast.float().contiguous() if dhlast is not None else dAp,
@@ -454,14 +452,13 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
         du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
         l, d, n, dpg_b, dpg_c, n_chunks, ckpt.shape[1], seg_ch, m,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
-        *dout.stride(),
+        *dout.stride()), dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_DHLAST=dhlast is not None, STORE_DH0=has_h0,
-        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, num_warps=nw, CK_R=ck // bt, BC_ATOMIC=atomic,
+        BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, CK_R=ck // bt, BC_ATOMIC=atomic,
         UNIT_LD=all(x.stride()[1:] == (d, 1) for x in (u, delta, dout)),
-        UNIT_Z=zz.stride()[1:] == (d, 1), DZ_LIKE_Z=dz_like_z,
-        **_launch_opts("bwd"),
-    )
+        UNIT_Z=zz.stride()[1:] == (d, 1), DZ_LIKE_Z=dz_like_z),
+        num_warps=nw, **_launch_opts("bwd"))
     dB = _reduce_bc(dBp, B, d, bd, atomic)
     dC = _reduce_bc(dCp, C, d, bd, atomic)
     dA = dAp.sum((0, 1)).to(A.dtype)
@@ -506,6 +503,15 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Selective scan on Triton (module docstring: contract, outputs, what backward saves)."""
     dims = check_selective_scan_args("selective_scan_triton", u, delta, A, B, C, D, z,
                                      delta_bias, initial_state)
+    return run_selective_scan_triton(dims, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     initial_state, return_final_state)
+
+
+def run_selective_scan_triton(dims, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                              delta_softplus=False, initial_state=None, return_final_state=False):
+    """``selective_scan_triton`` on arguments already checked (``dims``: what
+    ``check_selective_scan_args`` returned for them); ``kernels.selective_scan`` calls this so
+    that a call checks its arguments once."""
     if dims.seqlen == 0:  # nothing to scan: y is empty and the state passes through
         y = u.new_zeros(u.shape) + 0 * delta.sum()
         if not return_final_state:

@@ -69,7 +69,7 @@ def test_triton_impl_dispatches_to_the_triton_module(monkeypatch):
 
     mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
     calls = []
-    monkeypatch.setattr(mod, "selective_scan_triton", lambda *a, **k: calls.append(k) or "T")
+    monkeypatch.setattr(mod, "run_selective_scan_triton", lambda *a, **k: calls.append(k) or "T")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert K.selective_scan(*scan_inputs(), delta_softplus=True, impl="triton") == "T"
     assert calls and calls[0]["delta_softplus"] is True

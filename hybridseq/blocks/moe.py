@@ -331,10 +331,10 @@ class MoEBlock(Block):
         counts = histogram(r.indices, self.n_experts)
         lb = load_balancing_loss(r.probs, r.indices, self.n_experts, counts=counts)
         zl = z_loss(r.logits, r.lse)
-        self.aux_loss = float(s["aux_loss_coef"]) * lb + float(s["z_loss_coef"]) * zl
+        self.aux_loss = torch.add(lb * float(s["aux_loss_coef"]), zl, alpha=float(s["z_loss_coef"]))
         with torch.no_grad():
             self.metrics = {
-                "load": counts.float() / max(r.indices.numel(), 1),
+                "load": counts / max(r.indices.numel(), 1),  # int64 / number: float32
                 "entropy": routing_entropy(r.probs).detach(),
                 "dropped": dropped.detach(),
                 "aux_loss": lb.detach(),

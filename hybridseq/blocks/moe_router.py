@@ -62,9 +62,10 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: i
     n_slots = indices.numel()
     if counts is None:
         counts = histogram(indices, n_experts)
-    f = counts.to(torch.float32) / max(n_slots, 1)
-    p = probs.float().mean(dim=0)
-    return n_experts * torch.sum(f * p)
+    # E * sum_i (counts_i / n_slots) (sum_n probs[n, i] / N) as one dot: 4 kernels forward
+    # instead of 6 (a few microseconds each on the GPU, per MoE layer and step)
+    scale = n_experts / (max(n_slots, 1) * max(probs.shape[0], 1))
+    return torch.dot(counts.to(torch.float32), probs.float().sum(dim=0)) * scale
 
 
 def z_loss(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,9 +77,9 @@ def z_loss(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tenso
 
 
 def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the entropy (nats) of the router distribution."""
-    p = probs.float()
-    return -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+    """Mean over tokens of the entropy (nats) of the router distribution (a metric: its
+    gradient is infinite where a probability is exactly 0)."""
+    return torch.special.entr(probs.float()).sum(-1).mean()  # entr(p) = -p log p, 0 at p = 0
 
 
 def sinkhorn(logits: torch.Tensor, n_iters: int = 30) -> torch.Tensor:

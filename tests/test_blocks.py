@@ -88,6 +88,29 @@ def test_residual_out_params_are_output_projections():
     assert f.residual_out_params() == [f.down_proj.weight]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_swiglu_is_one_gate_up_projection_and_loads_old_checkpoints(bias):
+    """The fused gate|up projection computes down(silu(gate x) * up x) with the gate rows first,
+    and a state dict with the earlier separate gate_proj / up_proj loads into it."""
+    torch.manual_seed(0)
+    blk = MLPBlock(D, {"d_ff": 24, "bias": bias}).double()
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    w_g, w_u = blk.gate_up_proj.weight[:24], blk.gate_up_proj.weight[24:]
+    b_g, b_u = (blk.gate_up_proj.bias[:24], blk.gate_up_proj.bias[24:]) if bias else (None, None)
+    want = blk.down_proj(F.silu(F.linear(x, w_g, b_g)) * F.linear(x, w_u, b_u))
+    torch.testing.assert_close(blk(x), want)
+    old = {k: v for k, v in blk.state_dict().items() if not k.startswith("gate_up_proj")}
+    old["gate_proj.weight"], old["up_proj.weight"] = w_g.detach().clone(), w_u.detach().clone()
+    if bias:
+        old["gate_proj.bias"], old["up_proj.bias"] = b_g.detach().clone(), b_u.detach().clone()
+    fresh = MLPBlock(D, {"d_ff": 24, "bias": bias}).double()
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh(x), want)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        MLPBlock(D, {"d_ff": 24, "bias": bias}).load_state_dict(
+            {"down_proj.weight": old["down_proj.weight"]})
+
+
 def test_mlp_flops_match_counted_matmuls():
     for spec in ({}, {"activation": "gelu", "d_ff": 40}):
         blk = _block("mlp", spec)

@@ -79,7 +79,7 @@ def test_init_std_and_residual_rescale():
     model = hs.build_model(cfg)
     n = 8
     assert model.embed.weight.std().item() == pytest.approx(0.05, rel=0.1)
-    up = torch.cat([l.block.up_proj.weight.flatten() for l in model.layers[:4]])
+    up = torch.cat([l.block.gate_up_proj.weight.flatten() for l in model.layers[:4]])
     down = torch.cat([l.block.down_proj.weight.flatten() for l in model.layers[:4]])
     assert up.std().item() == pytest.approx(0.05, rel=0.1)
     assert down.std().item() == pytest.approx(0.05 / math.sqrt(n), rel=0.1)

@@ -195,9 +195,10 @@ DENSE_ACTS = ("torch", "fused", "block", "block_fused")
 
 def _dense_row(args, x, gy, active_ff, label, act="torch"):
     """The dense SwiGLU anchor. act: ``torch`` one fused gate|up GEMM, F.silu(g) * u (autograd);
-    ``fused`` the same GEMM, ``kernels.swiglu`` (Triton); ``block`` the real ``MLPBlock``
-    (separate gate and up projections, F.silu(g) * u); ``block_fused`` its projections with
-    ``kernels.swiglu.silu_mul`` (Triton): the proposed ``mlp.py`` change."""
+    ``fused`` the same GEMM, ``kernels.swiglu`` (Triton); ``block`` the shipped ``MLPBlock``
+    (since the fourth session the same math as ``fused``: one gate|up ``nn.Linear``);
+    ``block_fused`` the MLPBlock of the third session: separate gate and up GEMMs (on the two
+    halves of the block's weight) and ``kernels.swiglu.silu_mul`` (Triton)."""
     from hybridseq.blocks.mlp import MLPBlock
     from hybridseq.kernels.swiglu import silu_mul, swiglu
 
@@ -213,7 +214,8 @@ def _dense_row(args, x, gy, active_ff, label, act="torch"):
         def dense():
             if act == "block":
                 return mlp(x)
-            return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            w_g, w_u = mlp.gate_up_proj.weight.chunk(2, dim=0)
+            return mlp.down_proj(silu_mul(F.linear(x, w_g), F.linear(x, w_u)))
     else:
         w_in = (torch.randn(d, 2 * active_ff, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()
         w_out = (torch.randn(active_ff, d, device=x.device, dtype=x.dtype) * 0.02).requires_grad_()

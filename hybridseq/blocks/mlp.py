@@ -1,6 +1,13 @@
 """Dense feed-forward block (kind ``mlp``).
 
-- ``swiglu`` (Shazeer 2020): ``down(silu(gate(x)) * up(x))``, three matrices d x d_ff.
+- ``swiglu`` (Shazeer 2020): ``down(silu(gate(x)) * up(x))``, three matrices d x d_ff. The gate
+  and up projections are one ``nn.Linear`` (``gate_up_proj``, d -> 2 d_ff, gate rows first), so
+  the forward runs one GEMM for both and the fused SwiGLU (``kernels.swiglu``: one Triton pass
+  each way on CUDA) reads its output; the backward runs one dgrad and one wgrad GEMM for both.
+  Measured on an H100 (2026-11-22, bf16, d_model 2048, d_ff 11264, 16384 tokens, fwd+bwd):
+  10.69-10.73 ms against 10.92-11.30 for separate gate and up GEMMs in the same runs.
+  Checkpoints with the separate ``gate_proj`` / ``up_proj`` of earlier versions still load (their
+  weights are concatenated on load).
 - ``gelu``: ``down(gelu(up(x)))`` (tanh-free exact GELU), two matrices.
 
 ``d_ff`` defaults through ``hybridseq.config.resolve_ffn_dim`` (swiglu: round_up(8/3 d, 8);
@@ -17,7 +24,7 @@ from torch import nn
 from ..config import resolve_ffn_dim
 from ..config.schema import BLOCK_DEFAULTS
 from ..errors import ConfigError
-from hybridseq.kernels.swiglu import silu_mul
+from hybridseq.kernels.swiglu import swiglu
 from .base import Block
 
 
@@ -37,16 +44,28 @@ class MLPBlock(Block):
         self.d_ff = resolve_ffn_dim(d_model, spec["d_ff"], spec["activation"])
         bias = bool(spec["bias"])
         if self.activation == "swiglu":
-            self.gate_proj = nn.Linear(d_model, self.d_ff, bias=bias)
-        self.up_proj = nn.Linear(d_model, self.d_ff, bias=bias)
+            self.gate_up_proj = nn.Linear(d_model, 2 * self.d_ff, bias=bias)  # [gate; up] rows
+        else:
+            self.up_proj = nn.Linear(d_model, self.d_ff, bias=bias)
         self.down_proj = nn.Linear(self.d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, state=None, offset: int = 0) -> torch.Tensor:
         if self.activation == "swiglu":
-            h = silu_mul(self.gate_proj(x), self.up_proj(x))  # one Triton pass each way on CUDA
+            h = swiglu(self.gate_up_proj(x))  # one Triton pass each way on CUDA
         else:
             h = F.gelu(self.up_proj(x))
         return self.down_proj(h)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the separate ``gate_proj`` / ``up_proj`` of checkpoints written before the two
+        were fused: their weights (and biases) become ``gate_up_proj``'s, gate rows first."""
+        if self.activation == "swiglu" and prefix + "gate_proj.weight" in state_dict:
+            for kind in ("weight", "bias"):
+                g, u = prefix + "gate_proj." + kind, prefix + "up_proj." + kind
+                if g in state_dict and u in state_dict:
+                    state_dict[prefix + "gate_up_proj." + kind] = torch.cat(
+                        [state_dict.pop(g), state_dict.pop(u)], dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def param_count(d_model: int, spec: Mapping[str, Any]) -> tuple[int, int]:

@@ -205,8 +205,8 @@ class MambaBlock(Block):
     def forward(self, x: torch.Tensor, state=None, offset: int = 0) -> torch.Tensor:
         b, l, _ = x.shape
         di, r, n = self.d_inner, self.dt_rank, self.d_state
-        xz = self.in_proj(x)  # first: the GPU starts on the biggest GEMM while the host goes on
         A = -torch.exp(self.A_log.float())
+        xz = self.in_proj(x)
         xs, z = xz[..., :di], xz[..., di:]
         if state is not None and l == 1 and offset > 0:
             return self._step(xs[:, 0], z[:, 0], A, state).unsqueeze(1)

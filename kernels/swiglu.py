@@ -12,10 +12,11 @@ For h (..., 2F), gate g = h[..., :F], up u = h[..., F:], s = sigmoid(g):
 - ``swiglu_fwd(h, impl)`` / ``swiglu_bwd(h, da, impl)``: impl ``auto`` (Triton on CUDA when it
   imports, else torch), ``torch`` (the explicit formulas), ``triton`` (CPU only under
   TRITON_INTERPRET=1). Used by ``grouped_mlp.py``, which saves h and calls these itself.
-- ``swiglu(h, impl)``: the autograd op (saves h only); what a dense MLP with one fused gate|up
-  projection would use.
+- ``swiglu(h, impl)``: the autograd op (saves h only), on the output of one fused gate|up
+  projection: what ``blocks/mlp.py`` and the MoE's shared experts use.
 - ``silu_mul(g, u, impl)``: the same on separate gate and up tensors (saves g and u; the
-  backward returns dg and du without a cat): for an MLP with two projections (``blocks/mlp.py``).
+  backward returns dg and du without a cat), for an MLP with two projections (``bench moe``'s
+  ``block_fused`` anchor, the MLP block before the fourth session).
   ``silu_mul_ref(g, u)`` = F.silu(g) * u.
 """
 from __future__ import annotations

@@ -56,8 +56,11 @@ def _logits_fwd_kernel(x_ptr, w_ptr, out_ptr, N, D, E, stride_x, stride_w, strid
 
 
 @triton.jit
-def _logits_dx_kernel(g_ptr, w_ptr, dx_ptr, N, D, E, stride_g, stride_w, stride_dx,
-                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _logits_dx_kernel(g_ptr, w_ptr, dx_ptr, a_ptr, N, D, E, stride_g, stride_w, stride_dx, stride_a,
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                      ADD: tl.constexpr):
+    """dx = g @ W (+ a, the gradient x got from its other consumers, when ADD: summed in fp32
+    and rounded once, instead of a separate add kernel over (N, D))."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     es = tl.arange(0, BLOCK_E)
@@ -66,6 +69,9 @@ def _logits_dx_kernel(g_ptr, w_ptr, dx_ptr, N, D, E, stride_g, stride_w, stride_
     w = tl.load(w_ptr + es[:, None] * stride_w + cols[None, :],
                 mask=(es[:, None] < E) & (cols[None, :] < D), other=0.0).to(tl.float32)
     dx = tl.dot(g, w, input_precision="ieee")
+    if ADD:
+        dx += tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :],
+                      mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float32)
     tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < D))
 
@@ -120,8 +126,9 @@ def router_logits_fwd_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def router_logits_bwd_triton(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_dx: bool = True,
-                             need_dw: bool = True):
-    """(dx in x's dtype or None, dw (E, D) fp32 or None) for dlogits g (N, E) fp32."""
+                             need_dw: bool = True, dx_add: torch.Tensor | None = None):
+    """(dx in x's dtype or None, dw (E, D) fp32 or None) for dlogits g (N, E) fp32; ``dx_add``
+    (N, D), when given, is added into dx inside the kernel."""
     g, x, w = _rows(g.float()), _rows(x), _rows(w)
     n, d = x.shape
     e = w.shape[0]
@@ -129,10 +136,11 @@ def router_logits_bwd_triton(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     dx = dw = None
     if need_dx:
         dx = torch.empty(n, d, dtype=x.dtype, device=x.device)
+        a = _rows(dx_add) if dx_add is not None else dx
         if n:
             _logits_dx_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))](
-                g, w, dx, n, d, e, g.stride(0), w.stride(0), dx.stride(0),
-                BLOCK_N=BLOCK_N, BLOCK_E=be, BLOCK_D=BLOCK_D)
+                g, w, dx, a, n, d, e, g.stride(0), w.stride(0), dx.stride(0), a.stride(0),
+                BLOCK_N=BLOCK_N, BLOCK_E=be, BLOCK_D=BLOCK_D, ADD=dx_add is not None)
     if need_dw:
         splits = max(1, min(N_SPLIT, triton.cdiv(n, BLOCK_N)))
         rows_per_split = triton.cdiv(max(n, 1), splits)

@@ -132,7 +132,7 @@ def test_sinkhorn_balances_adversarial_logits():
     assert torch.allclose(p.sum(1), torch.ones(n), atol=1e-4)
     assert torch.allclose(p.sum(0), torch.full((e,), n / e), rtol=1e-2)
     r = Router(4, e, 1, "sinkhorn")
-    r.compute_logits = lambda x: logits  # route these logits
+    r.logits_and_input = lambda x: (logits, x)  # route these logits
     load_train = torch.bincount(r(torch.zeros(n, 4)).indices.view(-1), minlength=e).float() / n
     r.eval()
     load_eval = torch.bincount(r(torch.zeros(n, 4)).indices.view(-1), minlength=e).float() / n
@@ -183,6 +183,44 @@ def test_router_logits_triton_matches_ref(n, d, e, dtype):
     assert torch.allclose(dw, dw_r, atol=1e-4, rtol=1e-5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(dx.float(), dx_r.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["both", "logits_only", "tap_only"])
+def test_router_logits_tap_adds_the_other_gradient_into_dx(dtype, which):
+    """router_logits_tap: x's gradient through the logits and through the tapped view (another
+    consumer, like the experts) is one dx, against autograd's sum on the reference; either
+    gradient alone works too; x without requires_grad gives x itself back."""
+    pytest.importorskip("triton")
+    from hybridseq.kernels.router_logits import router_logits_ref, router_logits_tap
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    n, d, e = 45, 70, 6  # off the blocks
+    x0 = torch.randn(n, d, device=dev).to(dtype)
+    w0 = torch.randn(e, d, device=dev) * 0.1
+    g = torch.randn(n, e, device=dev)
+    gx = torch.randn(n, d, device=dev).to(dtype)
+    outs = []
+    for impl in ("triton", "torch"):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        logits, x_tap = router_logits_tap(x, w, impl)
+        terms = {"both": (logits * g).sum() + (x_tap.float() * gx.float()).sum(),
+                 "logits_only": (logits * g).sum(),
+                 "tap_only": (x_tap.float() * gx.float()).sum() + 0 * logits.sum()}[which]
+        outs.append((logits, *torch.autograd.grad(terms, (x, w))))
+    (y, dx, dw), (y_r, dx_r, dw_r) = outs
+    assert torch.allclose(y, y_r, atol=1e-5, rtol=1e-5)
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(dx.float(), dx_r.float(), atol=tol, rtol=tol)
+    assert torch.allclose(dw, dw_r, atol=1e-4, rtol=1e-5)
+    if which == "both":  # the Triton dx really holds both terms
+        want = (g @ w0 + gx.float()).to(dtype)
+        assert torch.allclose(dx.float(), want.float(), atol=tol, rtol=tol)
+    x = x0.clone()
+    logits, x_tap = router_logits_tap(x, w0.clone().requires_grad_(True), "triton")
+    assert x_tap is x and torch.allclose(logits, router_logits_ref(x0, w0), atol=1e-5, rtol=1e-5)
 
 
 def test_router_with_triton_logits_matches_torch():

@@ -97,11 +97,11 @@ def force_routing(blk: MoEBlock, indices: torch.Tensor) -> None:
     router = blk.router
 
     def forward(x):
-        logits = router.compute_logits(x)
+        logits, x_tap = router.logits_and_input(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             probs, _, _, lse = softmax_topk(logits, indices.shape[1], True, router.topk_impl)
             w = probs.gather(1, indices)
-        return RouterOutput(logits, probs, indices, w / w.sum(-1, keepdim=True), lse=lse)
+        return RouterOutput(logits, probs, indices, w / w.sum(-1, keepdim=True), lse=lse, x=x_tap)
 
     router.forward = forward
 

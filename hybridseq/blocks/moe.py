@@ -291,7 +291,7 @@ class MoEBlock(Block):
             dropped = (~keep).sum()
 
         dt = compute_dtype(x)
-        xc = xf.to(dt)
+        xc = (r.x if r.x is not None else xf).to(dt)  # r.x: x through the router's logits op
         w = weights  # fp32 combine weights; each backend applies them in fp32 or its compute dtype
         if self.ep_size > 1:
             y = expert_parallel_experts(xc, indices, w, self.w_in.to(dt), self.w_out.to(dt),

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridseq.kernels.moe_permute import histogram
-from hybridseq.kernels.router_logits import router_logits
+from hybridseq.kernels.router_logits import router_logits_tap
 from hybridseq.kernels.router_topk import softmax_topk
 
 ROUTER_KINDS = ("softmax", "sigmoid", "sinkhorn")
@@ -53,6 +53,9 @@ class RouterOutput:
     indices: torch.Tensor  # (N, k) int64
     weights: torch.Tensor  # (N, k) fp32
     lse: torch.Tensor | None = None  # (N,) fp32 logsumexp(logits) when the router computed it
+    # the router's input as its experts should read it (``kernels.router_logits_tap``: x itself,
+    # or a view whose gradient the router's backward adds into its own dx); None: use x
+    x: torch.Tensor | None = None
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
@@ -144,15 +147,21 @@ class Router(nn.Module):
             self.expert_bias = self.expert_bias.float()
         return out
 
-    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits_and_input(self, x: torch.Tensor):
+        """(logits (N, E) fp32, x_tap): x_tap is what the experts should read instead of x
+        (``kernels.router_logits.router_logits_tap``: the router's backward then adds their
+        gradient of x into its own dx in one kernel)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = router_logits(x, self.weight, self.logits_impl)
+            logits, x_tap = router_logits_tap(x, self.weight, self.logits_impl)
         if self.bias_override is not None:
             logits = logits + self.bias_override.to(logits)
-        return logits
+        return logits, x_tap
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_input(x)[0]
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        logits = self.compute_logits(x)
+        logits, x_tap = self.logits_and_input(x)
         k = self.top_k
         lse = None  # the softmax router's logsumexp, for the z-loss
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -179,7 +188,8 @@ class Router(nn.Module):
                     weights = probs.gather(1, indices)
                     if self.renormalize:
                         weights = weights / weights.sum(-1, keepdim=True)
-        return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights, lse=lse)
+        return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights, lse=lse,
+                            x=x_tap)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -96,16 +96,15 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _act_fwd(h, activation, act_impl, scale=None):
+def _act_fwd(h, activation, act_impl):
     if activation == "swiglu":
-        return swiglu_fwd(h, act_impl, scale)
+        return swiglu_fwd(h, act_impl)
     return torch.nn.functional.gelu(h)
 
 
-def _act_bwd(h, da, activation, act_impl, scale=None):
-    """dh, or (dh, dscale) with a row scale (SwiGLU only)."""
+def _act_bwd(h, da, activation, act_impl):
     if activation == "swiglu":
-        return swiglu_bwd(h, da, act_impl, scale)
+        return swiglu_bwd(h, da, act_impl)
     x = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
     cdf = 0.5 * (1.0 + torch.erf(x * _SQRT_HALF))
     pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
@@ -114,35 +113,32 @@ def _act_bwd(h, da, activation, act_impl, scale=None):
 
 class _GroupedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, w_out, counts, scale, activation, act_impl, layout, gemm):
+    def forward(ctx, x, w_in, w_out, counts, activation, act_impl, layout, gemm):
         fwd_l, _ = parse_layout(layout)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         host = counts.tolist() if gemm == "loop" else None
         x = _rows(x)
         h = gmm(x, as_layout(w_in, fwd_l), offs, host)
-        a = _act_fwd(h, activation, act_impl, scale)  # scaled by the row scale when given
+        a = _act_fwd(h, activation, act_impl)
         y = gmm(a, as_layout(w_out, fwd_l), offs, host)
-        ctx.save_for_backward(x, w_in, w_out, h, a, offs, scale)
+        ctx.save_for_backward(x, w_in, w_out, h, a, offs)
         ctx.cfg = (activation, act_impl, layout, host)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_in, w_out, h, a, offs, scale = ctx.saved_tensors
+        x, w_in, w_out, h, a, offs = ctx.saved_tensors
         activation, act_impl, layout, host = ctx.cfg
         _, dgrad_l = parse_layout(layout)
         need_x, need_win, need_wout = ctx.needs_input_grad[:3]
         dy = _rows(dy)
         da = gmm(dy, as_layout(w_out.transpose(-2, -1), dgrad_l), offs, host)
-        dh = _act_bwd(h, da, activation, act_impl, scale)
-        g_scale = None
-        if scale is not None:
-            dh, g_scale = dh
+        dh = _act_bwd(h, da, activation, act_impl)
         del da
         g_wout = gmm_wgrad(a.t(), dy, offs, host) if need_wout else None
         g_x = gmm(dh, as_layout(w_in.transpose(-2, -1), dgrad_l), offs, host) if need_x else None
         g_win = gmm_wgrad(x.t(), dh, offs, host) if need_win else None
-        return g_x, g_win, g_wout, None, g_scale, None, None, None, None
+        return g_x, g_win, g_wout, None, None, None, None, None
 
 
 def grouped_mlp_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
@@ -158,18 +154,13 @@ def grouped_mlp_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tens
 
 def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                 activation: str = "swiglu", act_impl: str = "auto", layout: str = DEFAULT_LAYOUT,
-                gemm: str = "torch", row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                gemm: str = "torch") -> torch.Tensor:
     """y (M, N) of the module docstring; counts (G,) int64 rows per group (sum = M).
     act_impl (SwiGLU only): auto|torch|triton (``kernels.swiglu``); layout: one of ``LAYOUTS``;
-    gemm: torch|loop. ``row_scale`` (M,) fp32 (SwiGLU only): y[m] = (scale[m] act(h[m])) @ w_out,
-    the scale applied inside the SwiGLU kernel (the MoE's routing weights: the un-permute then only
-    sums), differentiable."""
+    gemm: torch|loop."""
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"grouped_mlp activation must be swiglu or gelu, got {activation!r}")
     if gemm not in GEMMS:
         raise ValueError(f"grouped_mlp gemm must be one of {'|'.join(GEMMS)}, got {gemm!r}")
-    if row_scale is not None and (activation != "swiglu" or row_scale.shape != (x.shape[0],)):
-        raise ValueError(f"grouped_mlp row_scale: SwiGLU only, shape ({x.shape[0]},); got "
-                         f"{activation}, {tuple(row_scale.shape)}")
     parse_layout(layout)
-    return _GroupedMLP.apply(x, w_in, w_out, counts, row_scale, activation, act_impl, layout, gemm)
+    return _GroupedMLP.apply(x, w_in, w_out, counts, activation, act_impl, layout, gemm)

@@ -117,23 +117,6 @@ class _UnpermuteTriton(torch.autograd.Function):
         return g_y, None, g_w.view_as(weights).to(weights.dtype)
 
 
-class _UnpermuteSumTriton(torch.autograd.Function):
-    """y[n] = sum_j y_perm[inv[n*k + j]] (no weights: applied before, inside the expert MLP);
-    backward grad_y_perm[r] = grad[src[r]], src = order // k: one gather, no dot."""
-
-    @staticmethod
-    def forward(ctx, y_perm, src, inv, k):
-        from .moe_permute_triton import gather_sum
-
-        ctx.save_for_backward(src)
-        return gather_sum(y_perm, inv, k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (src,) = ctx.saved_tensors
-        return grad.index_select(0, src), None, None, None
-
-
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"moe permute impl must be auto|torch|triton, got {impl!r}")
@@ -164,23 +147,6 @@ def unpermute(y_perm: torch.Tensor, order: torch.Tensor, inv: torch.Tensor,
     if k == 1:
         return slots[:, 0] * w[:, 0]
     return (slots * w).sum(1)
-
-
-def uses_triton(t: torch.Tensor, impl: str = "auto") -> bool:
-    """Whether ``permute`` / ``unpermute`` take the Triton path for ``t`` and ``impl``."""
-    return _use_triton(t, impl)
-
-
-def unpermute_sum(y_perm: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, top_k: int,
-                  impl: str = "auto") -> torch.Tensor:
-    """y (N, d): y[n] = sum_j y_perm[inv[n*k + j]], for rows the routing weights already scaled
-    (``kernels.grouped_mlp``'s ``row_scale``); sums in fp32 on the Triton path."""
-    n = inv.numel() // top_k
-    if _use_triton(y_perm, impl):
-        src = torch.div(order, top_k, rounding_mode="floor")
-        return _UnpermuteSumTriton.apply(y_perm, src, inv, top_k)
-    slots = _GatherRows.apply(y_perm, inv, order, 1).view(n, top_k, y_perm.shape[-1])
-    return slots.sum(1)
 
 
 def permute_ref(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:

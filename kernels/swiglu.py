@@ -36,28 +36,18 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def swiglu_fwd_ref(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(g) * u, times ``scale[:, None]`` (a row scale, (M,) for h (M, 2F)) when given."""
+def swiglu_fwd_ref(h: torch.Tensor) -> torch.Tensor:
     g, u = _acc(h).chunk(2, dim=-1)
-    a = F.silu(g) * u
-    if scale is not None:
-        a = a * scale.to(a.dtype)[:, None]
-    return a.to(h.dtype)
+    return (F.silu(g) * u).to(h.dtype)
 
 
-def swiglu_bwd_ref(h: torch.Tensor, da: torch.Tensor, scale: torch.Tensor | None = None):
-    """dh; with ``scale``: (dh, dscale (M,) fp32) of swiglu_fwd_ref(h, scale)."""
+def swiglu_bwd_ref(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
     g, u = _acc(h).chunk(2, dim=-1)
     da = _acc(da)
     s = torch.sigmoid(g)
-    ds = None
-    if scale is not None:
-        ds = (da * (g * s) * u).sum(-1).float()
-        da = da * scale.to(da.dtype)[:, None]
     dg = da * u * s * (1 + g * (1 - s))
     du = da * (g * s)
-    dh = torch.cat([dg, du], dim=-1).to(h.dtype)
-    return dh if scale is None else (dh, ds)
+    return torch.cat([dg, du], dim=-1).to(h.dtype)
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
@@ -79,29 +69,22 @@ def _check(h: torch.Tensor) -> None:
         raise ValueError(f"swiglu: the last dim of h must be even (gate|up), got shape {tuple(h.shape)}")
 
 
-def swiglu_fwd(h: torch.Tensor, impl: str = "auto", scale: torch.Tensor | None = None) -> torch.Tensor:
-    """scale: an optional fp32 row scale (M,) for h (M, 2F), applied in fp32 before the cast."""
+def swiglu_fwd(h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     _check(h)
-    if scale is not None and h.dim() != 2:
-        raise ValueError(f"swiglu: a row scale needs h (M, 2F), got shape {tuple(h.shape)}")
     if not _use_triton(h, impl):
-        return swiglu_fwd_ref(h, scale)
+        return swiglu_fwd_ref(h)
     from .swiglu_triton import swiglu_fwd_triton
 
     lead = h.shape[:-1]
-    return swiglu_fwd_triton(h.reshape(-1, h.shape[-1]), scale).view(*lead, h.shape[-1] // 2)
+    return swiglu_fwd_triton(h.reshape(-1, h.shape[-1])).view(*lead, h.shape[-1] // 2)
 
 
-def swiglu_bwd(h: torch.Tensor, da: torch.Tensor, impl: str = "auto",
-               scale: torch.Tensor | None = None):
-    """dh, or (dh, dscale (M,) fp32) with the forward's row ``scale``."""
+def swiglu_bwd(h: torch.Tensor, da: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     _check(h)
     if not _use_triton(h, impl):
-        return swiglu_bwd_ref(h, da, scale)
+        return swiglu_bwd_ref(h, da)
     from .swiglu_triton import swiglu_bwd_triton
 
-    if scale is not None:
-        return swiglu_bwd_triton(h, da, scale)
     lead = h.shape[:-1]
     return swiglu_bwd_triton(h.reshape(-1, h.shape[-1]), da.reshape(-1, da.shape[-1])).view(*lead, h.shape[-1])
 

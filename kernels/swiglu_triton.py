@@ -7,9 +7,6 @@ h (M, 2F): gate in columns [:F], up in [F:]; rows may be strided, columns contig
     backward  dh[m, f]     = da * u * s * (1 + g * (1 - s)),   s = sigmoid(g)
               dh[m, F + f] = da * silu(g)
 
-With an optional fp32 row scale r (M,) (the MoE routing weights): a = r silu(g) u, the
-backward scales da by r and adds each tile's row sums of da silu(g) u into dr (fp32 atomics).
-
 All math in fp32, outputs in h's dtype. Compared with PyTorch (silu, mul; and in the backward mul,
 mul, silu_backward and the cat of the two halves) the forward reads h once and writes a once, and
 the backward reads h and da once and writes dh once. ``kernels/swiglu.py`` holds the plain
@@ -23,23 +20,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _swiglu_fwd_kernel(g_ptr, u_ptr, a_ptr, s_ptr, M, F, stride_g, stride_u, stride_a,
-                       BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _swiglu_fwd_kernel(g_ptr, u_ptr, a_ptr, M, F, stride_g, stride_u, stride_a,
+                       BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rows[:, None] < M) & (cols[None, :] < F)
     g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     a = g * tl.sigmoid(g) * u
-    if HAS_SCALE:  # a row scale (the MoE routing weight of each token-slot), fp32
-        a = a * tl.load(s_ptr + rows, mask=rows < M, other=0.0)[:, None]
     tl.store(a_ptr + rows[:, None] * stride_a + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(g_ptr, u_ptr, da_ptr, dg_ptr, du_ptr, s_ptr, ds_ptr, M, F, stride_g,
-                       stride_u, stride_da, stride_dg, stride_du, BLOCK_M: tl.constexpr,
-                       BLOCK_F: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _swiglu_bwd_kernel(g_ptr, u_ptr, da_ptr, dg_ptr, du_ptr, M, F, stride_g, stride_u, stride_da,
+                       stride_dg, stride_du, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rows[:, None] < M) & (cols[None, :] < F)
@@ -47,10 +41,6 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, da_ptr, dg_ptr, du_ptr, s_ptr, ds_ptr, M, F
     u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     da = tl.load(da_ptr + rows[:, None] * stride_da + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    if HAS_SCALE:  # a = scale * silu(g) * u: d scale = sum_f da * silu(g) * u (this tile's part)
-        rmask = rows < M
-        tl.atomic_add(ds_ptr + rows, tl.sum(da * (g * s) * u, axis=1), mask=rmask)
-        da = da * tl.load(s_ptr + rows, mask=rmask, other=0.0)[:, None]
     dg = da * u * s * (1.0 + g * (1.0 - s))
     du = da * (g * s)
     tl.store(dg_ptr + rows[:, None] * stride_dg + cols[None, :], dg.to(dg_ptr.dtype.element_ty), mask=mask)
@@ -72,52 +62,44 @@ def _grid(m: int, f: int):
     return (triton.cdiv(m, bm), triton.cdiv(f, bf)), bm, bf
 
 
-def silu_mul_fwd_triton(g: torch.Tensor, u: torch.Tensor,
-                        scale: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, F) = silu(g) * u (times scale[:, None], scale (M,) fp32, when given) for g, u (M, F)
-    (rows may be strided)."""
+def silu_mul_fwd_triton(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """a (M, F) = silu(g) * u for g, u (M, F) (rows may be strided)."""
     g, u = _rows(g), _rows(u)
     m, f = g.shape
     a = torch.empty(m, f, dtype=g.dtype, device=g.device)
     if m == 0 or f == 0:
         return a
     grid, bm, bf = _grid(m, f)
-    sc = scale.float().contiguous() if scale is not None else a
-    _swiglu_fwd_kernel[grid](g, u, a, sc, m, f, g.stride(0), u.stride(0), a.stride(0), BLOCK_M=bm,
-                             BLOCK_F=bf, HAS_SCALE=scale is not None)
+    _swiglu_fwd_kernel[grid](g, u, a, m, f, g.stride(0), u.stride(0), a.stride(0), BLOCK_M=bm, BLOCK_F=bf)
     return a
 
 
 def silu_mul_bwd_triton(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor, dg: torch.Tensor | None = None,
-                        du: torch.Tensor | None = None, scale: torch.Tensor | None = None):
-    """(dg, du) of a = silu(g) * u given da; written into ``dg``/``du`` when given (row views).
-    With ``scale`` (the forward's row scale): (dg, du, dscale (M,) fp32)."""
+                        du: torch.Tensor | None = None):
+    """(dg, du) of a = silu(g) * u given da; written into ``dg``/``du`` when given (row views)."""
     g, u, da = _rows(g), _rows(u), _rows(da)
     m, f = g.shape
     dg = torch.empty_like(g) if dg is None else dg
     du = torch.empty_like(u) if du is None else du
-    ds = torch.zeros(m, dtype=torch.float32, device=g.device) if scale is not None else None
-    if m and f:
-        grid, bm, bf = _grid(m, f)
-        sc = scale.float().contiguous() if scale is not None else dg
-        _swiglu_bwd_kernel[grid](g, u, da, dg, du, sc, ds if ds is not None else dg, m, f,
-                                 g.stride(0), u.stride(0), da.stride(0), dg.stride(0), du.stride(0),
-                                 BLOCK_M=bm, BLOCK_F=bf, HAS_SCALE=scale is not None)
-    return (dg, du) if scale is None else (dg, du, ds)
+    if m == 0 or f == 0:
+        return dg, du
+    grid, bm, bf = _grid(m, f)
+    _swiglu_bwd_kernel[grid](g, u, da, dg, du, m, f, g.stride(0), u.stride(0), da.stride(0), dg.stride(0),
+                             du.stride(0), BLOCK_M=bm, BLOCK_F=bf)
+    return dg, du
 
 
-def swiglu_fwd_triton(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, F) = silu(h[:, :F]) * h[:, F:] (times scale[:, None] when given) for h (M, 2F)."""
+def swiglu_fwd_triton(h: torch.Tensor) -> torch.Tensor:
+    """a (M, F) = silu(h[:, :F]) * h[:, F:] for h (M, 2F)."""
     h = _rows(h)
     f = h.shape[1] // 2
-    return silu_mul_fwd_triton(h[:, :f], h[:, f:], scale)
+    return silu_mul_fwd_triton(h[:, :f], h[:, f:])
 
 
-def swiglu_bwd_triton(h: torch.Tensor, da: torch.Tensor, scale: torch.Tensor | None = None):
-    """dh (M, 2F), the gradient of swiglu_fwd at h given da (M, F): one pass, both halves. With
-    ``scale``: (dh, dscale (M,) fp32)."""
+def swiglu_bwd_triton(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """dh (M, 2F), the gradient of swiglu_fwd at h given da (M, F): one pass, both halves."""
     h = _rows(h)
     f = h.shape[1] // 2
     dh = torch.empty(h.shape[0], 2 * f, dtype=h.dtype, device=h.device)
-    out = silu_mul_bwd_triton(h[:, :f], h[:, f:], da, dh[:, :f], dh[:, f:], scale=scale)
-    return dh if scale is None else (dh, out[2])
+    silu_mul_bwd_triton(h[:, :f], h[:, f:], da, dh[:, :f], dh[:, f:])
+    return dh

@@ -297,55 +297,6 @@ def test_swiglu_bf16_math_in_fp32():
         swiglu_fwd(h[:, :5], "torch")
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("m,f", [(1, 8), (37, 24), (3, 1100)])
-def test_swiglu_row_scale_matches_autograd(impl, m, f):
-    """The row-scaled SwiGLU (the MoE routing weights inside the activation): forward, dh and
-    d scale (Triton: per-tile row sums added atomically) against autograd through
-    F.silu(g) * u * scale, with a zero and a negative scale; f over one 1024-column tile."""
-    if impl == "triton":
-        pytest.importorskip("triton")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    h0 = torch.randn(m, 2 * f, device=dev, dtype=torch.float64 if impl == "torch" else torch.float32)
-    s0 = torch.rand(m, device=dev) + 0.5
-    s0[0] = 0.0
-    if m > 2:
-        s0[2] = -0.7
-    da = torch.randn(m, f, device=dev, dtype=h0.dtype)
-    h, sc = h0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
-    g, u = h.chunk(2, -1)
-    a_ref = torch.nn.functional.silu(g) * u * sc.to(h.dtype)[:, None]
-    dh_ref, ds_ref = torch.autograd.grad(a_ref, (h, sc), da)
-    a = swiglu_fwd(h0, impl, s0)
-    dh, ds = swiglu_bwd(h0, da, impl, s0)
-    tol = 1e-10 if h0.dtype == torch.float64 else 1e-5
-    assert torch.allclose(a, a_ref, atol=tol, rtol=tol)
-    assert torch.allclose(dh, dh_ref, atol=tol, rtol=tol)
-    assert ds.dtype == torch.float32 and torch.allclose(ds, ds_ref.float(), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="row scale needs h"):
-        swiglu_fwd(h0.view(1, m, 2 * f), impl, s0)
-
-
-def test_grouped_mlp_row_scale_matches_autograd_ref_fp64():
-    """grouped_mlp with a row scale (inside the SwiGLU) against the reference MLP whose
-    activation rows are scaled, gradients of x, both weights and the scale, with an empty group."""
-    counts, x, w_in, w_out, gy = _mlp_case(torch.float64)
-    scale = (torch.rand(x.shape[0], dtype=torch.float32) + 0.2).requires_grad_(True)
-    y = grouped_mlp(x, counts, w_in, w_out, "swiglu", act_impl="torch", gemm="loop", row_scale=scale)
-    got = (y, *torch.autograd.grad(y, (x, w_in, w_out, scale), gy))
-    from hybridseq.blocks.moe_experts import expert_activation
-
-    sc = scale.detach().double().requires_grad_(True)
-    h = expert_activation(grouped_mm_ref(x, w_in, counts), "swiglu") * sc[:, None]
-    y_r = grouped_mm_ref(h, w_out, counts)
-    want = (y_r, *torch.autograd.grad(y_r, (x, w_in, w_out, sc), gy))
-    for u, v in zip(got, want):
-        assert torch.allclose(u.double(), v.double(), atol=1e-5, rtol=1e-5), (u.double() - v).abs().max()
-    with pytest.raises(ValueError, match="row_scale: SwiGLU only"):
-        grouped_mlp(x, counts, w_in, w_out, "swiglu", gemm="loop", row_scale=scale[:-1])
-
-
 def test_as_layout_keeps_values_and_sets_strides():
     b = torch.randn(3, 5, 8)
     n, k = as_layout(b, "n"), as_layout(b, "k")

@@ -18,10 +18,7 @@ un-permute in x's dtype).
   CUDA bf16 the expert MLP is one autograd op (``kernels.grouped_mlp``: torch._grouped_mm for the
   six GEMMs, the fused Triton SwiGLU forward/backward of ``kernels.swiglu``, operand layouts
   selectable); elsewhere ``kernels.grouped_gemm`` per projection (a padded bmm on CPU) with
-  autograd through the activation. With SwiGLU on that fused path the routing weights scale the
-  activation rows inside the SwiGLU kernel (``row_scale``; their gradient is summed there), so the
-  un-permute is a plain sum whose backward is one gather: it does not re-read the expert outputs
-  (134 MB a step for d_model 2048, 16384 tokens, top-2).
+  autograd through the activation.
 - ``megablocks``: see ``moe_megablocks.py`` (optional dependency).
 """
 from __future__ import annotations
@@ -31,8 +28,7 @@ import torch.nn.functional as F
 
 from hybridseq.kernels.grouped_gemm import grouped_mm
 from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT, grouped_mlp, grouped_mlp_supported
-from hybridseq.kernels.moe_permute import (permute, sort_by_expert, unpermute, unpermute_sum,
-                                           uses_triton)
+from hybridseq.kernels.moe_permute import permute, sort_by_expert, unpermute
 
 
 def expert_activation(a: torch.Tensor, activation: str) -> torch.Tensor:
@@ -76,19 +72,15 @@ def use_fused_mlp(x, w_in, w_out, mlp_impl: str = "auto") -> bool:
 
 
 def run_sorted_experts(x_sorted, counts, w_in, w_out, activation, gemm_impl="auto", *,
-                       mlp_impl="auto", act_impl="auto", layout=DEFAULT_LAYOUT, mlp_gemm="torch",
-                       row_scale=None):
+                       mlp_impl="auto", act_impl="auto", layout=DEFAULT_LAYOUT, mlp_gemm="torch"):
     """Experts on rows already grouped by expert: counts (E,) rows per expert, in order.
     ``mlp_impl`` (see ``use_fused_mlp``), ``act_impl`` (SwiGLU kernel: auto|torch|triton),
     ``layout`` (``kernels.grouped_mlp.LAYOUTS``) and ``mlp_gemm`` (torch: torch._grouped_mm, no
     host sync | loop: one cuBLAS mm per expert, one host sync) apply to the fused path;
-    ``gemm_impl`` to the autograd path (``kernels.grouped_gemm``). ``row_scale`` (rows,) fp32:
-    each row's output scaled (before the down projection: SwiGLU on the fused path only)."""
+    ``gemm_impl`` to the autograd path (``kernels.grouped_gemm``)."""
     if use_fused_mlp(x_sorted, w_in, w_out, mlp_impl):
         return grouped_mlp(x_sorted, counts, w_in, w_out, activation, act_impl=act_impl, layout=layout,
-                           gemm=mlp_gemm, row_scale=row_scale)
-    if row_scale is not None:
-        raise ValueError("row_scale needs the fused grouped MLP (CUDA bf16, SwiGLU)")
+                           gemm=mlp_gemm)
     h = expert_activation(grouped_mm(x_sorted, w_in, counts, impl=gemm_impl), activation)
     return grouped_mm(h, w_out, counts, impl=gemm_impl)
 
@@ -107,16 +99,8 @@ def experts_grouped(x, indices, weights, w_in, w_out, activation, gemm_impl="aut
     n_kept = int(counts[:n_experts].sum().item()) if may_drop else n * k
     if n_kept < n * k:  # (a no-op slice would still cost a zero-fill + copy in its backward)
         x_perm = x_perm[:n_kept]
-    # fused SwiGLU path: the routing weights scale the activation rows inside its kernel, so the
-    # un-permute only sums and its backward is a gather that does not re-read the expert outputs
-    in_mlp = (activation == "swiglu" and uses_triton(x, permute_impl)
-              and use_fused_mlp(x_perm, w_in, w_out, mlp_impl))
-    row_scale = weights.reshape(-1)[order][:n_kept] if in_mlp else None
     y = run_sorted_experts(x_perm, counts[:n_experts], w_in, w_out, activation, gemm_impl,
-                           mlp_impl=mlp_impl, act_impl=act_impl, layout=layout, mlp_gemm=mlp_gemm,
-                           row_scale=row_scale)
+                           mlp_impl=mlp_impl, act_impl=act_impl, layout=layout, mlp_gemm=mlp_gemm)
     if n_kept < n * k:
         y = torch.cat([y, y.new_zeros(n * k - n_kept, y.shape[-1])], 0)
-    if in_mlp:
-        return unpermute_sum(y, order, inv, k, impl=permute_impl)
     return unpermute(y, order, inv, weights, impl=permute_impl)

@@ -20,6 +20,27 @@ from . import triton_interpreting
 
 
 @triton.jit
+def _bf16_parts(v):
+    """fp32 v = v1 + v2 + v3 in bf16 (8 + 8 + 8 significand bits: v's 24, to within 2^-25
+    relative). A product of one part with a bf16 operand is exact in an fp32 accumulator, so
+    three tensor-core dots with fp32 accumulation give fp32 math."""
+    v1 = v.to(tl.bfloat16)
+    r = v - v1.to(tl.float32)
+    v2 = r.to(tl.bfloat16)
+    v3 = (r - v2.to(tl.float32)).to(tl.bfloat16)
+    return v1, v2, v3
+
+
+@triton.jit
+def _exact_dot(a, b, acc, BF16_DOT: tl.constexpr):
+    """acc + a @ b for bf16 a, b: a tensor-core dot; under Triton's interpreter (BF16_DOT False:
+    bf16 dots are wrong there) the same exact products in fp32."""
+    if BF16_DOT:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
 def _logits_fwd_kernel(x_ptr, w_ptr, out_ptr, N, D, E, stride_x, stride_w, stride_o,
                        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                        SPLIT_W: tl.constexpr, BF16_DOT: tl.constexpr):
@@ -32,23 +53,11 @@ def _logits_fwd_kernel(x_ptr, w_ptr, out_ptr, N, D, E, stride_x, stride_w, strid
                     mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
         w = tl.load(w_ptr + es[None, :] * stride_w + cols[:, None],
                     mask=(es[None, :] < E) & (cols[:, None] < D), other=0.0).to(tl.float32)
-        if SPLIT_W:
-            # bf16 x: W = w1 + w2 + w3 in bf16 (8 + 8 + 8 significand bits: W's 24, to within
-            # 2^-25 relative); each bf16 x bf16 product is exact in the fp32 accumulator, so three
-            # tensor-core dots give fp32 math (the ieee FMA dot ran at ~10x the memory time)
-            w1 = w.to(tl.bfloat16)
-            r = w - w1.to(tl.float32)
-            w2 = r.to(tl.bfloat16)
-            w3 = (r - w2.to(tl.float32)).to(tl.bfloat16)
-            if BF16_DOT:
-                acc = tl.dot(x, w1, acc)
-                acc = tl.dot(x, w2, acc)
-                acc = tl.dot(x, w3, acc)
-            else:  # Triton's interpreter: bf16 dots are wrong there; the same exact products in fp32
-                xf = x.to(tl.float32)
-                acc = tl.dot(xf, w1.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(xf, w2.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(xf, w3.to(tl.float32), acc, input_precision="ieee")
+        if SPLIT_W:  # bf16 x: W in three bf16 parts (the ieee FMA dot ran at ~10x the memory time)
+            w1, w2, w3 = _bf16_parts(w)
+            acc = _exact_dot(x, w1, acc, BF16_DOT)
+            acc = _exact_dot(x, w2, acc, BF16_DOT)
+            acc = _exact_dot(x, w3, acc, BF16_DOT)
         else:
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
     tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], acc,
@@ -80,9 +89,9 @@ def _logits_dx_kernel(g_ptr, w_ptr, dx_ptr, a_ptr, N, D, E, stride_g, stride_w, 
 def _logits_dw_kernel(g_ptr, x_ptr, part_ptr, N, D, E, rows_per_split, stride_g, stride_x,
                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                       SPLIT_G: tl.constexpr, BF16_DOT: tl.constexpr):
-    """Partial dW = g^T @ x over one split of the rows. SPLIT_G (bf16 x): g = g1 + g2 + g3 in bf16
-    as W in the forward, so the three tensor-core dots with bf16 x are exact products with fp32
-    sums (the ieee fp32 dot ran about 2.5x the time of reading x, H100, 2026-11-22)."""
+    """Partial dW = g^T @ x over one split of the rows. SPLIT_G (bf16 x): g in three bf16 parts
+    (``_bf16_parts``), as W in the forward (the ieee fp32 dot ran about 2.5x the time of reading
+    x, H100, 2026-11-22)."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     split = tl.program_id(1)
     es = tl.arange(0, BLOCK_E)
@@ -96,19 +105,10 @@ def _logits_dw_kernel(g_ptr, x_ptr, part_ptr, N, D, E, rows_per_split, stride_g,
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
                     mask=rmask[:, None] & (cols[None, :] < D), other=0.0)
         if SPLIT_G:
-            g1 = gt.to(tl.bfloat16)
-            r = gt - g1.to(tl.float32)
-            g2 = r.to(tl.bfloat16)
-            g3 = (r - g2.to(tl.float32)).to(tl.bfloat16)
-            if BF16_DOT:
-                acc = tl.dot(g1, x, acc)
-                acc = tl.dot(g2, x, acc)
-                acc = tl.dot(g3, x, acc)
-            else:  # Triton's interpreter: the same exact products in fp32
-                xf = x.to(tl.float32)
-                acc = tl.dot(g1.to(tl.float32), xf, acc, input_precision="ieee")
-                acc = tl.dot(g2.to(tl.float32), xf, acc, input_precision="ieee")
-                acc = tl.dot(g3.to(tl.float32), xf, acc, input_precision="ieee")
+            g1, g2, g3 = _bf16_parts(gt)
+            acc = _exact_dot(g1, x, acc, BF16_DOT)
+            acc = _exact_dot(g2, x, acc, BF16_DOT)
+            acc = _exact_dot(g3, x, acc, BF16_DOT)
         else:
             acc += tl.dot(gt, x.to(tl.float32), input_precision="ieee")
     out = part_ptr + split.to(tl.int64) * E * D + es[:, None] * D + cols[None, :]

@@ -28,27 +28,14 @@ def router_logits_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class _RouterLogits(torch.autograd.Function):
+    """(logits, a view of x); the backward adds the view's gradient (x's other consumers) into
+    the router's dx kernel. ``router_logits`` ignores the view (its gradient is then None)."""
+
     @staticmethod
     def forward(ctx, x, w):
         from .router_logits_triton import router_logits_fwd_triton
 
-        ctx.save_for_backward(x, w)
-        return router_logits_fwd_triton(x, w)
-
-    @staticmethod
-    def backward(ctx, g):
-        from .router_logits_triton import router_logits_bwd_triton
-
-        x, w = ctx.saved_tensors
-        dx, dw = router_logits_bwd_triton(g, x, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, (dw.to(w.dtype) if dw is not None else None)
-
-
-class _RouterLogitsTap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w):
-        from .router_logits_triton import router_logits_fwd_triton
-
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         ctx.save_for_backward(x, w)
         return router_logits_fwd_triton(x, w), x.view_as(x)
 
@@ -80,13 +67,14 @@ def router_logits_tap(x: torch.Tensor, w: torch.Tensor, impl: str = "torch"):
     path; on the Triton path a view of x whose gradient the router's backward adds into its dx."""
     if _resolve(impl, x) == "torch":
         return router_logits_ref(x, w), x
-    if not x.requires_grad:  # no dx to fuse; and x's other consumers need no gradient path
-        return _RouterLogits.apply(x, w.float()), x
-    return _RouterLogitsTap.apply(x, w.float())
+    logits, x_tap = _RouterLogits.apply(x, w.float())
+    # without a gradient of x, x's other consumers get x itself (the view would require grad
+    # through w and give them a gradient path for nothing)
+    return logits, (x_tap if x.requires_grad else x)
 
 
 def router_logits(x: torch.Tensor, w: torch.Tensor, impl: str = "torch") -> torch.Tensor:
     """(N, E) fp32 logits of x (N, D) and w (E, D) fp32 (see the module docstring)."""
     if _resolve(impl, x) == "torch":
         return router_logits_ref(x, w)
-    return _RouterLogits.apply(x, w.float())
+    return _RouterLogits.apply(x, w.float())[0]

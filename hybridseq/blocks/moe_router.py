@@ -157,9 +157,6 @@ class Router(nn.Module):
             logits = logits + self.bias_override.to(logits)
         return logits, x_tap
 
-    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits_and_input(x)[0]
-
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits, x_tap = self.logits_and_input(x)
         k = self.top_k

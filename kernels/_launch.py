@@ -79,12 +79,16 @@ def launch(kernel, grid, args, constexprs, **options):
     if hit is not None:
         ck, tail = hit
         try:
+            from triton import knobs
             from triton.runtime.driver import driver
 
             stream = driver.active.get_current_stream(key[-1])
             g = tuple(grid) + (1, 1)
-            ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata,
-                   _launch_metadata(ck, grid, stream, args, tail), *_hooks(), *args, *tail)
+            # Triton's launch hooks (profilers such as proton set them) and their metadata
+            enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+            meta = ck.launch_metadata(grid, stream, *args, *tail) if enter is not None else None
+            ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, meta, enter, leave,
+                   *args, *tail)
             return
         except (AttributeError, TypeError):  # this Triton's compiled kernels differ: stop
             _state["direct"] = False
@@ -98,17 +102,3 @@ def launch(kernel, grid, args, constexprs, **options):
         cache.clear()
     cache[key] = (ck, _constexpr_order(kernel, constexprs))
 
-
-def _hooks():
-    """Triton's launch enter / exit hooks (profilers such as proton set them)."""
-    from triton import knobs
-
-    return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-
-
-def _launch_metadata(ck, grid, stream, args, tail):
-    from triton import knobs
-
-    if knobs.runtime.launch_enter_hook is None:
-        return None
-    return ck.launch_metadata(grid, stream, *args, *tail)

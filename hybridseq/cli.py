@@ -246,14 +246,19 @@ def cmd_bench(argv: list[str]) -> int:
     module.add_arguments(parser)
     if not any("--json" in a.option_strings for a in parser._actions):
         parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    from .bench.common import add_timing_argument, set_timing
+
+    add_timing_argument(parser)
     args = parser.parse_args(argv[1:])
+    set_timing(args.timing)
     rows = module.run(args)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        from .bench.common import format_table
+        from .bench.common import format_table, timing_note
 
         print(format_table(rows))
+        print(timing_note())
     return 0
 
 

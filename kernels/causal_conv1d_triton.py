@@ -18,8 +18,8 @@ from (initial_state, x) with PyTorch ops, so autograd differentiates it without 
 
 Tiles are (rows of time) x (channels); channels are the contiguous axis, so every load is a
 coalesced row. The w shifted loads of one tile overlap and are served by L1/L2. Measured on an
-H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU): forward 0.104 ms kernel time, the same as a
-device copy of the same bytes in that run (0.106 ms; 0.0907 in a later run, the kernel 0.1035).
+H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU, CUDA graphs): forward 0.0986 ms, a device copy of
+the same bytes 0.0909 (see ``_conv_fwd_kernel`` for what took it from 0.1036).
 An unmasked interior-tile path was tried and measured 5% slower (see ``_conv_fwd_kernel``); the
 forward tile can be pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS (``hybridseq bench conv --sweep``
 times candidates; none beat the autotuned default on the H100, 2026-11-22).
@@ -89,34 +89,55 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
                      sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, syb, syl, syd,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                      SILU: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
-                     EVEN_D: tl.constexpr):
+                     EVEN_D: tl.constexpr, EVEN_L: tl.constexpr):
     """y rows [pid_l*BL, +BL) x channels [pid_d*BD, +BD) of batch pid_b: one load per tap.
 
-    Every tile takes the masked path. (An unmasked interior-tile path with 32-bit in-tile
-    offsets, EVEN_D, measured 5% slower on an H100: 0.1104 against 0.1050 ms in one run,
-    2026-11-22, B8 D4096 L2048 W4 bf16 + SiLU, so it was taken out; EVEN_D is kept in the
-    signature for the launcher and is unused. The SiLU through the approximate ex2/rcp PTX of
-    _silu_grad instead of tl.exp and a division measured 10% slower: 0.114 against 0.104 ms,
-    three alternating rounds, H100, 2026-11-22.)"""
+    EVEN_D (BD divides D): no channel mask. EVEN_L (BL divides L): every row of every tile is
+    inside [0, L), so the loads test only the causal lower edge and the store no row. The
+    output goes out with evict_first (streamed, not re-read), and the SiLU is
+    acc / (1 + 2^(-acc log2 e)) with the approximate division (div.full.f32, 2 ulp).
+    Measured on an H100 (2026-11-22, B8 D4096 L2048 W4 bf16 + SiLU, CUDA graphs, three
+    alternating rounds): these together 0.0986 ms against 0.1036 for the previous kernel (IEEE
+    division, all masks), a copy of the same bytes 0.0909; the lower-edge-only row mask alone
+    was worth about 2%, the division about 2.5%. (An unmasked interior-tile branch measured 5%
+    slower in an earlier run; the SiLU through inline-PTX ex2/rcp 10% slower.)"""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     t = pid_l * BL + tl.arange(0, BL)
     c = pid_d * BD + tl.arange(0, BD)
-    cmask = c < D
+    if EVEN_D:
+        cmask = tl.full((BD,), 1, tl.int1)
+    else:
+        cmask = c < D
     x_base = x_ptr + pid_b * sxb
     s_base = s_ptr + pid_b * ssb
     acc = tl.zeros((BL, BD), dtype=tl.float32)
     for k in tl.static_range(W):
         wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
-        xv = _load_xc(x_base, s_base, t + k, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        ix = t + (k - (W - 1))
+        if EVEN_L:
+            mx = ix >= 0
+        else:
+            mx = (ix >= 0) & (ix < L)
+        xv = tl.load(x_base + ix.to(tl.int64)[:, None] * sxl + c[None, :] * sxd,
+                     mask=mx[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if HAS_STATE:
+            i = t + k
+            ms = i < W - 1
+            xv += tl.load(s_base + i[:, None] * ssl + c[None, :] * ssd,
+                          mask=ms[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += xv * wk[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))
+        acc = tl.fdiv(acc, 1.0 + tl.exp2(acc * -1.4426950408889634), ieee_rounding=False)
     y_ptrs = y_ptr + pid_b * syb + t.to(tl.int64)[:, None] * syl + c[None, :] * syd
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
+    if EVEN_L:
+        ymask = tl.full((BL, 1), 1, tl.int1) & cmask[None, :]
+    else:
+        ymask = (t < L)[:, None] & cmask[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -390,8 +411,9 @@ BWD_CONFIGS = [
     for bl, bd, nw, gather in ((16, 64, 4, 0), (8, 128, 4, 0), (32, 32, 4, 1), (16, 64, 8, 1),
                                (16, 64, 4, 1))
 ]
-# EVEN_D (BD divides D: no channel masks) follows from each config's BD
-_conv_fwd_heur = triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BD"] == 0})(_conv_fwd_kernel)
+# EVEN_D / EVEN_L (BD divides D / BL divides L: fewer masks) follow from each config's tile
+_conv_fwd_heur = triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BD"] == 0,
+                                    "EVEN_L": lambda a: a["L"] % a["BL"] == 0})(_conv_fwd_kernel)
 _conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_fwd_heur)
 _conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
@@ -474,7 +496,7 @@ def _launch_fwd(x, weight, bias, state, silu):
     if FWD_PIN is not None and key not in _TUNED:
         _TUNED[key] = ({"BL": FWD_PIN[0], "BD": FWD_PIN[1]}, FWD_PIN[2])
     _launch(_conv_fwd_kernel, _conv_fwd_tuned, grid_fn, args, consts, key,
-            heur=lambda meta: {"EVEN_D": d % meta["BD"] == 0})
+            heur=lambda meta: {"EVEN_D": d % meta["BD"] == 0, "EVEN_L": l % meta["BL"] == 0})
     return y
 
 

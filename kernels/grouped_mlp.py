@@ -20,11 +20,21 @@ multiples of 8 in bf16) or one ``torch.mm`` per group (``gemm="loop"``: cuBLAS o
 dtype, written in place into the output rows; it reads the counts on the host: one
 synchronisation per forward, none in the backward).
 
-Operand layouts (``layout`` = "FWD.DGRAD", each ``n`` or ``k``): torch._grouped_mm picks a CUTLASS
-kernel per operand layout (row- or column-major B). ``n``: B passed N-contiguous (row-major),
-``k``: K-contiguous (column-major). The weights are stored (G, K, N) contiguous, so the forward
-naturally sees ``n`` and the dgrad (w^T, a transposed view) ``k``: "n.k" costs no copy. Any other
-choice makes one transposed copy of the weight for that GEMM per call (counted in the timings).
+Operand layouts (``layout`` = "auto" or "FWD.DGRAD", each ``n`` or ``k``): torch._grouped_mm
+picks a CUTLASS kernel per operand layout (row- or column-major B). ``n``: B passed N-contiguous
+(row-major), ``k``: K-contiguous (column-major). ``auto`` (default) takes each weight as it is
+stored: a (G, K, N) contiguous weight gives the forward ``n`` and the dgrad (w^T, a transposed
+view) ``k``; a weight stored K-contiguous (a (G, N, K) tensor viewed transposed) gives the forward
+``k`` and the dgrad ``n``; no copy either way, and its wgrad is computed transposed (dh^T x) so
+that the gradient comes out with the weight's strides (autograd would otherwise copy it into
+them). The MoE layer keeps its weights contiguous (DeepSpeed's ZeRO flattens and broadcasts
+parameters as contiguous buffers; a K-contiguous ``w_in`` failed there), so it runs "n.k".
+An explicit "FWD.DGRAD" makes one transposed copy of a weight for each GEMM that needs the other
+layout (counted in the timings). Measured on an H100
+(2026-11-22, bf16, 8 groups of 4096 rows, ``bench moe --gemm-layouts``): the forward gate|up GEMM
+(32768, 2048) x (8, 2048, 11264) takes 2.186 ms with ``k`` against 2.259 with ``n``; its dgrad
+2.083 with ``n`` against 2.099 with ``k``; the down projection's GEMMs take the same time either
+way (a K-contiguous w_in would save about 0.09 ms of a 11.8 ms MoE fwd+bwd).
 The wgrad operands stay as they are (a = x^T view, column-major; b = dh row-major): the only
 2D x 2D layout whose per-group row counts need no 16-byte alignment (torch asserts otherwise).
 """
@@ -36,16 +46,33 @@ import torch
 
 from .swiglu import swiglu_bwd, swiglu_fwd
 
-LAYOUTS = ("n.k", "k.k", "n.n", "k.n")
-DEFAULT_LAYOUT = "n.k"
+LAYOUTS = ("auto", "n.k", "k.k", "n.n", "k.n")
+DEFAULT_LAYOUT = "auto"
 GEMMS = ("torch", "loop")
 
 
-def parse_layout(layout: str) -> tuple[str, str]:
+def parse_layout(layout: str) -> tuple[str, str] | None:
+    """("FWD", "DGRAD") codes of an explicit layout; None for "auto" (see ``layout_codes``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"grouped_mlp layout must be one of {'|'.join(LAYOUTS)}, got {layout!r}")
+    if layout == "auto":
+        return None
     fwd, dgrad = layout.split(".")
     return fwd, dgrad
+
+
+def k_major(w: torch.Tensor) -> bool:
+    """Whether a (G, K, N) weight is stored K-contiguous (a transposed view of (G, N, K))."""
+    return w.stride(-2) == 1 and w.stride(-1) != 1
+
+
+def layout_codes(layout: str, w: torch.Tensor) -> tuple[str, str]:
+    """(forward, dgrad) operand codes for weight ``w`` under ``layout``: "auto" takes the stored
+    layout for both (no copy), else the explicit codes."""
+    codes = parse_layout(layout)
+    if codes is not None:
+        return codes
+    return ("k", "n") if k_major(w) else ("n", "k")
 
 
 def as_layout(b: torch.Tensor, code: str) -> torch.Tensor:
@@ -111,16 +138,23 @@ def _act_bwd(h, da, activation, act_impl):
     return (da.to(x.dtype) * (cdf + x * pdf)).to(h.dtype)
 
 
+def _wgrad_like(w, a, g, offs, host):
+    """The gradient of weight ``w`` (G, K, N) for rows a (M, K) and g (M, N), with w's strides:
+    a^T g per group, or (g^T a)^T when w is stored K-contiguous."""
+    if k_major(w):
+        return gmm_wgrad(g.t(), a, offs, host).transpose(-2, -1)
+    return gmm_wgrad(a.t(), g, offs, host)
+
+
 class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_in, w_out, counts, activation, act_impl, layout, gemm):
-        fwd_l, _ = parse_layout(layout)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         host = counts.tolist() if gemm == "loop" else None
         x = _rows(x)
-        h = gmm(x, as_layout(w_in, fwd_l), offs, host)
+        h = gmm(x, as_layout(w_in, layout_codes(layout, w_in)[0]), offs, host)
         a = _act_fwd(h, activation, act_impl)
-        y = gmm(a, as_layout(w_out, fwd_l), offs, host)
+        y = gmm(a, as_layout(w_out, layout_codes(layout, w_out)[0]), offs, host)
         ctx.save_for_backward(x, w_in, w_out, h, a, offs)
         ctx.cfg = (activation, act_impl, layout, host)
         return y
@@ -129,15 +163,15 @@ class _GroupedMLP(torch.autograd.Function):
     def backward(ctx, dy):
         x, w_in, w_out, h, a, offs = ctx.saved_tensors
         activation, act_impl, layout, host = ctx.cfg
-        _, dgrad_l = parse_layout(layout)
         need_x, need_win, need_wout = ctx.needs_input_grad[:3]
         dy = _rows(dy)
-        da = gmm(dy, as_layout(w_out.transpose(-2, -1), dgrad_l), offs, host)
+        da = gmm(dy, as_layout(w_out.transpose(-2, -1), layout_codes(layout, w_out)[1]), offs, host)
         dh = _act_bwd(h, da, activation, act_impl)
         del da
-        g_wout = gmm_wgrad(a.t(), dy, offs, host) if need_wout else None
-        g_x = gmm(dh, as_layout(w_in.transpose(-2, -1), dgrad_l), offs, host) if need_x else None
-        g_win = gmm_wgrad(x.t(), dh, offs, host) if need_win else None
+        g_wout = _wgrad_like(w_out, a, dy, offs, host) if need_wout else None
+        g_x = (gmm(dh, as_layout(w_in.transpose(-2, -1), layout_codes(layout, w_in)[1]), offs, host)
+               if need_x else None)
+        g_win = _wgrad_like(w_in, x, dh, offs, host) if need_win else None
         return g_x, g_win, g_wout, None, None, None, None, None
 
 

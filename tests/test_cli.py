@@ -1,5 +1,6 @@
 """The command line: show, doctor, bench/plugin dispatch, error paths (exit 2, one line, no
 traceback), and a tiny train + generate + Ctrl-C through real subprocesses."""
+import importlib
 import json
 import os
 import signal
@@ -233,3 +234,24 @@ def test_train_and_generate_on_bytes_of_a_text_file(tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "hello ", "--max-new-tokens", "5"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("hello ") and len(text.rstrip("\n")) >= len("hello ")
+
+
+def test_bench_timing_option(monkeypatch, capsys):
+    """Every bench takes --timing pipelined|sync; a bad value is a usage error naming the option;
+    the table's footer says which method timed it."""
+    from hybridseq.bench import common
+
+    seen = []
+    monkeypatch.setattr(common, "_TIMING", {"mode": "pipelined"})
+    module = importlib.import_module("hybridseq.bench.scan")
+    monkeypatch.setattr(module, "run", lambda args: seen.append(args.timing) or [{"x": 1}])
+    assert main(["bench", "scan", "--timing", "sync"]) == 0
+    assert seen == ["sync"] and common.timing() == "sync"
+    assert "timing: sync" in capsys.readouterr().out
+    assert main(["bench", "scan"]) == 0
+    assert seen[-1] == "pipelined" and "timing: pipelined" in capsys.readouterr().out
+    rc = main(["bench", "scan", "--timing", "bogus"])
+    assert_user_error(rc, capsys.readouterr().err)
+    with pytest.raises(ValueError, match="timing"):
+        common.set_timing("bogus")
+

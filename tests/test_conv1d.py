@@ -146,6 +146,11 @@ CASES = [
     # dim a multiple of the tile (the forward's unmasked EVEN_D path) and interior tiles
     (67, 4, True, True, False, True, 64),
     (50, 3, False, False, True, False, 32),
+    # seqlen a multiple of the interpreter's tile (32 rows: the forward's EVEN_L path, rows masked
+    # only at the causal edge), with and without a state, channels even and not
+    (64, 4, True, True, True, True, 32),
+    (32, 2, False, True, False, False, 40),
+    (96, 3, True, True, True, False, 64),
 ]
 
 

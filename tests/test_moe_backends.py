@@ -313,24 +313,32 @@ def _mlp_ref(x, counts, w_in, w_out, activation):
     return grouped_mm_ref(h, w_out, counts)
 
 
-def _mlp_case(dtype, activation="swiglu", counts=(3, 0, 5, 1), d=8, f=16, n_out=8):
+def _mlp_case(dtype, activation="swiglu", counts=(3, 0, 5, 1), d=8, f=16, n_out=8, k_major=False):
+    """k_major: both weights stored K-contiguous (transposed views), as the MoE layer stores w_in."""
     torch.manual_seed(0)
     counts = torch.tensor(counts)
     m, e = int(counts.sum()), counts.numel()
     n_in = 2 if activation == "swiglu" else 1
     x = torch.randn(m, d, dtype=dtype, requires_grad=True)
-    w_in = torch.randn(e, d, n_in * f, dtype=dtype, requires_grad=True)
-    w_out = torch.randn(e, f, n_out, dtype=dtype, requires_grad=True)
+    if k_major:
+        w_in = torch.randn(e, n_in * f, d, dtype=dtype).transpose(1, 2).requires_grad_(True)
+        w_out = torch.randn(e, n_out, f, dtype=dtype).transpose(1, 2).requires_grad_(True)
+    else:
+        w_in = torch.randn(e, d, n_in * f, dtype=dtype, requires_grad=True)
+        w_out = torch.randn(e, f, n_out, dtype=dtype, requires_grad=True)
     gy = torch.randn(m, n_out, dtype=dtype)
     return counts, x, w_in, w_out, gy
 
 
+@pytest.mark.parametrize("k_major", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_grouped_mlp_matches_autograd_ref_fp64(layout, activation):
+def test_grouped_mlp_matches_autograd_ref_fp64(layout, activation, k_major):
     """The explicit backward (dgrad, wgrad, activation') against autograd through the reference,
-    with an empty group (its weight grads must be exactly 0)."""
-    counts, x, w_in, w_out, gy = _mlp_case(torch.float64, activation)
+    with an empty group (its weight grads must be exactly 0), for weights stored N- or
+    K-contiguous; the weight grads come back with their weight's strides."""
+    counts, x, w_in, w_out, gy = _mlp_case(torch.float64, activation, k_major=k_major)
+    assert (w_in.stride(-2) == 1) == k_major
     outs = []
     for fn in (lambda: grouped_mlp(x, counts, w_in, w_out, activation, act_impl="torch", layout=layout,
                                    gemm="loop"),
@@ -340,10 +348,11 @@ def test_grouped_mlp_matches_autograd_ref_fp64(layout, activation):
     for u, v in zip(*outs):
         assert torch.allclose(u, v, atol=1e-10, rtol=1e-10), (u - v).abs().max()
     assert (outs[0][2][1] == 0).all() and (outs[0][3][1] == 0).all()
+    assert outs[0][2].stride() == w_in.stride() and outs[0][3].stride() == w_out.stride()
 
 
-@pytest.mark.parametrize("layout", ["n.k", "k.n"])
-def test_grouped_mlp_torch_gemms_and_triton_act_cpu(layout):
+@pytest.mark.parametrize("layout,k_major", [("n.k", False), ("k.n", False), ("auto", True)])
+def test_grouped_mlp_torch_gemms_and_triton_act_cpu(layout, k_major):
     """The real torch._grouped_mm calls (they run forward-only on CPU in fp32, which is all this
     op uses) with transposed operands, and the Triton SwiGLU (interpreter; on a CUDA machine the
     compiled kernels cannot take CPU tensors, so the torch twin)."""
@@ -351,7 +360,7 @@ def test_grouped_mlp_torch_gemms_and_triton_act_cpu(layout):
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm missing")
     act = "torch" if torch.cuda.is_available() else "triton"
-    counts, x, w_in, w_out, gy = _mlp_case(torch.float32, counts=(4, 0, 9, 3))
+    counts, x, w_in, w_out, gy = _mlp_case(torch.float32, counts=(4, 0, 9, 3), k_major=k_major)
     outs = []
     for fn in (lambda: grouped_mlp(x, counts, w_in, w_out, "swiglu", act_impl=act, layout=layout),
                lambda: _mlp_ref(x, counts, w_in, w_out, "swiglu")):
@@ -397,10 +406,13 @@ def test_fused_grouped_mlp_matches_loop_cuda_bf16(layout, act_impl, gemm):
 
 
 @requires_cuda
-def test_fused_grouped_mlp_empty_experts_cuda():
+@pytest.mark.parametrize("k_major", [False, True])
+def test_fused_grouped_mlp_empty_experts_cuda(k_major):
     """torch._grouped_mm with empty groups (CUTLASS, 2D x 2D wgrad with K = 0 for them): their
-    weight grads are exactly zero and the others match the fp32 reference."""
-    counts, x, w_in, w_out, gy = _mlp_case(torch.float32, counts=(0, 40, 0, 24, 0), d=64, f=96, n_out=64)
+    weight grads are exactly zero and the others match the fp32 reference, for weights stored N-
+    or K-contiguous (the wgrad then runs transposed); grads keep their weight's strides."""
+    counts, x, w_in, w_out, gy = _mlp_case(torch.float32, counts=(0, 40, 0, 24, 0), d=64, f=96, n_out=64,
+                                           k_major=k_major)
     cast = lambda t: t.detach().cuda().bfloat16().requires_grad_(True)  # noqa: E731
     xb, wib, wob = cast(x), cast(w_in), cast(w_out)
     y = grouped_mlp(xb, counts.cuda(), wib, wob, "swiglu")
@@ -412,6 +424,8 @@ def test_fused_grouped_mlp_empty_experts_cuda():
         assert (u.float() - v).abs().max().item() <= 0.02 * v.abs().max().item() + 1e-3
     for g in grads[1:]:
         assert (g[[0, 2, 4]] == 0).all()
+    assert grads[1].stride() == wib.stride() and grads[2].stride() == wob.stride()
+    assert (wib.stride(-2) == 1) == k_major
 
 
 @requires_cuda

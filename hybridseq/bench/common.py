@@ -17,26 +17,73 @@ def add_back_to_back_argument(parser, what: str = "timed call") -> None:
     """``--back-to-back R`` (``time_fn``'s ``back_to_back``), shared by the benches."""
     parser.add_argument("--back-to-back", type=int, default=1, metavar="R",
                         help=f"time each {what} as R calls in a row, per call (bench.common.time_fn): "
-                             "steady state, the host's launch latency hidden as in a training step "
-                             "of many layers; 1 (default): each call alone after a cache flush")
+                             "steady state, as in a training step of many layers; 1 (default): each "
+                             "call timed alone after a cache flush (see --timing)")
+
+
+TIMINGS = ("pipelined", "sync")
+# How ``time_fn`` times CUDA calls when its caller does not say (``--timing``; ``set_timing``).
+_TIMING = {"mode": "pipelined"}
+
+
+def add_timing_argument(parser) -> None:
+    """``--timing pipelined|sync`` (``time_fn``'s ``pipelined``), added to every bench by the CLI."""
+    if any("--timing" in a.option_strings for a in parser._actions):
+        return
+    parser.add_argument("--timing", choices=TIMINGS, default="pipelined",
+                        help="CUDA timing method (bench.common.time_fn). pipelined (default): "
+                             "triton.testing.do_bench's: events around each iteration, the cache "
+                             "flushed before it, no host synchronisation between iterations, so the "
+                             "host queues the next iteration while the GPU runs this one. sync: a "
+                             "synchronisation after each iteration, so each call also pays the "
+                             "host's latency before its first kernel")
+
+
+def set_timing(mode: str) -> None:
+    """The method ``time_fn`` uses when called without ``pipelined`` (one of ``TIMINGS``)."""
+    if mode not in TIMINGS:
+        raise ValueError(f"timing must be one of {'|'.join(TIMINGS)}, got {mode!r}")
+    _TIMING["mode"] = mode
+
+
+def timing() -> str:
+    return _TIMING["mode"]
+
+
+def timing_note() -> str:
+    """The line printed under a bench table: how its CUDA times were taken."""
+    if timing() == "pipelined":
+        return ("timing: pipelined (CUDA events per iteration, cache flushed before each, no host "
+                "sync between iterations, as triton.testing.do_bench; --timing sync for each call "
+                "alone)")
+    return "timing: sync (CUDA events, a host synchronisation after every iteration)"
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, device=None,
-            back_to_back: int = 1) -> dict:
-    """Median/min wall time of ``fn()`` in milliseconds. CUDA: CUDA events per iteration and a
-    cache-flushing buffer between iterations; CPU: perf_counter.
+            back_to_back: int = 1, pipelined: bool | None = None) -> dict:
+    """Median/min wall time of ``fn()`` in milliseconds. CUDA: CUDA events around each
+    iteration and a cache-flushing buffer zeroed before it; CPU: perf_counter.
+
+    ``pipelined`` (None: the ``--timing`` choice, ``set_timing``; default True) is the method of
+    triton.testing.do_bench: no host synchronisation between iterations, so while the GPU runs
+    one iteration the host queues the next, and a call's time is its GPU time plus any idle gap
+    the host leaves inside it (a host-bound call still shows it). False: a synchronisation after
+    every iteration, so each sample also counts the host's latency before the call's first
+    kernel (the GPU sits idle while Python dispatches it).
 
     ``back_to_back`` = R > 1: each timed sample runs ``fn()`` R times in a row (the cache flushed
     once before them) and reports the time per call: steady-state throughput, where the host
-    queues the next call's kernels while the GPU runs this one's (as in a training step), so the
-    host's launch latency before a call's first large kernel is not counted. R = 1 counts it."""
+    queues the next call's kernels while the GPU runs this one's (as in a training step)."""
     back_to_back = max(1, int(back_to_back or 1))
+    if pipelined is None:
+        pipelined = _TIMING["mode"] == "pipelined"
     cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     for _ in range(warmup):
         fn()
     times = []
     if cuda:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        events = []
         torch.cuda.synchronize()
         for _ in range(iters):
             flush.zero_()
@@ -45,15 +92,19 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, devic
             for _ in range(back_to_back):
                 fn()
             end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / back_to_back)
+            events.append((start, end))
+            if not pipelined:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) / back_to_back for start, end in events]
     else:
         for _ in range(iters):
             t0 = time.perf_counter()
             for _ in range(back_to_back):
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / back_to_back)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters,
+            "timing": ("pipelined" if pipelined else "sync") if cuda else "host"}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
@@ -88,6 +139,10 @@ def script_main(add_arguments, run, doc: str | None, argv=None) -> None:
     add_arguments(parser)
     if not any("--json" in a.option_strings for a in parser._actions):
         parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_timing_argument(parser)
     args = parser.parse_args(argv)
+    set_timing(args.timing)
     rows = run(args)
     print(json.dumps(rows, indent=2, default=str) if args.json else format_table(rows))
+    if not args.json:
+        print(timing_note())

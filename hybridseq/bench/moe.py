@@ -340,7 +340,8 @@ def _gemm_layout_rows(args, dtype, device, d, f, e, k) -> list[dict]:
                         device=device)["median_ms"]
             rows.append({"what": f"gemm {name} {tuple(lhs.shape)}x{tuple(b.shape)} B={code}", "fwd_ms": t,
                          "tflops": fl / t / 1e9})
-    for name, lhs_t, g in (("wgrad in", x.t(), h), ("wgrad out", a.t(), dy)):
+    for name, lhs_t, g in (("wgrad in", x.t(), h), ("wgrad in^T (K-major w_in)", h.t(), x),
+                           ("wgrad out", a.t(), dy)):
         fl = 2 * m * lhs_t.shape[0] * g.shape[-1]
         t = time_fn(lambda: torch._grouped_mm(lhs_t, g, offs=offs), warmup=args.warmup, iters=args.iters,
                     device=device)["median_ms"]

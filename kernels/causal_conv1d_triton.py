@@ -63,6 +63,9 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# The forward computes in-batch offsets in int32 while they stay below this (tests lower it to run
+# the int64 path at small sizes).
+I32_LIMIT = 2 ** 31
 # Rows of time reduced by one backward program (dweight/dbias partials are per chunk). A multiple
 # of every BL below. Tests lower it to exercise several chunks at small sizes.
 BWD_CHUNK_ROWS = 256
@@ -89,11 +92,13 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
                      sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, syb, syl, syd,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                      SILU: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
-                     EVEN_D: tl.constexpr, EVEN_L: tl.constexpr):
+                     EVEN_D: tl.constexpr, EVEN_L: tl.constexpr, I32: tl.constexpr):
     """y rows [pid_l*BL, +BL) x channels [pid_d*BD, +BD) of batch pid_b: one load per tap.
 
     EVEN_D (BD divides D): no channel mask. EVEN_L (BL divides L): every row of every tile is
-    inside [0, L), so the loads test only the causal lower edge and the store no row. The
+    inside [0, L), so the loads test only the causal lower edge and the store no row. I32: the
+    offsets inside one batch row fit in int32 (the launcher checks), so they are computed in
+    32 bits (0.0996 against 0.1020 ms in one H100 run, equal in another). The
     output goes out with evict_first (streamed, not re-read), and the SiLU is
     acc / (1 + 2^(-acc log2 e)) with the approximate division (div.full.f32, 2 ulp).
     Measured on an H100 (2026-11-22, B8 D4096 L2048 W4 bf16 + SiLU, CUDA graphs, three
@@ -120,7 +125,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
             mx = ix >= 0
         else:
             mx = (ix >= 0) & (ix < L)
-        xv = tl.load(x_base + ix.to(tl.int64)[:, None] * sxl + c[None, :] * sxd,
+        if I32:
+            rows = ix
+        else:
+            rows = ix.to(tl.int64)
+        xv = tl.load(x_base + rows[:, None] * sxl + c[None, :] * sxd,
                      mask=mx[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         if HAS_STATE:
             i = t + k
@@ -132,7 +141,10 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
         acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SILU:
         acc = tl.fdiv(acc, 1.0 + tl.exp2(acc * -1.4426950408889634), ieee_rounding=False)
-    y_ptrs = y_ptr + pid_b * syb + t.to(tl.int64)[:, None] * syl + c[None, :] * syd
+    if I32:
+        y_ptrs = y_ptr + pid_b * syb + t[:, None] * syl + c[None, :] * syd
+    else:
+        y_ptrs = y_ptr + pid_b * syb + t.to(tl.int64)[:, None] * syl + c[None, :] * syd
     if EVEN_L:
         ymask = tl.full((BL, 1), 1, tl.int1) & cmask[None, :]
     else:
@@ -487,7 +499,11 @@ def _launch_fwd(x, weight, bias, state, silu):
     args = (x, weight, bias if bias is not None else weight, s, y, l, d,
             *x.stride(), *weight.stride(),
             *(state.stride() if state is not None else (0, 0, 0)), *y.stride())
-    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu)
+    # I32: every in-batch offset the kernel forms (rows up to l + BL, channels up to d + BD) fits
+    # in int32 for x and y (the state's offsets are tiny)
+    reach = lambda t: (l + 256) * abs(t.stride(1)) + (d + 1024) * abs(t.stride(2))  # noqa: E731
+    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu,
+                  I32=max(reach(x), reach(y)) < I32_LIMIT)
     grid_fn = lambda META: (triton.cdiv(l, META["BL"]), triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
         _conv_fwd_heur[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from hybridseq import cli
 from hybridseq.cli import main
@@ -245,11 +246,15 @@ def test_bench_timing_option(monkeypatch, capsys):
     monkeypatch.setattr(common, "_TIMING", {"mode": "pipelined"})
     module = importlib.import_module("hybridseq.bench.scan")
     monkeypatch.setattr(module, "run", lambda args: seen.append(args.timing) or [{"x": 1}])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the footer names the method
     assert main(["bench", "scan", "--timing", "sync"]) == 0
     assert seen == ["sync"] and common.timing() == "sync"
     assert "timing: sync" in capsys.readouterr().out
     assert main(["bench", "scan"]) == 0
     assert seen[-1] == "pipelined" and "timing: pipelined" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "scan", "--timing", "sync"]) == 0
+    assert "timing: host wall clock" in capsys.readouterr().out
     rc = main(["bench", "scan", "--timing", "bogus"])
     assert_user_error(rc, capsys.readouterr().err)
     with pytest.raises(ValueError, match="timing"):

@@ -51,7 +51,9 @@ def timing() -> str:
 
 
 def timing_note() -> str:
-    """The line printed under a bench table: how its CUDA times were taken."""
+    """The line printed under a bench table: how its times were taken."""
+    if not torch.cuda.is_available():
+        return "timing: host wall clock per iteration (perf_counter; no CUDA device)"
     if timing() == "pipelined":
         return ("timing: pipelined (CUDA events per iteration, cache flushed before each, no host "
                 "sync between iterations, as triton.testing.do_bench; --timing sync for each call "

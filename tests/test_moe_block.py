@@ -160,28 +160,36 @@ def test_ep_without_process_group_is_a_config_error():
         MoEBlock(16, {"n_experts": 4, "top_k": 2, "ep_size": 2})
 
 
-def test_bench_moe_rows_and_variants_cpu():
-    """`hybridseq bench moe` at toy sizes on CPU: dense anchors before and after, ratios against
-    their mean, variant rows labelled, a fused-only variant reported as an error row (not raised)."""
+def test_bench_moe_rows_and_variants_cpu(monkeypatch):
+    """`hybridseq bench moe` at toy sizes on CPU: variant rows labelled, a fused-only variant
+    reported as an error row (not raised); each MoE row's ratio is taken against the dense
+    timings just before and after it (default), or against the mean of the first and last dense
+    timings of the run (--no-bracket). The dense fwd+bwd timer is replaced by a counter (1, 2, ...
+    ms in call order), so the expected ratios are exact."""
     import argparse
+    import itertools
 
     from hybridseq.bench import moe as bench
 
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--device", "cpu", "--dtype", "fp32", "--tokens", "16", "--d-model", "16",
-                              "--d-ff", "8", "--configs", "4x2", "--routings", "balanced", "--impls",
-                              "grouped", "--warmup", "0", "--iters", "1", "--variant-rows", "4x2:skewed",
-                              "--variants", "mlp=autograd,permute=torch; mlp=fused@4x2:balanced"])
-    rows = bench.run(args)
-    dense = [r for r in rows if r["what"].startswith("dense swiglu")]
-    assert len(dense) == 2 and all(r["fwd_bwd_ms"] > 0 for r in dense)
-    mean = sum(r["fwd_bwd_ms"] for r in dense) / 2
-    moe = [r for r in rows if r["what"].startswith("moe") and r.get("fwd_bwd_ms")]
-    assert [r["what"].endswith("[mlp=autograd,permute=torch]") for r in moe] == [False, True]
-    for r in moe:
-        assert r["vs_dense"] == pytest.approx(mean / r["fwd_bwd_ms"]) == r["vs_dense_torch"]
-    (err,) = [r for r in rows if r.get("error")]
-    assert "[mlp=fused]" in err["what"] and "fused" in err["error"]
+    argv = ["--device", "cpu", "--dtype", "fp32", "--tokens", "16", "--d-model", "16",
+            "--d-ff", "8", "--configs", "4x2", "--routings", "balanced", "--impls",
+            "grouped", "--warmup", "0", "--iters", "1", "--variant-rows", "4x2:skewed",
+            "--variants", "mlp=autograd,permute=torch; mlp=fused@4x2:balanced"]
+    for extra, want in (([], [1.5, 2.5]), (["--no-bracket"], [1.5, 1.5])):
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        args = parser.parse_args(argv + extra)
+        ticks = itertools.count(1)
+        monkeypatch.setattr(bench, "_dense_fwd_bwd_ms", lambda *a, **k: float(next(ticks)))
+        rows = bench.run(args)
+        dense = [r for r in rows if r["what"].startswith("dense swiglu")]
+        assert [r["fwd_bwd_ms"] for r in dense] == ([1.0, 4.0] if not extra else [1.0, 2.0])
+        moe = [r for r in rows if r["what"].startswith("moe") and r.get("fwd_bwd_ms")]
+        assert [r["what"].endswith("[mlp=autograd,permute=torch]") for r in moe] == [False, True]
+        for r, ref in zip(moe, want):
+            assert r["dense_ms"] == ref
+            assert r["vs_dense"] == pytest.approx(ref / r["fwd_bwd_ms"]) == r["vs_dense_torch"]
+        (err,) = [r for r in rows if r.get("error")]
+        assert "[mlp=fused]" in err["what"] and "fused" in err["error"]
     with pytest.raises(ValueError, match="bad item"):
         bench.parse_variant("layout")

@@ -13,8 +13,13 @@ matmul FLOPs (router + k experts; fwd+bwd = 3x fwd) and ``vs_dense``: dense fwd+
 fwd+bwd time, the dense layer being x -> silu(x W_g) * (x W_u) -> W_d with d_ff_dense = k * d_ff
 (gate and up fused in one GEMM). The dense layer is timed before and after all MoE rows, with
 each activation of ``--dense-acts`` (``torch``: F.silu(g) * u through autograd; ``fused``: the
-Triton SwiGLU of ``kernels.swiglu`` that the MoE experts use), and every ratio is taken against
-the mean of its two timings: ``vs_dense`` (first act) and ``vs_dense_<act>``. Forced routings keep
+Triton SwiGLU of ``kernels.swiglu`` that the MoE experts use; ``block``: the shipped ``mlp``
+block), and again (fwd+bwd) after every MoE row: each row's ratio is taken against the mean of
+the two dense timings that frame it (``dense_ms``, first act): ``vs_dense`` (first act) and
+``vs_dense_<act>``. An H100 under sustained GEMM load sits at its power cap and its SM clock
+falls from about 1.9 to 1.3-1.56 GHz, so a timing depends on what ran before it; the framing
+timings see the same state as the row. ``--no-bracket``: the mean of the first and last dense
+timings of the run instead (the method before 2026-11-22's fifth session). Forced routings keep
 the router's cost (its logits, softmax, losses) and replace only the chosen experts (weights =
 renormalised router probabilities).
 ``--variants`` times the grouped backend with other knobs (``mlp``/``act``/``layout``/``gemm``/
@@ -35,7 +40,7 @@ from hybridseq.blocks.moe import MoEBlock, megablocks_available
 from hybridseq.blocks.moe_router import RouterOutput
 from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
 
-COLUMNS = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "host_syncs"]
+COLUMNS = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "dense_ms", "host_syncs"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -72,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemm-layouts", action="store_true",
                         help="also time each expert GEMM of the first config alone per operand layout")
     add_back_to_back_argument(parser, "fwd+bwd (MoE and dense alike)")
+    parser.add_argument("--no-bracket", dest="bracket", action="store_false",
+                        help="compare each MoE row with the mean of the dense anchor's first and "
+                             "last timing of the run, instead of (default) with the mean of the "
+                             "dense fwd+bwd timed just before and just after that row: an H100 "
+                             "under sustained GEMM load sits at its power cap, its SM clock falls "
+                             "by up to a third, and a timing depends on what ran before it")
     parser.add_argument("--dense-acts", default="torch,fused",
                         help="dense anchors (see _dense_row): torch | fused | block | block_fused; "
                              "vs_dense uses the first, vs_dense_<act> each")
@@ -193,12 +204,13 @@ def _profile(fn, title, device) -> None:
 DENSE_ACTS = ("torch", "fused", "block", "block_fused")
 
 
-def _dense_row(args, x, gy, active_ff, label, act="torch"):
-    """The dense SwiGLU anchor. act: ``torch`` one fused gate|up GEMM, F.silu(g) * u (autograd);
-    ``fused`` the same GEMM, ``kernels.swiglu`` (Triton); ``block`` the shipped ``MLPBlock``
-    (since the fourth session the same math as ``fused``: one gate|up ``nn.Linear``);
-    ``block_fused`` the MLPBlock of the third session: separate gate and up GEMMs (on the two
-    halves of the block's weight) and ``kernels.swiglu.silu_mul`` (Triton)."""
+def _dense_fn(x, active_ff, act="torch"):
+    """(dense forward closure, its parameters) of the dense SwiGLU anchor. act: ``torch`` one
+    fused gate|up GEMM, F.silu(g) * u (autograd); ``fused`` the same GEMM, ``kernels.swiglu``
+    (Triton); ``block`` the shipped ``MLPBlock`` (since the fourth session the same math as
+    ``fused``: one gate|up ``nn.Linear``); ``block_fused`` the MLPBlock of the third session:
+    separate gate and up GEMMs (on the two halves of the block's weight) and
+    ``kernels.swiglu.silu_mul`` (Triton)."""
     from hybridseq.blocks.mlp import MLPBlock
     from hybridseq.kernels.swiglu import silu_mul, swiglu
 
@@ -227,9 +239,21 @@ def _dense_row(args, x, gy, active_ff, label, act="torch"):
             gate, up = (x @ w_in).chunk(2, -1)
             return (F.silu(gate) * up) @ w_out
 
-    t_f = time_fn(dense, warmup=args.warmup, iters=args.iters, device=x.device)["median_ms"]
-    t_b = time_fn(_fwd_bwd(dense, [x] + params, gy), warmup=args.warmup, iters=args.iters,
-                  device=x.device, back_to_back=getattr(args, "back_to_back", 1))["median_ms"]
+    return dense, params
+
+
+def _dense_fwd_bwd_ms(args, x, gy, fn_params) -> float:
+    dense, params = fn_params
+    return time_fn(_fwd_bwd(dense, [x] + params, gy), warmup=args.warmup, iters=args.iters,
+                   device=x.device, back_to_back=getattr(args, "back_to_back", 1))["median_ms"]
+
+
+def _dense_row(args, x, gy, active_ff, label, act="torch", fn_params=None):
+    """A row of the dense SwiGLU anchor (``_dense_fn``), forward and fwd+bwd."""
+    fn_params = fn_params or _dense_fn(x, active_ff, act)
+    t_f = time_fn(fn_params[0], warmup=args.warmup, iters=args.iters, device=x.device)["median_ms"]
+    t_b = _dense_fwd_bwd_ms(args, x, gy, fn_params)
+    d = x.shape[-1]
     flops = 3 * 2 * 3 * d * active_ff * x.shape[0]
     return {"what": f"dense swiglu d_ff={active_ff} act={act} ({label})", "fwd_ms": t_f, "fwd_bwd_ms": t_b,
             "tflops": flops / t_b / 1e9, "vs_dense": None, "dense_act": act}
@@ -267,8 +291,10 @@ def parse_variant(text: str) -> dict:
     return out
 
 
-def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="") -> list[dict]:
-    """Rows of one MoE configuration; ``vs_dense`` is filled in by ``run`` (mean dense anchor)."""
+def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="", bracket=None) -> list[dict]:
+    """Rows of one MoE configuration; ``vs_dense`` is filled in by ``run``. ``bracket``: called
+    right after each row's fwd+bwd timing, returns the dense anchors' (before, after) times that
+    frame it (kept in the row as ``_bracket``)."""
     device, dtype = x.device, x.dtype
     n, d = x.shape
     spec = {"n_experts": e, "top_k": k, "d_ff": f}
@@ -310,9 +336,12 @@ def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="") ->
                           back_to_back=getattr(args, "back_to_back", 1))["median_ms"]
             if profile and routing == routings[0]:
                 _profile(both, f"moe {e}x{k} {impl} {routing}", device)
-            rows.append({"what": what + label, "impl": impl, "fwd_ms": t_f, "fwd_bwd_ms": t_b,
-                         "host_syncs": count_host_syncs(both, device),
-                         "tflops": 3 * fwd_flops / t_b / 1e9})
+            row = {"what": what + label, "impl": impl, "fwd_ms": t_f, "fwd_bwd_ms": t_b,
+                   "tflops": 3 * fwd_flops / t_b / 1e9}
+            if bracket is not None:
+                row["_bracket"] = bracket()
+            row["host_syncs"] = count_host_syncs(both, device)
+            rows.append(row)
         except Exception as exc:  # keep the other rows: report the failure in the table
             rows.append({"what": what + label, "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:160]})
     return rows
@@ -395,12 +424,26 @@ def run(args) -> list[dict]:
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     gy = torch.randn(n, d, device=device, dtype=dtype)
 
-    # dense anchors (SwiGLU, d_ff = k * d_ff_expert), timed before and after the MoE rows
+    # dense anchors (SwiGLU, d_ff = k * d_ff_expert), timed before and after the MoE rows and,
+    # unless --no-bracket, again after each MoE row (fwd+bwd only): each row is compared with the
+    # dense timings that frame it
     rows = _StreamRows(getattr(args, "jsonl", ""))
-    rows += [_dense_row(args, x, gy, active_ff, "anchor, first", act) for act in dense_acts]
+    dense_fns = {act: _dense_fn(x, active_ff, act) for act in dense_acts}
+    rows += [_dense_row(args, x, gy, active_ff, "anchor, first", act, dense_fns[act])
+             for act in dense_acts]
+    last = {act: rows[i]["fwd_bwd_ms"] for i, act in enumerate(dense_acts)}
+
+    def bracket():
+        now = {act: _dense_fwd_bwd_ms(args, x, gy, dense_fns[act]) for act in dense_acts}
+        pair = {act: (last[act], now[act]) for act in dense_acts}
+        last.update(now)
+        return pair
+
+    br = bracket if getattr(args, "bracket", True) else None
     for e, k in configs:
         for impl in impls:
-            rows += _moe_rows(args, x, gy, e, k, active_ff // k, impl, args.profile and impl == impls[0])
+            rows += _moe_rows(args, x, gy, e, k, active_ff // k, impl, args.profile and impl == impls[0],
+                              bracket=br)
     for spec_text in variants:
         variant, _, own_rows = spec_text.partition("@")
         variant = variant.strip()
@@ -408,15 +451,19 @@ def run(args) -> list[dict]:
             cfg, _, routing = item.partition(":")
             e, k = (int(v) for v in cfg.lower().split("x"))
             rows += _moe_rows(args, x, gy, e, k, active_ff // k, "grouped", False,
-                              routings=[routing or "balanced"], variant=variant)
-    rows += [_dense_row(args, x, gy, active_ff, "anchor, again at the end", act) for act in dense_acts]
+                              routings=[routing or "balanced"], variant=variant, bracket=br)
+    rows += [_dense_row(args, x, gy, active_ff, "anchor, again at the end", act, dense_fns[act])
+             for act in dense_acts]
     dense = {act: [r["fwd_bwd_ms"] for r in rows if r.get("dense_act") == act] for act in dense_acts}
     mean = {act: sum(ts) / len(ts) for act, ts in dense.items()}
     for r in rows:
         if r.get("fwd_bwd_ms") and "dense_act" not in r:
-            r["vs_dense"] = mean[dense_acts[0]] / r["fwd_bwd_ms"]
+            pair = r.get("_bracket")
+            ref = {act: (sum(pair[act]) / 2 if pair else mean[act]) for act in dense_acts}
+            r["dense_ms"] = ref[dense_acts[0]]
+            r["vs_dense"] = ref[dense_acts[0]] / r["fwd_bwd_ms"]
             for act in dense_acts:
-                r[f"vs_dense_{act}"] = mean[act] / r["fwd_bwd_ms"]
+                r[f"vs_dense_{act}"] = ref[act] / r["fwd_bwd_ms"]
     for act in dense_acts:
         rows.append({"what": f"dense anchor act={act}: mean of {len(dense[act])} (first, last)",
                      "fwd_bwd_ms": mean[act]})

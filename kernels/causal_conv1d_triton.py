@@ -423,9 +423,10 @@ BWD_CONFIGS = [
     for bl, bd, nw, gather in ((16, 64, 4, 0), (8, 128, 4, 0), (32, 32, 4, 1), (16, 64, 8, 1),
                                (16, 64, 4, 1))
 ]
-# EVEN_D / EVEN_L (BD divides D / BL divides L: fewer masks) follow from each config's tile
-_conv_fwd_heur = triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BD"] == 0,
-                                    "EVEN_L": lambda a: a["L"] % a["BL"] == 0})(_conv_fwd_kernel)
+# EVEN_D / EVEN_L (BD divides D / BL divides L: fewer masks) follow from each config's tile; the
+# same rules serve the autotuner's wrapper and the direct launch of a tuned config (_launch_fwd)
+_FWD_HEUR = {"EVEN_D": lambda a: a["D"] % a["BD"] == 0, "EVEN_L": lambda a: a["L"] % a["BL"] == 0}
+_conv_fwd_heur = triton.heuristics(_FWD_HEUR)(_conv_fwd_kernel)
 _conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
     _conv_fwd_heur)
 _conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
@@ -512,7 +513,7 @@ def _launch_fwd(x, weight, bias, state, silu):
     if FWD_PIN is not None and key not in _TUNED:
         _TUNED[key] = ({"BL": FWD_PIN[0], "BD": FWD_PIN[1]}, FWD_PIN[2])
     _launch(_conv_fwd_kernel, _conv_fwd_tuned, grid_fn, args, consts, key,
-            heur=lambda meta: {"EVEN_D": d % meta["BD"] == 0, "EVEN_L": l % meta["BL"] == 0})
+            heur=lambda meta: {k: rule({"D": d, "L": l, **meta}) for k, rule in _FWD_HEUR.items()})
     return y
 
 

@@ -248,9 +248,9 @@ def _dense_fwd_bwd_ms(args, x, gy, fn_params) -> float:
                    device=x.device, back_to_back=getattr(args, "back_to_back", 1))["median_ms"]
 
 
-def _dense_row(args, x, gy, active_ff, label, act="torch", fn_params=None):
-    """A row of the dense SwiGLU anchor (``_dense_fn``), forward and fwd+bwd."""
-    fn_params = fn_params or _dense_fn(x, active_ff, act)
+def _dense_row(args, x, gy, active_ff, label, act, fn_params):
+    """A row of the dense SwiGLU anchor ``fn_params`` (``_dense_fn(x, active_ff, act)``), forward
+    and fwd+bwd."""
     t_f = time_fn(fn_params[0], warmup=args.warmup, iters=args.iters, device=x.device)["median_ms"]
     t_b = _dense_fwd_bwd_ms(args, x, gy, fn_params)
     d = x.shape[-1]

@@ -3,8 +3,9 @@
 With K slots per token and ``idx`` (N*K,) the row of each slot in the permuted layout:
 
 - ``gather_sum``:  out[n] = sum_j w[n*K+j] * src[idx[n*K+j]]    (w optional: all ones)
-  = the un-permute forward (src = expert outputs, idx = inv) and the permute backward
-  (src = grad of the permuted rows, no w).
+  = the un-permute forward (src = expert outputs, idx = inv), the permute backward
+  (src = grad of the permuted rows, no w) and, with K = 1 and no w, the permutation itself
+  (a row gather, rows copied in their own dtype).
 - ``scatter_scale_dot`` (un-permute backward), for g = grad of out:
       grad_src[idx[n*K+j]] = w[n*K+j] * g[n]          (every row of src written once)
       grad_w[n*K+j]      = <g[n], src[idx[n*K+j]]>  (fp32)
@@ -27,14 +28,19 @@ def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, D, stride_src, stride_o
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in tl.static_range(K):
-        r = tl.load(idx_ptr + n * K + j).to(tl.int64)
-        v = tl.load(src_ptr + r * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_W:
-            v = v * tl.load(w_ptr + n * K + j).to(tl.float32)
-        acc += v
-    tl.store(out_ptr + n * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if K == 1 and not HAS_W:  # a plain row gather (the permutation): copied as is, any dtype
+        r = tl.load(idx_ptr + n).to(tl.int64)
+        tl.store(out_ptr + n * stride_out + cols, tl.load(src_ptr + r * stride_src + cols, mask=mask),
+                 mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(idx_ptr + n * K + j).to(tl.int64)
+            v = tl.load(src_ptr + r * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + n * K + j).to(tl.float32)
+            acc += v
+        tl.store(out_ptr + n * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

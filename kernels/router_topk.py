@@ -7,6 +7,11 @@ per row in descending order; weights (N, k) = probs at those indices, divided by
 ``renormalize`` (and k > 1); lse (N,) = logsumexp(logits) (the z-loss's input). Differentiable in
 probs, weights and lse.
 
+    probs, weights, indices, lse, stats = softmax_topk_stats(logits, k, renormalize, impl)
+
+adds ``RoutingStats`` (per-expert sums of probs and slot counts, sum of lse^2, summed entropy):
+what the MoE load-balancing loss, z-loss and metrics need, from the same Triton kernel.
+
 - ``softmax_topk_ref``: torch.softmax, torch.topk, torch.logsumexp (autograd); the reference.
 - ``impl="triton"`` (``router_topk_triton.py``): one Triton kernel forward and one backward, for
   E <= ``MAX_E``; ``auto`` takes it for CUDA tensors when Triton imports, else the reference.
@@ -14,6 +19,8 @@ probs, weights and lse.
   not specify its order for ties.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -46,60 +53,110 @@ def _block_e(e: int) -> int:
 
 class _SoftmaxTopk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, k, renormalize):
+    def forward(ctx, logits, k, renormalize, stats):
         import triton
 
         from .router_topk_triton import _softmax_topk_fwd_kernel
 
         logits = logits.float().contiguous()
         n, e = logits.shape
+        be = _block_e(e)
         probs = torch.empty_like(logits)
         weights = torch.empty(n, k, dtype=torch.float32, device=logits.device)
         indices = torch.empty(n, k, dtype=torch.int64, device=logits.device)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         renorm = bool(renormalize) and k > 1
+        n_prog = triton.cdiv(n, _BLOCK_N)
+        # every program writes its whole row of partial sums; no rows: one row of zeros
+        part = (torch.empty if n else torch.zeros)(2 * be + 2, max(n_prog, 1) if stats else 1,
+                                                   dtype=torch.float32, device=logits.device)
         if n:
-            _softmax_topk_fwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
-                logits, probs, weights, indices, lse, n, e, K=k, RENORM=renorm,
-                BLOCK_N=_BLOCK_N, BLOCK_E=_block_e(e))
-        ctx.save_for_backward(probs, weights, indices)
+            _softmax_topk_fwd_kernel[(n_prog,)](
+                logits, probs, weights, indices, lse, part, n, e, K=k, RENORM=renorm, STATS=stats,
+                BLOCK_N=_BLOCK_N, BLOCK_E=be)
+        ctx.save_for_backward(probs, weights, indices, lse)
         ctx.cfg = (k, renorm)
+        ctx.set_materialize_grads(False)  # outputs nothing used get None, not a zero-filled tensor
         ctx.mark_non_differentiable(indices)
-        return probs, weights, indices, lse
+        if not stats:
+            return probs, weights, indices, lse, None, None, None, None
+        tot = part.sum(1)  # (an inner-dimension sum: one fast reduction)
+        counts = tot[be:be + e].to(torch.int64)  # integer sums, exact below 2^24 slots
+        ent = tot[2 * be + 1]
+        ctx.mark_non_differentiable(indices, counts, ent)
+        return probs, weights, indices, lse, tot[:e], tot[2 * be], counts, ent
 
     @staticmethod
-    def backward(ctx, dprobs, dweights, _dindices, dlse):
+    def backward(ctx, dprobs, dweights, _dindices, dlse, dpsum, dlsq, _dcounts, _dent):
         import triton
 
         from .router_topk_triton import _softmax_topk_bwd_kernel
 
-        probs, weights, indices = ctx.saved_tensors
+        probs, weights, indices, lse = ctx.saved_tensors
         k, renorm = ctx.cfg
         n, e = probs.shape
         dl = torch.empty_like(probs)
+
+        def arg(t):
+            return t.float().contiguous() if t is not None else probs  # (an unused pointer)
+
         if n:
-            dummy = probs
             _softmax_topk_bwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
-                probs, weights, indices,
-                dprobs.float().contiguous() if dprobs is not None else dummy,
-                dweights.float().contiguous() if dweights is not None else dummy,
-                dlse.float().contiguous() if dlse is not None else dummy,
-                dl, n, e, K=k, RENORM=renorm, HAS_DP=dprobs is not None,
-                HAS_DW=dweights is not None, HAS_DLSE=dlse is not None,
-                BLOCK_N=_BLOCK_N, BLOCK_E=_block_e(e))
-        return dl, None, None
+                probs, weights, indices, arg(dprobs), arg(dweights), arg(dlse), dl, lse,
+                arg(dpsum), arg(dlsq), n, e, K=k, RENORM=renorm, HAS_DP=dprobs is not None,
+                HAS_DW=dweights is not None, HAS_DLSE=dlse is not None, HAS_DPS=dpsum is not None,
+                HAS_DLSQ=dlsq is not None, BLOCK_N=_BLOCK_N, BLOCK_E=_block_e(e))
+        return dl, None, None, None
 
 
-def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True, impl: str = "auto"):
-    """(probs, weights, indices, lse) of the module docstring; logits (N, E) fp32."""
+class RoutingStats(NamedTuple):
+    """Sums over the N rows that the MoE losses and metrics need (``softmax_topk_stats``)."""
+    prob_sum: torch.Tensor     # (E,) fp32 sum_n probs[n, e]; differentiable (load-balancing loss)
+    lse_sq_sum: torch.Tensor   # () fp32 sum_n lse[n]^2; differentiable (z-loss)
+    counts: torch.Tensor       # (E,) int64 slots routed to each expert (the top-k choices)
+    entropy_sum: torch.Tensor  # () fp32 sum_n -sum_e p log p (a metric; no gradient)
+
+
+def _check(logits: torch.Tensor, k: int, impl: str) -> bool:
+    """Whether the Triton op runs (ValueError for a bad impl or k)."""
     if impl not in SOFTMAX_TOPK_IMPLS:
         raise ValueError(f"softmax_topk impl must be one of {'|'.join(SOFTMAX_TOPK_IMPLS)}, got {impl!r}")
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"softmax_topk: k must be in [1, {logits.shape[-1]}], got {k}")
     use = impl == "triton" or (impl == "auto" and logits.is_cuda)
     if use and _triton_ok(logits) and logits.dtype != torch.float64:
-        return _SoftmaxTopk.apply(logits, k, renormalize)
+        return True
     if impl == "triton" and not _triton_ok(logits):
         raise ValueError(f"softmax_topk impl 'triton' needs 2-D logits with at most {MAX_E} experts "
                          f"on CUDA (or TRITON_INTERPRET=1), got {tuple(logits.shape)} on {logits.device}")
+    return False
+
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True, impl: str = "auto"):
+    """(probs, weights, indices, lse) of the module docstring; logits (N, E) fp32."""
+    if _check(logits, k, impl):
+        return _SoftmaxTopk.apply(logits, k, renormalize, False)[:4]
     return softmax_topk_ref(logits, k, renormalize)
+
+
+def stats_ref(probs: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor) -> RoutingStats:
+    """``RoutingStats`` from the outputs of ``softmax_topk_ref`` (torch ops, autograd)."""
+    e = probs.shape[-1]
+    flat = indices.reshape(-1)
+    counts = torch.zeros(e, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    with torch.no_grad():
+        ent = torch.special.entr(probs).sum()
+    return RoutingStats(probs.sum(0), lse.pow(2).sum(), counts, ent)
+
+
+def softmax_topk_stats(logits: torch.Tensor, k: int, renormalize: bool = True, impl: str = "auto"):
+    """(probs, weights, indices, lse, ``RoutingStats``). On the Triton path the stats come out of
+    the same kernel (per-block partial sums, one reduction; their gradients folded into the
+    backward kernel), replacing about 20 small launches of the losses and metrics per MoE layer
+    and step; the reference computes them with torch ops."""
+    if _check(logits, k, impl) and logits.shape[0] * k < 2 ** 24:
+        probs, weights, indices, lse, psum, lsq, counts, ent = _SoftmaxTopk.apply(logits, k, renormalize, True)
+        return probs, weights, indices, lse, RoutingStats(psum, lsq, counts, ent)
+    probs, weights, indices, lse = softmax_topk_ref(logits, k, renormalize)
+    return probs, weights, indices, lse, stats_ref(probs, indices, lse)

@@ -5,10 +5,14 @@ Forward, per row of logits l (E,):
     m = max(l), s = sum(exp(l - m)), probs = exp(l - m) / s, lse = m + log(s)
     top-k of probs by k rounds of argmax (ties: the lower expert index), w_j = probs at i_j,
     renormalised to sum to 1 when RENORM
-Backward, from the gradients of probs (dP, may be absent), of the weights (dW) and of lse (dL):
-    dp  = dP + scatter over j of (RENORM: (dW_j - sum_m dW_m w_m) / S, S = sum_m probs at i_m;
-                                  else: dW_j)
-    dl  = probs * (dp - sum(probs * dp)) + dL * probs
+    STATS: per block of rows, the partial sums the MoE losses and metrics need (column p of a
+    (2 BLOCK_E + 2, P) buffer, summed over its rows by the caller): sum of probs per expert, slots per expert, sum of lse^2 and of
+    the routing entropy -sum_e p log p
+Backward, from the gradients of probs (dP, may be absent), of the weights (dW), of lse (dL), of
+the per-expert prob sums (dPS) and of sum lse^2 (dLSQ, a scalar):
+    dp  = dP + dPS + scatter over j of (RENORM: (dW_j - sum_m dW_m w_m) / S, S = sum_m probs at
+                                        i_m; else: dW_j)
+    dl  = probs * (dp - sum(probs * dp)) + (dL + 2 lse dLSQ) * probs
 Replaces torch's softmax, topk (two kernels), the renormalisation, the z-loss's logsumexp and their
 backwards: about 15 small launches per MoE layer and step.
 """
@@ -19,8 +23,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _softmax_topk_fwd_kernel(l_ptr, p_ptr, w_ptr, i_ptr, lse_ptr, N, E,
-                             K: tl.constexpr, RENORM: tl.constexpr,
+def _softmax_topk_fwd_kernel(l_ptr, p_ptr, w_ptr, i_ptr, lse_ptr, part_ptr, N, E,
+                             K: tl.constexpr, RENORM: tl.constexpr, STATS: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
@@ -35,17 +39,32 @@ def _softmax_topk_fwd_kernel(l_ptr, p_ptr, w_ptr, i_ptr, lse_ptr, N, E,
     s = tl.where(rmask, s, 1.0)
     p = e / s[:, None]
     tl.store(p_ptr + rows[:, None] * E + cols[None, :], p, mask=mask)
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=rmask)
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
     # k rounds of argmax; chosen and padded columns drop to -1 (probs are >= 0)
     pm = tl.where(mask, p, -1.0)
     wsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_E], dtype=tl.float32)
     for j in tl.static_range(K):
         wj = tl.max(pm, axis=1)
         ij = tl.min(tl.where(pm == wj[:, None], cols[None, :], BLOCK_E), axis=1)
-        pm = tl.where(cols[None, :] == ij[:, None], -1.0, pm)
+        chosen = cols[None, :] == ij[:, None]
+        pm = tl.where(chosen, -1.0, pm)
         wsum += wj
         tl.store(w_ptr + rows * K + j, wj, mask=rmask)
         tl.store(i_ptr + rows * K + j, ij.to(tl.int64), mask=rmask)
+        if STATS:
+            cnt += tl.sum(tl.where(chosen & rmask[:, None], 1.0, 0.0), axis=0)
+    if STATS:  # this block's partial sums (column pid of part): probs per expert, slots per
+        # expert, lse^2, entropy
+        P = tl.num_programs(0)
+        base = part_ptr + tl.program_id(0)
+        pz = tl.where(mask, p, 0.0)
+        tl.store(base + cols * P, tl.sum(pz, axis=0))
+        tl.store(base + (BLOCK_E + cols) * P, cnt)
+        tl.store(base + 2 * BLOCK_E * P, tl.sum(tl.where(rmask, lse * lse, 0.0), axis=0))
+        ent = tl.where(pz > 0, -pz * tl.log(tl.where(pz > 0, pz, 1.0)), 0.0)
+        tl.store(base + (2 * BLOCK_E + 1) * P, tl.sum(tl.sum(ent, axis=1), axis=0))
     if RENORM:
         wsum = tl.where(rmask, wsum, 1.0)
         for j in tl.static_range(K):
@@ -54,10 +73,11 @@ def _softmax_topk_fwd_kernel(l_ptr, p_ptr, w_ptr, i_ptr, lse_ptr, N, E,
 
 
 @triton.jit
-def _softmax_topk_bwd_kernel(p_ptr, w_ptr, i_ptr, dp_ptr, dw_ptr, dlse_ptr, dl_ptr, N, E,
+def _softmax_topk_bwd_kernel(p_ptr, w_ptr, i_ptr, dp_ptr, dw_ptr, dlse_ptr, dl_ptr,
+                             lse_ptr, dps_ptr, dlsq_ptr, N, E,
                              K: tl.constexpr, RENORM: tl.constexpr, HAS_DP: tl.constexpr,
-                             HAS_DW: tl.constexpr, HAS_DLSE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                             HAS_DW: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_DPS: tl.constexpr,
+                             HAS_DLSQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < N
@@ -68,6 +88,8 @@ def _softmax_topk_bwd_kernel(p_ptr, w_ptr, i_ptr, dp_ptr, dw_ptr, dlse_ptr, dl_p
         dp = tl.load(dp_ptr + offs, mask=mask, other=0.0)
     else:
         dp = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    if HAS_DPS:  # gradient of the per-expert sum of probs over the rows
+        dp += tl.load(dps_ptr + cols, mask=cols < E, other=0.0)[None, :]
     if HAS_DW:
         if RENORM:  # w_j = p_j / S: dp_j = (dW_j - sum_m dW_m w_m) / S, S = sum_m p at i_m
             dot = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -85,6 +107,11 @@ def _softmax_topk_bwd_kernel(p_ptr, w_ptr, i_ptr, dp_ptr, dw_ptr, dlse_ptr, dl_p
                 g = (g - dot) / S
             dp += tl.where(cols[None, :] == ij[:, None], g[:, None], 0.0)
     dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-    if HAS_DLSE:
-        dl += tl.load(dlse_ptr + rows, mask=rmask, other=0.0)[:, None] * p
+    if HAS_DLSE or HAS_DLSQ:
+        g_lse = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_DLSE:
+            g_lse += tl.load(dlse_ptr + rows, mask=rmask, other=0.0)
+        if HAS_DLSQ:  # gradient of sum_n lse_n^2
+            g_lse += 2.0 * tl.load(lse_ptr + rows, mask=rmask, other=0.0) * tl.load(dlsq_ptr)
+        dl += g_lse[:, None] * p
     tl.store(dl_ptr + offs, dl, mask=mask)

@@ -445,3 +445,36 @@ def test_shared_experts_fused_swiglu_cuda():
     with_shared = blk(x)
     blk.n_shared = 0
     assert torch.allclose(with_shared - blk(x), ref.view_as(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("e", [1, 7, 8, 64, 255, 511])
+@pytest.mark.parametrize("s", [1, 63, 64, 65, 1000])
+def test_sort_by_expert_triton_counting_sort_matches_stable_argsort(e, s):
+    """The Triton counting sort (interpreter on CPU) gives the stable argsort's order, its inverse
+    and the bin counts, dropped slots (value e) included; sizes around its 64-slot block."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(e * 1000 + s)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hi = e + 1 if s % 2 else min(e + 1, 3)  # odd s: all experts; even s: a few hot ones
+    indices = torch.randint(0, hi, (s,), generator=g).to(dev).view(s, 1)
+    indices[::5] = e
+    order, counts, inv = sort_by_expert(indices, e, impl="triton")
+    ref_order = torch.argsort(indices.view(-1).cpu(), stable=True)
+    assert order.dtype == inv.dtype == counts.dtype == torch.int64
+    assert torch.equal(order.cpu(), ref_order)
+    assert torch.equal(inv.cpu()[ref_order], torch.arange(s))
+    assert counts.tolist() == torch.bincount(indices.view(-1).cpu(), minlength=e + 1).tolist()
+
+
+def test_sort_by_expert_triton_top_k_slots_and_empty(monkeypatch):
+    pytest.importorskip("triton")
+    from hybridseq.kernels import moe_sort_triton
+
+    monkeypatch.setattr(moe_sort_triton, "SCAN_BLOCK", 2)  # 7 blocks of 64 slots: 4 scan steps
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(3)
+    indices = torch.stack([torch.randperm(6)[:3] for _ in range(130)]).to(dev)  # (130, 3), no repeats
+    order, counts, inv = sort_by_expert(indices, 6, impl="triton")
+    assert torch.equal(order.cpu(), torch.argsort(indices.view(-1).cpu(), stable=True))
+    order, counts, inv = sort_by_expert(indices[:0], 6, impl="triton")
+    assert order.numel() == inv.numel() == 0 and counts.tolist() == [0] * 7

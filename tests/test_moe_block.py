@@ -193,3 +193,21 @@ def test_bench_moe_rows_and_variants_cpu(monkeypatch):
         assert "[mlp=fused]" in err["what"] and "fused" in err["error"]
     with pytest.raises(ValueError, match="bad item"):
         bench.parse_variant("layout")
+
+
+def test_bench_forced_routing_counts_its_own_indices():
+    """``bench moe``'s forced routing reports the load (and load-balancing loss) of the forced
+    indices, not of the router's own top-k choice."""
+    from hybridseq.bench.moe import fixed_assignment, force_routing
+    from hybridseq.blocks.moe_router import load_balancing_loss
+
+    torch.manual_seed(0)
+    blk = MoEBlock(16, {"n_experts": 4, "top_k": 2, "d_ff": 8})
+    idx = fixed_assignment("skewed", 24, 4, 2, torch.device("cpu"))
+    force_routing(blk, idx)
+    x = torch.randn(1, 24, 16)
+    blk(x)
+    want = torch.bincount(idx.view(-1), minlength=4).float() / idx.numel()
+    assert torch.allclose(blk.metrics["load"], want)
+    probs = torch.softmax(torch.nn.functional.linear(x.view(24, 16), blk.router.weight), -1)
+    assert torch.allclose(blk.metrics["aux_loss"], load_balancing_loss(probs, idx, 4), atol=1e-6)

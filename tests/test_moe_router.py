@@ -329,3 +329,56 @@ def test_router_fused_topk_matches_torch_topk_and_losses():
     assert torch.equal(res[0][0], res[1][0])
     for a, b in zip(res[0][1:], res[1][1:]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,e,k", [(1, 3, 1), (15, 8, 2), (17, 8, 2), (100, 64, 8), (33, 5, 5)])
+def test_softmax_topk_stats_triton_matches_ref(n, e, k):
+    """The routing sums from the fused kernel's per-block partials (interpreter on CPU) against
+    torch: prob sums, lse^2 sum, slot counts, entropy, and the logits' gradient through a loss on
+    the differentiable sums and the weights."""
+    pytest.importorskip("triton")
+    from hybridseq.kernels.router_topk import softmax_topk_stats
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(n * 100 + e)
+    l0 = (torch.randn(n, e, generator=g) * 2).to(dev)
+    l0[0, 0] = -1e4  # a probability that underflows to 0: its entropy term is 0, not nan (one
+    # only: ties between zeros would make the top-k order implementation-defined)
+    gs, gw = torch.randn(e, generator=g).to(dev), torch.randn(n, k, generator=g).to(dev)
+    outs = []
+    for impl in ("triton", "torch"):
+        logits = l0.clone().requires_grad_(True)
+        p, w, i, lse, st = softmax_topk_stats(logits, k, True, impl=impl)
+        loss = (st.prob_sum * gs).sum() + 0.37 * st.lse_sq_sum + (w * gw).sum()
+        (dl,) = torch.autograd.grad(loss, logits)
+        outs.append((i, st.counts, st.prob_sum.detach(), st.lse_sq_sum.detach(), st.entropy_sum, dl))
+    (i, c, ps, lsq, ent, dl), (i_r, c_r, ps_r, lsq_r, ent_r, dl_r) = outs
+    assert torch.equal(i, i_r) and torch.equal(c, c_r) and c.dtype == torch.int64
+    assert c.sum().item() == n * k and torch.isfinite(ent)
+    for a, b in ((ps, ps_r), (lsq, lsq_r), (ent, ent_r), (dl, dl_r)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a, b)
+
+
+def test_moe_block_losses_from_router_sums_match_torch_path():
+    """A MoE block whose softmax router returns the fused sums (Triton, interpreter on CPU) has the
+    torch path's aux loss, metrics and gradients."""
+    pytest.importorskip("triton")
+    from hybridseq.blocks.moe import MoEBlock
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    blk = MoEBlock(16, {"n_experts": 6, "top_k": 2, "d_ff": 8, "aux_loss_coef": 0.3,
+                        "z_loss_coef": 0.01}).to(dev)
+    x = torch.randn(2, 9, 16, device=dev)
+    res = []
+    for impl in ("triton", "torch"):
+        blk.router.topk_impl = impl
+        blk.zero_grad()
+        y = blk(x)
+        assert (blk.router(x.view(-1, 16)).stats is not None)
+        (y.square().sum() + blk.aux_loss).backward()
+        m = blk.metrics
+        res.append([blk.aux_loss.detach(), m["load"], m["entropy"], m["aux_loss"], m["z_loss"],
+                    blk.router.weight.grad.clone(), blk.w_in.grad.clone()])
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a, b)

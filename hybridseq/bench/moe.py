@@ -101,18 +101,23 @@ def fixed_assignment(kind: str, n: int, e: int, k: int, device) -> torch.Tensor:
 
 def force_routing(blk: MoEBlock, indices: torch.Tensor) -> None:
     """Make ``blk.router`` (softmax) choose ``indices`` (N, k): its logits and fused softmax/top-k
-    as usual (``kernels.router_topk``), its choice replaced by these indices, weights = their
-    renormalised probabilities (so a forced row pays what a learned router pays, plus a gather)."""
-    from hybridseq.kernels.router_topk import softmax_topk
+    with the routing sums as usual (``kernels.router_topk.softmax_topk_stats``), its choice
+    replaced by these indices, weights = their renormalised probabilities, and the slot counts
+    recomputed for them (so a forced row pays what a learned router pays, plus a gather and a
+    histogram)."""
+    from hybridseq.kernels.moe_permute import histogram
+    from hybridseq.kernels.router_topk import softmax_topk_stats
 
     router = blk.router
 
     def forward(x):
         logits, x_tap = router.logits_and_input(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            probs, _, _, lse = softmax_topk(logits, indices.shape[1], True, router.topk_impl)
+            probs, _, _, lse, stats = softmax_topk_stats(logits, indices.shape[1], True, router.topk_impl)
             w = probs.gather(1, indices)
-        return RouterOutput(logits, probs, indices, w / w.sum(-1, keepdim=True), lse=lse, x=x_tap)
+        stats = stats._replace(counts=histogram(indices, router.n_experts))
+        return RouterOutput(logits, probs, indices, w / w.sum(-1, keepdim=True), lse=lse, x=x_tap,
+                            stats=stats)
 
     router.forward = forward
 

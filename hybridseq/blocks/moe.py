@@ -66,7 +66,7 @@ from .base import Block
 from .moe_experts import expert_activation, experts_grouped, experts_loop
 from .moe_parallel import (expert_parallel_experts, get_expert_parallel_group,  # noqa: F401
                            resolve_ep_group, set_expert_parallel_group)
-from .moe_router import Router, load_balancing_loss, routing_entropy, z_loss
+from .moe_router import Router, load_balancing_from_sums, load_balancing_loss, routing_entropy, z_loss
 
 try:  # the config package's shared rule; the inline copy below is the same rule
     from hybridseq.config import resolve_ffn_dim as _resolve_ffn_dim
@@ -169,9 +169,10 @@ def describe_moe_backend(spec: Mapping[str, Any], device=None) -> tuple[str, str
     mb = "megablocks installed" if megablocks_available() else "megablocks not installed"
     if impl == "grouped":
         if dev.type == "cuda":
-            why = ("tokens sorted by expert, the expert MLP as one op over torch._grouped_mm with the fused "
-                   "Triton SwiGLU (bf16; padded bmm for other dtypes), Triton fused un-permutation, "
-                   "router logits and softmax/top-k (fp32 math), no host synchronisation")
+            why = ("tokens sorted by expert (Triton counting sort), the expert MLP as one op over "
+                   "torch._grouped_mm with the fused Triton SwiGLU (bf16; padded bmm for other dtypes), "
+                   "Triton (un)permutation, router logits and softmax/top-k with the loss sums "
+                   "(fp32 math), no host synchronisation")
         else:
             why = "tokens sorted by expert, one padded bmm per projection (faster than the loop on CPU)"
     elif impl == "loop":
@@ -328,14 +329,22 @@ class MoEBlock(Block):
 
     def _losses_and_metrics(self, r, dropped) -> None:
         s = self.spec
-        counts = histogram(r.indices, self.n_experts)
-        lb = load_balancing_loss(r.probs, r.indices, self.n_experts, counts=counts)
-        zl = z_loss(r.logits, r.lse)
+        n_tok = max(r.probs.shape[0], 1)
+        if r.stats is not None:  # sums from the router's own kernel (softmax router)
+            counts = r.stats.counts
+            lb = load_balancing_from_sums(counts, r.stats.prob_sum, r.indices.numel(), n_tok)
+            zl = r.stats.lse_sq_sum / n_tok
+            entropy = r.stats.entropy_sum / n_tok
+        else:
+            counts = histogram(r.indices, self.n_experts)
+            lb = load_balancing_loss(r.probs, r.indices, self.n_experts, counts=counts)
+            zl = z_loss(r.logits, r.lse)
+            entropy = None
         self.aux_loss = torch.add(lb * float(s["aux_loss_coef"]), zl, alpha=float(s["z_loss_coef"]))
         with torch.no_grad():
             self.metrics = {
                 "load": counts / max(r.indices.numel(), 1),  # int64 / number: float32
-                "entropy": routing_entropy(r.probs).detach(),
+                "entropy": (entropy if entropy is not None else routing_entropy(r.probs)).detach(),
                 "dropped": dropped.detach(),
                 "aux_loss": lb.detach(),
                 "z_loss": zl.detach(),

@@ -41,7 +41,7 @@ from torch import nn
 
 from hybridseq.kernels.moe_permute import histogram
 from hybridseq.kernels.router_logits import router_logits_tap
-from hybridseq.kernels.router_topk import softmax_topk
+from hybridseq.kernels.router_topk import RoutingStats, softmax_topk_stats
 
 ROUTER_KINDS = ("softmax", "sigmoid", "sinkhorn")
 
@@ -56,6 +56,9 @@ class RouterOutput:
     # the router's input as its experts should read it (``kernels.router_logits_tap``: x itself,
     # or a view whose gradient the router's backward adds into its own dx); None: use x
     x: torch.Tensor | None = None
+    # sums over the tokens for the losses and metrics when the router computed them with its
+    # selection (``kernels.router_topk.softmax_topk_stats``: the softmax router); None: from probs
+    stats: RoutingStats | None = None
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
@@ -69,6 +72,14 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: i
     # instead of 6 (a few microseconds each on the GPU, per MoE layer and step)
     scale = n_experts / (max(n_slots, 1) * max(probs.shape[0], 1))
     return torch.dot(counts.to(torch.float32), probs.float().sum(dim=0)) * scale
+
+
+def load_balancing_from_sums(counts: torch.Tensor, prob_sum: torch.Tensor, n_slots: int,
+                             n_tokens: int) -> torch.Tensor:
+    """``load_balancing_loss`` from counts (E,) slots per expert and prob_sum (E,) = sum over the
+    n_tokens rows of probs: E * sum_i (counts_i / n_slots) * (prob_sum_i / n_tokens)."""
+    scale = counts.shape[0] / (max(n_slots, 1) * max(n_tokens, 1))
+    return torch.dot(counts.to(torch.float32), prob_sum) * scale
 
 
 def z_loss(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,11 +171,11 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits, x_tap = self.logits_and_input(x)
         k = self.top_k
-        lse = None  # the softmax router's logsumexp, for the z-loss
+        lse = stats = None  # the softmax router's logsumexp and sums (losses, metrics)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kind == "softmax":
-                probs, weights, indices, lse = softmax_topk(logits, k, self.renormalize,
-                                                            self.topk_impl)
+                probs, weights, indices, lse, stats = softmax_topk_stats(logits, k, self.renormalize,
+                                                                         self.topk_impl)
             elif self.kind == "sigmoid":
                 scores = torch.sigmoid(logits)
                 _, indices = torch.topk(scores.detach() + self.expert_bias, k, dim=-1)
@@ -186,7 +197,7 @@ class Router(nn.Module):
                     if self.renormalize:
                         weights = weights / weights.sum(-1, keepdim=True)
         return RouterOutput(logits=logits, probs=probs, indices=indices, weights=weights, lse=lse,
-                            x=x_tap)
+                            x=x_tap, stats=stats)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ from . import triton_available, triton_interpreting
 
 SOFTMAX_TOPK_IMPLS = ("auto", "torch", "triton")
 MAX_E = 256
+STATS_MAX_SLOTS = 2 ** 24  # the kernel's counts are sums of fp32 partials: exact below this
 _BLOCK_N = 16
 
 
@@ -141,10 +142,9 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True, impl: s
 
 def stats_ref(probs: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor) -> RoutingStats:
     """``RoutingStats`` from the outputs of ``softmax_topk_ref`` (torch ops, autograd)."""
-    e = probs.shape[-1]
-    flat = indices.reshape(-1)
-    counts = torch.zeros(e, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
+    from .moe_permute import histogram
+
+    counts = histogram(indices, probs.shape[-1])
     with torch.no_grad():
         ent = torch.special.entr(probs).sum()
     return RoutingStats(probs.sum(0), lse.pow(2).sum(), counts, ent)
@@ -155,8 +155,11 @@ def softmax_topk_stats(logits: torch.Tensor, k: int, renormalize: bool = True, i
     the same kernel (per-block partial sums, one reduction; their gradients folded into the
     backward kernel), replacing about 20 small launches of the losses and metrics per MoE layer
     and step; the reference computes them with torch ops."""
-    if _check(logits, k, impl) and logits.shape[0] * k < 2 ** 24:
+    if not _check(logits, k, impl):
+        probs, weights, indices, lse = softmax_topk_ref(logits, k, renormalize)
+    elif logits.shape[0] * k < STATS_MAX_SLOTS:
         probs, weights, indices, lse, psum, lsq, counts, ent = _SoftmaxTopk.apply(logits, k, renormalize, True)
         return probs, weights, indices, lse, RoutingStats(psum, lsq, counts, ent)
-    probs, weights, indices, lse = softmax_topk_ref(logits, k, renormalize)
+    else:
+        probs, weights, indices, lse = _SoftmaxTopk.apply(logits, k, renormalize, False)[:4]
     return probs, weights, indices, lse, stats_ref(probs, indices, lse)

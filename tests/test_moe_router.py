@@ -382,3 +382,23 @@ def test_moe_block_losses_from_router_sums_match_torch_path():
                     blk.router.weight.grad.clone(), blk.w_in.grad.clone()])
     for a, b in zip(*res):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a, b)
+
+
+def test_softmax_topk_stats_beyond_fp32_exact_counts_uses_torch_sums(monkeypatch):
+    """Past ``STATS_MAX_SLOTS`` token-slots the Triton op runs without its sums and torch computes
+    them from its outputs: the same values and gradients."""
+    pytest.importorskip("triton")
+    from hybridseq.kernels import router_topk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(5)
+    l0 = torch.randn(21, 7, device=dev)
+    res = []
+    for limit in (2 ** 24, 10):
+        monkeypatch.setattr(router_topk, "STATS_MAX_SLOTS", limit)
+        logits = l0.clone().requires_grad_(True)
+        _, w, _, _, st = router_topk.softmax_topk_stats(logits, 3, True, impl="triton")
+        (g,) = torch.autograd.grad(st.prob_sum.square().sum() + st.lse_sq_sum + w[:, 0].sum(), logits)
+        res.append((st.counts, st.prob_sum.detach(), st.lse_sq_sum.detach(), st.entropy_sum, g))
+    for a, b in zip(*res):
+        assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5)

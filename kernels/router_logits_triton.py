@@ -115,7 +115,10 @@ def _logits_dw_kernel(g_ptr, x_ptr, part_ptr, N, D, E, rows_per_split, stride_g,
     tl.store(out, acc, mask=(es[:, None] < E) & (cols[None, :] < D))
 
 
-BLOCK_N, BLOCK_D = 32, 64
+# dx and dW tiles: 32 x 128 (H100, 2026-11-22, d_model 2048, 16384 tokens, CUDA graphs: dx with the
+# add 55.7 us against 59.6 for 32 x 64 (a copy of the same bytes 47.3); dW with its split sum
+# 32.5 against 42.1; 64- and 128-row tiles were slower)
+BLOCK_N, BLOCK_D = 32, 128
 FWD_BLOCK_N, FWD_BLOCK_D = 64, 128  # the bf16 split forward (tensor-core dots)
 N_SPLIT = 32
 

@@ -211,3 +211,32 @@ def test_bench_forced_routing_counts_its_own_indices():
     assert torch.allclose(blk.metrics["load"], want)
     probs = torch.softmax(torch.nn.functional.linear(x.view(24, 16), blk.router.weight), -1)
     assert torch.allclose(blk.metrics["aux_loss"], load_balancing_loss(probs, idx, 4), atol=1e-6)
+
+
+def test_bench_moe_preheats_before_the_first_dense_timing(monkeypatch):
+    """``--preheat S`` runs the dense fwd+bwd for S seconds before the first timing (default 0 on
+    CPU); ``bench.common.preheat`` calls its function until the time is up."""
+    import argparse
+    import time
+
+    from hybridseq.bench import common
+    from hybridseq.bench import moe as bench
+
+    calls = []
+    assert common.preheat(lambda: calls.append(1), 0.0) == 0 and not calls
+    t0 = time.perf_counter()
+    n = common.preheat(lambda: calls.append(1), 0.05, "cpu")
+    assert n == len(calls) > 0 and time.perf_counter() - t0 >= 0.05
+
+    events = []
+    monkeypatch.setattr(bench, "preheat", lambda fn, s, dev: events.append(("heat", s, fn())))
+    monkeypatch.setattr(bench, "_dense_fwd_bwd_ms", lambda *a, **k: events.append(("time",)) or 1.0)
+    argv = ["--device", "cpu", "--dtype", "fp32", "--tokens", "8", "--d-model", "16", "--d-ff", "8",
+            "--configs", "4x2", "--routings", "balanced", "--impls", "grouped", "--warmup", "0",
+            "--iters", "1", "--dense-acts", "torch"]
+    for extra, want in (([], 0.0), (["--preheat", "0.25"], 0.25)):
+        events.clear()
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        bench.run(parser.parse_args(argv + extra))
+        assert events[0][:2] == ("heat", want) and events[1] == ("time",)

@@ -109,6 +109,27 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, devic
             "timing": ("pipelined" if pipelined else "sync") if cuda else "host"}
 
 
+def preheat(fn: Callable[[], object], seconds: float, device=None) -> int:
+    """Call ``fn`` repeatedly for about ``seconds`` (then synchronise the device) and return the
+    number of calls. A GPU under sustained GEMM load settles at its power cap with a lower clock
+    (an H100: SM clock from about 1.9 to 1.3-1.56 GHz within seconds), so a benchmark whose first
+    timing runs on a cool GPU compares it with later ones taken hot; heating it first puts every
+    timing in the same state."""
+    if seconds <= 0:
+        return 0
+    dev = torch.device(device) if device is not None else None
+    calls = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+        calls += 1
+        if dev is not None and dev.type == "cuda" and calls % 8 == 0:
+            torch.cuda.synchronize(dev)  # (keep the host within a few calls of the GPU)
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return calls
+
+
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(no rows)"

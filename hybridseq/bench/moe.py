@@ -18,7 +18,8 @@ block), and again (fwd+bwd) after every MoE row: each row's ratio is taken again
 the two dense timings that frame it (``dense_ms``, first act): ``vs_dense`` (first act) and
 ``vs_dense_<act>``. An H100 under sustained GEMM load sits at its power cap and its SM clock
 falls from about 1.9 to 1.3-1.56 GHz, so a timing depends on what ran before it; the framing
-timings see the same state as the row. ``--no-bracket``: the mean of the first and last dense
+timings see the same state as the row, and ``--preheat`` seconds of dense fwd+bwd (default 3 on
+CUDA) put the GPU in that state before the first timing. ``--no-bracket``: the mean of the first and last dense
 timings of the run instead (the method before 2026-11-22's fifth session). Forced routings keep
 the router's cost (its logits, softmax, losses) and replace only the chosen experts (weights =
 renormalised router probabilities).
@@ -35,7 +36,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from hybridseq.bench.common import add_back_to_back_argument, time_fn
+from hybridseq.bench.common import add_back_to_back_argument, preheat, time_fn
 from hybridseq.blocks.moe import MoEBlock, megablocks_available
 from hybridseq.blocks.moe_router import RouterOutput
 from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
@@ -83,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dense fwd+bwd timed just before and just after that row: an H100 "
                              "under sustained GEMM load sits at its power cap, its SM clock falls "
                              "by up to a third, and a timing depends on what ran before it")
+    parser.add_argument("--preheat", type=float, default=None,
+                        help="seconds of dense fwd+bwd before the first timing (default 3 on CUDA, "
+                             "0 elsewhere): the first dense anchor then runs in the same power and "
+                             "clock state as the rows after it")
     parser.add_argument("--dense-acts", default="torch,fused",
                         help="dense anchors (see _dense_row): torch | fused | block | block_fused; "
                              "vs_dense uses the first, vs_dense_<act> each")
@@ -434,6 +439,10 @@ def run(args) -> list[dict]:
     # dense timings that frame it
     rows = _StreamRows(getattr(args, "jsonl", ""))
     dense_fns = {act: _dense_fn(x, active_ff, act) for act in dense_acts}
+    heat = getattr(args, "preheat", None)
+    heat = (3.0 if device.type == "cuda" else 0.0) if heat is None else heat
+    dense0, params0 = dense_fns[dense_acts[0]]
+    preheat(_fwd_bwd(dense0, [x] + params0, gy), heat, device)
     rows += [_dense_row(args, x, gy, active_ff, "anchor, first", act, dense_fns[act])
              for act in dense_acts]
     last = {act: rows[i]["fwd_bwd_ms"] for i, act in enumerate(dense_acts)}

@@ -18,8 +18,9 @@ block), and again (fwd+bwd) after every MoE row: each row's ratio is taken again
 the two dense timings that frame it (``dense_ms``, first act): ``vs_dense`` (first act) and
 ``vs_dense_<act>``. An H100 under sustained GEMM load sits at its power cap and its SM clock
 falls from about 1.9 to 1.3-1.56 GHz, so a timing depends on what ran before it; the framing
-timings see the same state as the row, and ``--preheat`` seconds of dense fwd+bwd (default 3 on
-CUDA) put the GPU in that state before the first timing. ``--no-bracket``: the mean of the first and last dense
+timings see the same state as the row, and ``--preheat`` seconds of dense fwd+bwd (default 30 on
+CUDA: ``PREHEAT_S``) bring the GPU to its steady state before the first timing (after only a few
+seconds it is still heating, and the first row reads about 2% low). ``--no-bracket``: the mean of the first and last dense
 timings of the run instead (the method before 2026-11-22's fifth session). Forced routings keep
 the router's cost (its logits, softmax, losses) and replace only the chosen experts (weights =
 renormalised router probabilities).
@@ -85,9 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "under sustained GEMM load sits at its power cap, its SM clock falls "
                              "by up to a third, and a timing depends on what ran before it")
     parser.add_argument("--preheat", type=float, default=None,
-                        help="seconds of dense fwd+bwd before the first timing (default 3 on CUDA, "
-                             "0 elsewhere): the first dense anchor then runs in the same power and "
-                             "clock state as the rows after it")
+                        help="seconds of dense fwd+bwd before the first timing (default 30 on CUDA, "
+                             "0 elsewhere): the GPU reaches its steady power, clock and temperature "
+                             "before the first dense anchor, so the first MoE row is not compared "
+                             "with timings taken while it was still heating")
     parser.add_argument("--dense-acts", default="torch,fused",
                         help="dense anchors (see _dense_row): torch | fused | block | block_fused; "
                              "vs_dense uses the first, vs_dense_<act> each")
@@ -212,6 +214,11 @@ def _profile(fn, title, device) -> None:
 
 
 DENSE_ACTS = ("torch", "fused", "block", "block_fused")
+# default --preheat on CUDA. Measured on an H100 (2026-11-22, 8x2 rows, --back-to-back 8): after
+# 3 s the dense anchor still drifted from 10.55 to 10.9 ms over the first half minute and the first
+# MoE row read about 2% low (0.897-0.900 against 0.911-0.925 for the same code later in the run);
+# after 30 s the dense anchor stayed at 11.04-11.09 ms and every row read 0.920-0.933
+PREHEAT_S = 30.0
 
 
 def _dense_fn(x, active_ff, act="torch"):
@@ -440,7 +447,7 @@ def run(args) -> list[dict]:
     rows = _StreamRows(getattr(args, "jsonl", ""))
     dense_fns = {act: _dense_fn(x, active_ff, act) for act in dense_acts}
     heat = getattr(args, "preheat", None)
-    heat = (3.0 if device.type == "cuda" else 0.0) if heat is None else heat
+    heat = (PREHEAT_S if device.type == "cuda" else 0.0) if heat is None else heat
     dense0, params0 = dense_fns[dense_acts[0]]
     preheat(_fwd_bwd(dense0, [x] + params0, gy), heat, device)
     rows += [_dense_row(args, x, gy, active_ff, "anchor, first", act, dense_fns[act])

@@ -243,22 +243,9 @@ def cmd_bench(argv: list[str]) -> int:
         raise UsageError(f"hybridseq bench: unknown WHAT {what!r}; available: {listing}")
     module = importlib.import_module(f"hybridseq.bench.{what}")
     parser = _Parser(prog=f"hybridseq bench {what}", description=(module.__doc__ or "").strip().split("\n")[0])
-    module.add_arguments(parser)
-    if not any("--json" in a.option_strings for a in parser._actions):
-        parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    from .bench.common import add_timing_argument, set_timing
+    from .bench.common import run_bench
 
-    add_timing_argument(parser)
-    args = parser.parse_args(argv[1:])
-    set_timing(args.timing)
-    rows = module.run(args)
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-    else:
-        from .bench.common import format_table, timing_note
-
-        print(format_table(rows))
-        print(timing_note())
+    run_bench(parser, module.add_arguments, module.run, argv[1:])
     return 0
 
 

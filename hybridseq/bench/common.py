@@ -153,12 +153,12 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     return "\n".join(out)
 
 
-def script_main(add_arguments, run, doc: str | None, argv=None) -> None:
-    """``python -m hybridseq.bench.<what> [options] [--json]``: the same as ``hybridseq bench <what>``."""
-    import argparse
+def run_bench(parser, add_arguments, run, argv=None) -> list[dict]:
+    """Parse ``argv`` with ``parser`` (a bench's ``add_arguments``, plus ``--json`` and
+    ``--timing``), run the bench and print its rows: a table and the timing note, or JSON. Shared
+    by ``hybridseq bench <what>`` (the CLI's parser) and ``script_main``."""
     import json
 
-    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
     add_arguments(parser)
     if not any("--json" in a.option_strings for a in parser._actions):
         parser.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -166,6 +166,17 @@ def script_main(add_arguments, run, doc: str | None, argv=None) -> None:
     args = parser.parse_args(argv)
     set_timing(args.timing)
     rows = run(args)
-    print(json.dumps(rows, indent=2, default=str) if args.json else format_table(rows))
-    if not args.json:
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(format_table(rows))
         print(timing_note())
+    return rows
+
+
+def script_main(add_arguments, run, doc: str | None, argv=None) -> None:
+    """``python -m hybridseq.bench.<what> [options] [--json]``: the same as ``hybridseq bench <what>``."""
+    import argparse
+
+    run_bench(argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0]), add_arguments,
+              run, argv)

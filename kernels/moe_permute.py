@@ -28,7 +28,9 @@ import torch
 
 from . import triton_available
 
-_SORT_MAX_BINS = 512  # moe_sort_triton.MAX_BINS (not imported here: importing it imports Triton)
+# bins (experts + 1) up to which the Triton counting sort runs (moe_sort_triton.MAX_BINS: the
+# scatter kernel compares each block's slots with next_pow2(bins + 1) bins)
+SORT_MAX_BINS = 512
 
 
 def histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -60,7 +62,7 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int, impl: str = "auto"):
     (``moe_sort_triton``: a counting sort in three launches; up to 511 experts) or ``auto``
     (triton on CUDA when Triton imports and the expert count fits)."""
     flat = indices.reshape(-1)
-    if _use_triton(flat, impl) and n_experts + 1 <= _SORT_MAX_BINS and flat.numel() < 2 ** 31:
+    if _use_triton(flat, impl) and n_experts + 1 <= SORT_MAX_BINS and flat.numel() < 2 ** 31:
         from .moe_sort_triton import sort_by_bin_triton
 
         return sort_by_bin_triton(flat, n_experts + 1)
@@ -92,9 +94,9 @@ class _GatherRows(torch.autograd.Function):
 
 
 class _PermuteTriton(torch.autograd.Function):
-    """x_perm = x[order // k] (a Triton row gather: ``gather_sum`` with one slot per row, about 20%
-    faster than index_select on an H100); backward grad_x[n] = sum_j grad[inv[n*k + j]] in one
-    Triton pass."""
+    """x_perm = x[order // k] (a Triton row gather: ``gather_sum`` with one slot per row; 83.4 us
+    against 87.3 for index_select, H100, 32768 rows of 2048 bf16, 2026-11-22); backward
+    grad_x[n] = sum_j grad[inv[n*k + j]] in one Triton pass."""
 
     @staticmethod
     def forward(ctx, x, src, inv, k):

@@ -158,7 +158,8 @@ def softmax_topk_stats(logits: torch.Tensor, k: int, renormalize: bool = True, i
     if not _check(logits, k, impl):
         probs, weights, indices, lse = softmax_topk_ref(logits, k, renormalize)
     elif logits.shape[0] * k < STATS_MAX_SLOTS:
-        probs, weights, indices, lse, psum, lsq, counts, ent = _SoftmaxTopk.apply(logits, k, renormalize, True)
+        probs, weights, indices, lse, psum, lsq, counts, ent = _SoftmaxTopk.apply(logits, k, renormalize,
+                                                                                  True)
         return probs, weights, indices, lse, RoutingStats(psum, lsq, counts, ent)
     else:
         probs, weights, indices, lse = _SoftmaxTopk.apply(logits, k, renormalize, False)[:4]

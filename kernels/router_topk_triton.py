@@ -5,9 +5,9 @@ Forward, per row of logits l (E,):
     m = max(l), s = sum(exp(l - m)), probs = exp(l - m) / s, lse = m + log(s)
     top-k of probs by k rounds of argmax (ties: the lower expert index), w_j = probs at i_j,
     renormalised to sum to 1 when RENORM
-    STATS: per block of rows, the partial sums the MoE losses and metrics need (column p of a
-    (2 BLOCK_E + 2, P) buffer, summed over its rows by the caller): sum of probs per expert, slots per expert, sum of lse^2 and of
-    the routing entropy -sum_e p log p
+    STATS: per block p of rows, the partial sums the MoE losses and metrics need, in column p of
+    a (2 BLOCK_E + 2, P) buffer that the caller sums over its rows: probs per expert, slots per
+    expert, lse^2 and the routing entropy -sum_e p log p
 Backward, from the gradients of probs (dP, may be absent), of the weights (dW), of lse (dL), of
 the per-expert prob sums (dPS) and of sum lse^2 (dLSQ, a scalar):
     dp  = dP + dPS + scatter over j of (RENORM: (dW_j - sum_m dW_m w_m) / S, S = sum_m probs at

@@ -20,8 +20,9 @@ the two dense timings that frame it (``dense_ms``, first act): ``vs_dense`` (fir
 falls from about 1.9 to 1.3-1.56 GHz, so a timing depends on what ran before it; the framing
 timings see the same state as the row, and ``--preheat`` seconds of dense fwd+bwd (default 30 on
 CUDA: ``PREHEAT_S``) bring the GPU to its steady state before the first timing (after only a few
-seconds it is still heating, and the first row reads about 2% low). ``--no-bracket``: the mean of the first and last dense
-timings of the run instead (the method before 2026-11-22's fifth session). Forced routings keep
+seconds it is still heating, and the first row reads about 2% low). ``--no-bracket``: the mean
+of the first and last dense timings of the run instead (the method before 2026-11-22's fifth
+session). Forced routings keep
 the router's cost (its logits, softmax, losses) and replace only the chosen experts (weights =
 renormalised router probabilities).
 ``--variants`` times the grouped backend with other knobs (``mlp``/``act``/``layout``/``gemm``/

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .backend import interpreting
+
 _ENV = "HYBRIDSEQ_TRITON_DIRECT_LAUNCH"
 _MAX_ENTRIES = 512  # per kernel; the cache is cleared when it grows past this (many shapes)
 _state = {"direct": None}  # None: not decided yet; True / False
@@ -33,8 +35,7 @@ _caches: dict = {}  # kernel -> {key: (compiled kernel, constexpr values in sign
 
 def direct_enabled() -> bool:
     if _state["direct"] is None:
-        _state["direct"] = (os.environ.get(_ENV, "1") != "0"
-                            and os.environ.get("TRITON_INTERPRET") != "1")
+        _state["direct"] = os.environ.get(_ENV, "1") != "0" and not interpreting()
     return _state["direct"]
 
 

@@ -4,8 +4,8 @@ import torch
 
 from hybridseq.blocks.moe import MoEBlock
 from hybridseq.blocks.moe_experts import experts_grouped, experts_loop
-from hybridseq.kernels.grouped_gemm import grouped_mm, grouped_mm_ref, grouped_mm_torch
-from hybridseq.kernels.moe_permute import permute, permute_ref, sort_by_expert, unpermute, unpermute_ref
+from hybridseq.kernels.moe.grouped_gemm import grouped_mm, grouped_mm_ref, grouped_mm_torch
+from hybridseq.kernels.moe.permute import permute, permute_ref, sort_by_expert, unpermute, unpermute_ref
 
 from conftest import requires_cuda
 
@@ -236,8 +236,8 @@ def test_grouped_dropless_has_no_host_sync_cuda():
 
 # --- fused SwiGLU kernels and the one-op grouped expert MLP ---------------------------------------
 
-from hybridseq.kernels.grouped_mlp import LAYOUTS, as_layout, grouped_mlp  # noqa: E402
-from hybridseq.kernels.swiglu import (silu_mul, silu_mul_ref, swiglu, swiglu_bwd,  # noqa: E402
+from hybridseq.kernels.moe.grouped_mlp import LAYOUTS, as_layout, grouped_mlp  # noqa: E402
+from hybridseq.kernels.activations.swiglu import (silu_mul, silu_mul_ref, swiglu, swiglu_bwd,  # noqa: E402
                                       swiglu_bwd_ref, swiglu_fwd, swiglu_fwd_ref, swiglu_ref)
 
 
@@ -468,7 +468,7 @@ def test_sort_by_expert_triton_counting_sort_matches_stable_argsort(e, s):
 
 def test_sort_by_expert_triton_top_k_slots_and_empty(monkeypatch):
     pytest.importorskip("triton")
-    from hybridseq.kernels import moe_sort_triton
+    from hybridseq.kernels.moe import sort_triton as moe_sort_triton
 
     monkeypatch.setattr(moe_sort_triton, "SCAN_BLOCK", 2)  # 7 blocks of 64 slots: 4 scan steps
     dev = "cuda" if torch.cuda.is_available() else "cpu"

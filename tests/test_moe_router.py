@@ -165,7 +165,7 @@ def test_router_logits_triton_matches_ref(n, d, e, dtype):
     """Triton fp32 logits from x in its own dtype (interpreter on CPU): forward, dx (x's dtype),
     dW (fp32, summed over token chunks), at sizes that are not multiples of the blocks."""
     pytest.importorskip("triton")
-    from hybridseq.kernels.router_logits import router_logits
+    from hybridseq.kernels.moe.router_logits import router_logits
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -192,7 +192,7 @@ def test_router_logits_tap_adds_the_other_gradient_into_dx(dtype, which):
     consumer, like the experts) is one dx, against autograd's sum on the reference; either
     gradient alone works too; x without requires_grad gives x itself back."""
     pytest.importorskip("triton")
-    from hybridseq.kernels.router_logits import router_logits_ref, router_logits_tap
+    from hybridseq.kernels.moe.router_logits import router_logits_ref, router_logits_tap
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -225,7 +225,7 @@ def test_router_logits_tap_adds_the_other_gradient_into_dx(dtype, which):
 
 def test_router_with_triton_logits_matches_torch():
     pytest.importorskip("triton")
-    from hybridseq.kernels.router_logits import router_logits
+    from hybridseq.kernels.moe.router_logits import router_logits
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -253,7 +253,7 @@ def test_softmax_topk_triton_matches_ref(n, e, k, renorm):
     """The fused softmax/top-k/logsumexp kernel (interpreter on CPU) against torch: probs, weights,
     indices, lse and the logits' gradient through all three outputs, at sizes off the blocks."""
     pytest.importorskip("triton")
-    from hybridseq.kernels.router_topk import softmax_topk
+    from hybridseq.kernels.moe.router_topk import softmax_topk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(n * 1000 + e)
@@ -279,7 +279,7 @@ def test_softmax_topk_triton_partial_gradients(used):
     """Only one output reaches the loss (the others get no gradient): the backward must still be
     the reference's."""
     pytest.importorskip("triton")
-    from hybridseq.kernels.router_topk import softmax_topk
+    from hybridseq.kernels.moe.router_topk import softmax_topk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(3)
@@ -297,7 +297,7 @@ def test_softmax_topk_triton_partial_gradients(used):
 
 def test_softmax_topk_ties_and_errors():
     pytest.importorskip("triton")
-    from hybridseq.kernels.router_topk import softmax_topk
+    from hybridseq.kernels.moe.router_topk import softmax_topk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     logits = torch.zeros(3, 4, device=dev)  # all tied: the lower expert index wins
@@ -337,7 +337,7 @@ def test_softmax_topk_stats_triton_matches_ref(n, e, k):
     torch: prob sums, lse^2 sum, slot counts, entropy, and the logits' gradient through a loss on
     the differentiable sums and the weights."""
     pytest.importorskip("triton")
-    from hybridseq.kernels.router_topk import softmax_topk_stats
+    from hybridseq.kernels.moe.router_topk import softmax_topk_stats
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(n * 100 + e)
@@ -388,7 +388,7 @@ def test_softmax_topk_stats_beyond_fp32_exact_counts_uses_torch_sums(monkeypatch
     """Past ``STATS_MAX_SLOTS`` token-slots the Triton op runs without its sums and torch computes
     them from its outputs: the same values and gradients."""
     pytest.importorskip("triton")
-    from hybridseq.kernels import router_topk
+    from hybridseq.kernels.moe import router_topk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(5)

@@ -120,7 +120,7 @@ class _Poisoned:
 
 def _best_configs() -> str | None:
     """The block shapes the Triton conv autotuner picked (fwd; bwd), for the record."""
-    mod = importlib.import_module("hybridseq.kernels.causal_conv1d_triton")
+    mod = importlib.import_module("hybridseq.kernels.conv1d.triton_conv")
     out = []
     if getattr(mod, "FWD_PIN", None):
         bl, bd, nw = mod.FWD_PIN
@@ -143,7 +143,7 @@ def _check_conv(x, weight, bias, dy) -> dict:
     w = weight.shape[1]
     st = torch.randn(b, w - 1, d, device=x.device, dtype=x.dtype)
     ins = [t.detach().clone().requires_grad_() for t in (x, weight, bias, st)]
-    with _Poisoned("causal_conv1d_triton"):
+    with _Poisoned("conv1d.triton_conv"):
         y, fs = causal_conv1d(ins[0], ins[1], ins[2], "silu", ins[3], True, impl="triton")
         grads = torch.autograd.grad((y * dy).sum() + fs.float().sum(), ins)
     up = [t.detach().double().requires_grad_() for t in ins]
@@ -160,7 +160,7 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
     """Kernel time (CUDA graph) and error of every forward config, forced one at a time."""
     from hybridseq.kernels import causal_conv1d_ref
 
-    mod = importlib.import_module("hybridseq.kernels.causal_conv1d_triton")
+    mod = importlib.import_module("hybridseq.kernels.conv1d.triton_conv")
     ref = causal_conv1d_ref(x.double(), weight.double(), bias.double(), "silu")
     key = mod.fwd_key(x, weight, None, True)
     saved = mod._TUNED.get(key)
@@ -176,7 +176,7 @@ def _sweep_rows(x, weight, bias, label, fwd_bytes, args) -> list[dict]:
             mod._TUNED[key] = ({"BL": bl, "BD": bd}, nw)
             try:
                 with torch.no_grad():
-                    with _Poisoned("causal_conv1d_triton"):
+                    with _Poisoned("conv1d.triton_conv"):
                         y = mod.causal_conv1d_triton(x, weight, bias, "silu")
                     row["max_rel_err"] = _rel(y, ref)
                     del y
@@ -225,7 +225,7 @@ def _conv_rows(shape, args) -> list[dict]:
         rows += _sweep_rows(x, weight, bias, label, fwd_bytes, args)
     check = _check_conv(x, weight, bias, dy) if args.check else {}
 
-    tri = importlib.import_module("hybridseq.kernels.causal_conv1d_triton")
+    tri = importlib.import_module("hybridseq.kernels.conv1d.triton_conv")
     impls = {
         "triton": lambda t, wt, bi: causal_conv1d(t, wt, bi, "silu", impl="triton"),
         "triton (direct)": lambda t, wt, bi: tri.causal_conv1d_triton(t, wt, bi, "silu"),
@@ -319,7 +319,7 @@ def _decode_rows(shape, args) -> list[dict]:
     # conv update: reads x, state (w-1 rows), writes y, new state
     x, cs, wt, bi = r(b, d).to(dtype), r(b, w - 1, d).to(dtype), r(d, w).to(dtype), r(d).to(dtype)
     conv_bytes = (2 * b * d + 2 * b * (w - 1) * d) * e
-    rows += _step_rows("conv_update", f"B{b} D{d} W{w}", "causal_conv1d_triton", conv_bytes,
+    rows += _step_rows("conv_update", f"B{b} D{d} W{w}", "conv1d.triton_conv", conv_bytes,
                        causal_conv1d_update_ref(x, cs, wt, bi, "silu"),
                        lambda impl: causal_conv1d_update(x, cs, wt, bi, "silu", impl=impl), args)
     # selective state update
@@ -328,7 +328,7 @@ def _decode_rows(shape, args) -> list[dict]:
              B=r(b, n).to(dtype), C=r(b, n).to(dtype), D=r(d), z=r(b, d).to(dtype),
              dt_bias=r(d) * 0.5 - 3.0)
     ssu_bytes = 2 * b * d * n * 4 + 4 * b * d * e + 2 * b * n * e + d * n * 4 + 2 * d * 4
-    rows += _step_rows("state_update", f"B{b} D{d} N{n}", "selective_state_update_triton", ssu_bytes,
+    rows += _step_rows("state_update", f"B{b} D{d} N{n}", "scan.step_triton", ssu_bytes,
                        selective_state_update_ref(**t, dt_softplus=True),
                        lambda impl: selective_state_update(**t, dt_softplus=True, impl=impl), args)
     for op in ("conv_update", "state_update"):

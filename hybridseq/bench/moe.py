@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from hybridseq.bench.common import add_back_to_back_argument, preheat, time_fn
 from hybridseq.blocks.moe import MoEBlock, megablocks_available
 from hybridseq.blocks.moe_router import RouterOutput
-from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
+from hybridseq.kernels.moe.grouped_mlp import DEFAULT_LAYOUT
 
 COLUMNS = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "dense_ms", "host_syncs"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -113,8 +113,8 @@ def force_routing(blk: MoEBlock, indices: torch.Tensor) -> None:
     replaced by these indices, weights = their renormalised probabilities, and the slot counts
     recomputed for them (so a forced row pays what a learned router pays, plus a gather and a
     histogram)."""
-    from hybridseq.kernels.moe_permute import histogram
-    from hybridseq.kernels.router_topk import softmax_topk_stats
+    from hybridseq.kernels.moe.permute import histogram
+    from hybridseq.kernels.moe.router_topk import softmax_topk_stats
 
     router = blk.router
 
@@ -155,7 +155,7 @@ def _matmul_anchors(args, dtype, device, d, f_exp, e):
 
 
 def _permute_rows(args, dtype, device, d):
-    from hybridseq.kernels.moe_permute import (permute, permute_ref, sort_by_expert, unpermute,
+    from hybridseq.kernels.moe.permute import (permute, permute_ref, sort_by_expert, unpermute,
                                                unpermute_ref)
 
     rows = []
@@ -230,7 +230,7 @@ def _dense_fn(x, active_ff, act="torch"):
     separate gate and up GEMMs (on the two halves of the block's weight) and
     ``kernels.swiglu.silu_mul`` (Triton)."""
     from hybridseq.blocks.mlp import MLPBlock
-    from hybridseq.kernels.swiglu import silu_mul, swiglu
+    from hybridseq.kernels.activations.swiglu import silu_mul, swiglu
 
     if act not in DENSE_ACTS:
         raise ValueError(f"--dense-acts: {act!r} is not one of {DENSE_ACTS}")
@@ -369,7 +369,7 @@ def _gemm_layout_rows(args, dtype, device, d, f, e, k) -> list[dict]:
     """Each expert GEMM of the E x k config alone (balanced groups), per B operand layout:
     n = N-contiguous (row-major), k = K-contiguous (column-major); no copies timed. The wgrads
     are timed in the layout the op uses (x^T view, dh row-major)."""
-    from hybridseq.kernels.grouped_mlp import as_layout
+    from hybridseq.kernels.moe.grouped_mlp import as_layout
 
     m = args.tokens * k
     offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * (m // e)

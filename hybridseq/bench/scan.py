@@ -210,7 +210,7 @@ def _time_shape(shape, impl, args, device):
         (args.iters, args.warmup)
     row = {"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl}
     if impl == "triton":  # the segments that ran (forward: the one saving checkpoints)
-        sst = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+        sst = importlib.import_module("hybridseq.kernels.scan.triton_scan")
         row["fwd_split"] = sst.fwd_split(t["u"], t["A"], t["B"], t["C"], for_grad=backward)
         if backward:
             row["split"] = sst.bwd_split(t["u"], t["A"], t["B"], t["C"])
@@ -238,7 +238,7 @@ def _parse_configs(configs):
 @contextlib.contextmanager
 def _tuning(**overrides):
     """Temporarily set the Triton scan's block shapes (selective_scan_triton.TUNING)."""
-    mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+    mod = importlib.import_module("hybridseq.kernels.scan.triton_scan")
     saved = dict(mod.TUNING)
     mod.TUNING.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -83,9 +83,9 @@ def _no_reinit(p: nn.Parameter) -> nn.Parameter:
 
 
 def _conv_triton():
-    from ..kernels import causal_conv1d_triton
+    from ..kernels.conv1d import triton_conv
 
-    return causal_conv1d_triton
+    return triton_conv
 
 
 class _ConvProjFn(torch.autograd.Function):

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import resolve_ffn_dim
 from ..config.schema import BLOCK_DEFAULTS
 from ..errors import ConfigError
-from hybridseq.kernels.swiglu import swiglu
+from hybridseq.kernels.activations.swiglu import swiglu
 from .base import Block
 
 

@@ -58,9 +58,9 @@ from torch import nn
 
 from hybridseq.errors import ConfigError
 
-from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT
-from hybridseq.kernels.moe_permute import argsort_experts, histogram
-from hybridseq.kernels.swiglu import swiglu
+from hybridseq.kernels.moe.grouped_mlp import DEFAULT_LAYOUT
+from hybridseq.kernels.moe.permute import argsort_experts, histogram
+from hybridseq.kernels.activations.swiglu import swiglu
 
 from .base import Block
 from .moe_experts import expert_activation, experts_grouped, experts_loop

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridseq.kernels.grouped_gemm import grouped_mm
-from hybridseq.kernels.grouped_mlp import DEFAULT_LAYOUT, grouped_mlp, grouped_mlp_supported
-from hybridseq.kernels.moe_permute import permute, sort_by_expert, unpermute
+from hybridseq.kernels.moe.grouped_gemm import grouped_mm
+from hybridseq.kernels.moe.grouped_mlp import DEFAULT_LAYOUT, grouped_mlp, grouped_mlp_supported
+from hybridseq.kernels.moe.permute import permute, sort_by_expert, unpermute
 
 
 def expert_activation(a: torch.Tensor, activation: str) -> torch.Tensor:

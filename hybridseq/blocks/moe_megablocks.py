@@ -25,7 +25,7 @@ import importlib.util
 
 import torch
 
-from hybridseq.kernels.moe_permute import histogram
+from hybridseq.kernels.moe.permute import histogram
 
 from .moe_experts import expert_activation
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from hybridseq.errors import ConfigError
-from hybridseq.kernels.moe_permute import permute, sort_by_expert, unpermute
+from hybridseq.kernels.moe.permute import permute, sort_by_expert, unpermute
 
 from .moe_experts import run_sorted_experts
 

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridseq.kernels.moe_permute import histogram
-from hybridseq.kernels.router_logits import router_logits_tap
-from hybridseq.kernels.router_topk import RoutingStats, softmax_topk_stats
+from hybridseq.kernels.moe.permute import histogram
+from hybridseq.kernels.moe.router_logits import router_logits_tap
+from hybridseq.kernels.moe.router_topk import RoutingStats, softmax_topk_stats
 
 ROUTER_KINDS = ("softmax", "sigmoid", "sinkhorn")
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan_triton_fwd import (_delta_to_dt, _linrec_combine, _load_params, _softplus,
+from .triton_fwd import (_delta_to_dt, _linrec_combine, _load_params, _softplus,
                                         _tile_index)
 
 LN2 = tl.constexpr(0.6931471805599453)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_available
+from ..backend import resolve
 
 ROUTER_LOGITS_IMPLS = ("auto", "torch", "triton")
 
@@ -55,11 +55,9 @@ class _RouterLogits(torch.autograd.Function):
 
 
 def _resolve(impl: str, x: torch.Tensor) -> str:
-    if impl not in ROUTER_LOGITS_IMPLS:
-        raise ValueError(f"router logits impl must be one of {'|'.join(ROUTER_LOGITS_IMPLS)}, got {impl!r}")
-    if impl == "auto":
-        impl = "triton" if x.is_cuda and triton_available() else "torch"
-    return "torch" if x.dtype == torch.float64 else impl
+    if x.dtype == torch.float64:  # the reference's own precision: no kernel
+        impl = "torch" if impl in ROUTER_LOGITS_IMPLS else impl
+    return resolve("router logits", impl, x, choices=ROUTER_LOGITS_IMPLS)
 
 
 def router_logits_tap(x: torch.Tensor, w: torch.Tensor, impl: str = "torch"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .selective_scan_triton_fwd import (_carry_piece, _delta_to_dt, _linrec_combine, _load_params,
+from .triton_fwd import (_carry_piece, _delta_to_dt, _linrec_combine, _load_params,
                                         _tile_index)
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_interpreting
+from ..backend import interpreting as triton_interpreting
 
 
 @triton.jit

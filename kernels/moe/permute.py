@@ -26,12 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_available
-
-# bins (experts + 1) up to which the Triton counting sort runs (moe_sort_triton.MAX_BINS: the
-# scatter kernel compares each block's slots with next_pow2(bins + 1) bins)
-SORT_MAX_BINS = 512
-
+from ..backend import resolve
 
 def histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
     """counts[b] = #{values == b} for int values in [0, n_bins), int64. Unlike ``torch.bincount``
@@ -62,10 +57,11 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int, impl: str = "auto"):
     (``moe_sort_triton``: a counting sort in three launches; up to 511 experts) or ``auto``
     (triton on CUDA when Triton imports and the expert count fits)."""
     flat = indices.reshape(-1)
-    if _use_triton(flat, impl) and n_experts + 1 <= SORT_MAX_BINS and flat.numel() < 2 ** 31:
-        from .moe_sort_triton import sort_by_bin_triton
+    if _use_triton(flat, impl) and flat.numel() < 2 ** 31:
+        from .sort_triton import MAX_BINS, sort_by_bin_triton
 
-        return sort_by_bin_triton(flat, n_experts + 1)
+        if n_experts + 1 <= MAX_BINS:
+            return sort_by_bin_triton(flat, n_experts + 1)
     order = argsort_experts(flat, n_experts)
     counts = histogram(flat, n_experts + 1)
     inv = torch.empty_like(order)
@@ -100,7 +96,7 @@ class _PermuteTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, src, inv, k):
-        from .moe_permute_triton import gather_sum
+        from .permute_triton import gather_sum
 
         ctx.save_for_backward(inv)
         ctx.k = k
@@ -108,7 +104,7 @@ class _PermuteTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .moe_permute_triton import gather_sum
+        from .permute_triton import gather_sum
 
         (inv,) = ctx.saved_tensors
         return gather_sum(grad, inv, ctx.k), None, None, None
@@ -119,14 +115,14 @@ class _UnpermuteTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_perm, inv, weights):
-        from .moe_permute_triton import gather_sum
+        from .permute_triton import gather_sum
 
         ctx.save_for_backward(y_perm, inv, weights)
         return gather_sum(y_perm, inv, weights.shape[1], weights.reshape(-1))
 
     @staticmethod
     def backward(ctx, grad):
-        from .moe_permute_triton import scatter_scale_dot
+        from .permute_triton import scatter_scale_dot
 
         y_perm, inv, weights = ctx.saved_tensors
         g_y, g_w = scatter_scale_dot(grad, y_perm, inv, weights.reshape(-1))
@@ -134,11 +130,7 @@ class _UnpermuteTriton(torch.autograd.Function):
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"moe permute impl must be auto|torch|triton, got {impl!r}")
-    if impl == "auto":
-        return t.is_cuda and triton_available()
-    return impl == "triton"
+    return resolve("moe permute", impl, t, choices=("auto", "torch", "triton")) == "triton"
 
 
 def permute(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, top_k: int,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_selective_scan_args, compute_dtype, expand_groups
+from .._utils import check_selective_scan_args, compute_dtype, expand_groups
 
 
 def selective_scan_ref(

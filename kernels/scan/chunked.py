@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._utils import check_selective_scan_args, compute_dtype
+from .._utils import check_selective_scan_args, compute_dtype
 
 DEFAULT_CHUNK_SIZE = None  # None: auto_chunk_size(); see there for the measurements behind it
 CHUNK_ELEMENTS = 1 << 18  # per-chunk buffer size of the auto choice: 1 MiB in float32

@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from .swiglu import swiglu_bwd, swiglu_fwd
+from ..activations.swiglu import swiglu_bwd, swiglu_fwd
 
 LAYOUTS = ("auto", "n.k", "k.k", "n.n", "k.n")
 DEFAULT_LAYOUT = "auto"

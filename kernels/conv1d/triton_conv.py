@@ -49,13 +49,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
-from ._utils import check_causal_conv1d_args, check_causal_conv1d_update_args
+from .._launch import launch
+from ..backend import interpreting
+from .._utils import check_causal_conv1d_args, check_causal_conv1d_update_args
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "causal_conv1d_fwd",
            "causal_conv1d_bwd"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # Triton read the same variable when it decorated the kernels
 
 
 def _alloc(shape, dtype, device):

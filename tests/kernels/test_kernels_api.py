@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import hybridseq.kernels as K
+from hybridseq.kernels import backend, scan
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def scan_inputs(b=2, l=7, d=4, n=3, g=None):
@@ -28,7 +29,7 @@ def test_exports():
 def test_import_does_not_import_triton():
     code = ("import sys, hybridseq.kernels as K; "
             "assert 'triton' not in sys.modules, 'triton imported'; "
-            "assert 'hybridseq.kernels.selective_scan_triton' not in sys.modules")
+            "assert 'hybridseq.kernels.scan.triton_scan' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -50,24 +51,24 @@ def test_selective_scan_impls_agree_with_ref(impl):
                                           ("ref", "selective_scan_ref")])
 def test_selective_scan_dispatch_on_cpu(monkeypatch, impl, target):
     calls = []
-    real = getattr(K, target)
+    real = getattr(scan, target)
 
     def spy(*a, **k):
         calls.append(target)
         return real(*a, **k)
 
-    monkeypatch.setattr(K, target, spy)
+    monkeypatch.setattr(scan, target, spy)
     K.selective_scan(*scan_inputs(), impl=impl)
     assert calls == [target]
 
 
 def test_triton_impl_dispatches_to_the_triton_module(monkeypatch):
-    """Under TRITON_INTERPRET=1 impl='triton' calls kernels/selective_scan_triton.py."""
-    if not K.triton_available() or not K._module_present("selective_scan_triton"):
-        pytest.skip("triton or kernels/selective_scan_triton.py missing")
+    """Under TRITON_INTERPRET=1 impl='triton' calls kernels/scan/triton_scan.py."""
+    if not K.triton_available():
+        pytest.skip("triton is not installed")
     import importlib
 
-    mod = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+    mod = importlib.import_module("hybridseq.kernels.scan.triton_scan")
     calls = []
     monkeypatch.setattr(mod, "run_selective_scan_triton", lambda *a, **k: calls.append(k) or "T")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -81,29 +82,19 @@ def test_bad_impl_is_a_clear_error():
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(K, "_TRITON_STATUS", (True, ""))
+    monkeypatch.setattr(backend, "_STATUS", [(True, "")])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         K.selective_scan(*scan_inputs(), impl="triton")
 
 
 def test_triton_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(K, "_TRITON_STATUS", (False, "the 'triton' package is not installed"))
+    monkeypatch.setattr(backend, "_STATUS", [(False, "the 'triton' package is not installed")])
     with pytest.raises(RuntimeError, match="Triton is unavailable: the 'triton' package"):
         K.selective_scan(*scan_inputs(), impl="triton")
     # auto falls back to the torch path
     y = K.selective_scan(*scan_inputs(), impl="auto")
     assert y.shape == (2, 7, 4)
-
-
-def test_triton_module_missing_is_not_implemented(monkeypatch):
-    monkeypatch.setattr(K, "_TRITON_STATUS", (True, ""))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(K, "_module_present", lambda name: False)
-    with pytest.raises(NotImplementedError, match="selective_scan_triton.py is missing"):
-        K.selective_scan(*scan_inputs(), impl="triton")
-    with pytest.raises(NotImplementedError, match="causal_conv1d_triton.py is missing"):
-        K.causal_conv1d(torch.randn(1, 5, 3), torch.randn(3, 4), impl="triton")
 
 
 def test_selective_scan_checks_shapes():

@@ -111,7 +111,7 @@ def conv_mod(monkeypatch):
     """The Triton module with small tiles and chunks (at seqlen 67: three backward chunks of two
     tiles each, so dweight/dbias accumulate across tiles and across chunks) and outputs poisoned
     with NaN, so an element the kernel forgets to write fails the comparison."""
-    mod = importlib.import_module("hybridseq.kernels.causal_conv1d_triton")
+    mod = importlib.import_module("hybridseq.kernels.conv1d.triton_conv")
     monkeypatch.setitem(mod._INTERP_META, "BL", 16)
     monkeypatch.setattr(mod, "BWD_CHUNK_ROWS", 32)
     monkeypatch.setattr(mod, "_alloc", lambda shape, dtype, device: torch.full(

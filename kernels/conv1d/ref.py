@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_causal_conv1d_args, check_causal_conv1d_update_args, compute_dtype
+from .._utils import check_causal_conv1d_args, check_causal_conv1d_update_args, compute_dtype
 
 __all__ = ["causal_conv1d_ref", "causal_conv1d_update_ref"]
 

@@ -81,7 +81,7 @@ def poisoned(monkeypatch):
     """The Triton module with outputs pre-filled with NaN (catches unwritten elements). Tensors
     made inside the test live on CUDA when there is one (compiled kernels), else on the CPU
     (interpreter, TRITON_INTERPRET=1 from conftest)."""
-    mod = importlib.import_module("hybridseq.kernels.selective_state_update_triton")
+    mod = importlib.import_module("hybridseq.kernels.scan.step_triton")
     monkeypatch.setattr(mod, "_alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
     torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")

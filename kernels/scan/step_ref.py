@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_selective_state_update_args, compute_dtype
+from .._utils import check_selective_state_update_args, compute_dtype
 
 __all__ = ["selective_state_update_ref"]
 

@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_permute import SORT_MAX_BINS
-
 BLOCK_S = 64
-MAX_BINS = SORT_MAX_BINS
+# bins (experts + 1) the counting sort takes: the scatter kernel compares each block's slots
+# with next_pow2(bins + 1) bins
+MAX_BINS = 512
 SCAN_BLOCK = 1024  # blocks per step of the per-bin scan (tests lower it to run its loop)
 
 

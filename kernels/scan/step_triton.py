@@ -13,17 +13,17 @@ written once: the kernel moves 2 * b * d * n * 4 bytes plus the small vectors. f
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_selective_state_update_args
+from ..backend import interpreting
+from .._utils import check_selective_state_update_args
 
 __all__ = ["selective_state_update_triton"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # Triton read the same variable when it decorated the kernels
 
 
 def _alloc(shape, dtype, device):

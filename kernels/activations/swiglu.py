@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backend import resolve
+
 SWIGLU_IMPLS = ("auto", "torch", "triton")
 
 
@@ -51,17 +53,7 @@ def swiglu_bwd_ref(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    if impl not in SWIGLU_IMPLS:
-        raise ValueError(f"swiglu impl must be one of {'|'.join(SWIGLU_IMPLS)}, got {impl!r}")
-    if impl == "auto":
-        if not t.is_cuda:
-            return False
-        try:
-            import triton  # noqa: F401
-        except Exception:
-            return False
-        return True
-    return impl == "triton"
+    return resolve("swiglu", impl, t, choices=SWIGLU_IMPLS) == "triton"
 
 
 def _check(h: torch.Tensor) -> None:

@@ -12,9 +12,9 @@ import importlib
 import pytest
 import torch
 
-from hybridseq.kernels.selective_scan_ref import selective_scan_ref
+from hybridseq.kernels.scan.ref import selective_scan_ref
 
-sst = importlib.import_module("hybridseq.kernels.selective_scan_triton")
+sst = importlib.import_module("hybridseq.kernels.scan.triton_scan")
 selective_scan_triton = sst.selective_scan_triton
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -305,9 +305,9 @@ import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hybridseq.kernels import (selective_scan_triton_bwd as bwd, selective_scan_triton_fwd as fwd,
-                               selective_scan_triton_bwd_carry as bc,
-                               selective_scan_triton_fwd_carry as fc)
+from hybridseq.kernels.scan import (triton_bwd as bwd, triton_fwd as fwd,
+                               triton_bwd_carry as bc,
+                               triton_fwd_carry as fc)
 
 def build(kernel, bf16_ptrs, consts, num_warps=1):
     sig = {}
@@ -349,7 +349,7 @@ def test_kernels_compile_for_sm90():
     except Exception as e:  # a Triton build without the CUDA backend
         pytest.skip(f"no Triton CUDA backend: {e}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
@@ -369,7 +369,7 @@ def test_gpu_real_shapes_poisoned(shape, monkeypatch, tuning):
     reference is the chunked PyTorch path in float64 (tested against selective_scan_ref
     elsewhere), fast enough at these sizes. The sequence splits: automatic (None; the L=65536
     backward splits on its own) or forced (forward and backward)."""
-    from hybridseq.kernels.selective_scan_chunked import selective_scan_chunked
+    from hybridseq.kernels.scan.chunked import selective_scan_chunked
 
     monkeypatch.setattr(sst, "POISON_OUTPUTS", True)
     b, d, l, n, dtype, split = shape

@@ -38,12 +38,12 @@ import os
 
 import torch
 
-from ._launch import launch
-from ._utils import check_selective_scan_args
-from .selective_scan_triton_bwd import _scan_bwd_kernel
-from .selective_scan_triton_bwd_carry import _scan_bwd_carry_kernel
-from .selective_scan_triton_fwd import _scan_fwd_kernel
-from .selective_scan_triton_fwd_carry import _scan_fwd_carry_kernel
+from .._launch import launch
+from .._utils import check_selective_scan_args
+from .triton_bwd import _scan_bwd_kernel
+from .triton_bwd_carry import _scan_bwd_carry_kernel
+from .triton_fwd import _scan_fwd_kernel
+from .triton_fwd_carry import _scan_fwd_carry_kernel
 
 # Block shapes. ``TUNING["fwd"|"bwd"]`` = (BLOCK_T, BLOCK_D, NO, num_warps[, maxnreg])
 # overrides the heuristic (used by the tests and by `hybridseq bench scan --sweep`); None: the

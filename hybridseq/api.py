@@ -14,10 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from .cache import HybridCache
-from .config import config_hash, load_config, save_config
+from .config import HybridConfig, config_hash, load_config, save_config
 from .errors import ConfigError, HybridSeqError
 from .model import HybridLM
 
@@ -36,13 +35,9 @@ def resolve_vocab(cfg, vocab_size: int | None = None) -> int:
         return int(v)
     if vocab_size is not None:
         return int(vocab_size)
-    task = cfg.get("train", {}).get("task") if hasattr(cfg, "get") else None
-    if task is None:
-        raise ConfigError("is 'auto' but the config names no train.task and no vocab_size was "
-                          "given", key="model.vocab_size")
-    from .data import task_vocab_size  # data sits above api; imported only here
+    from .data import task_vocab_size
 
-    return int(task_vocab_size(task))
+    return int(task_vocab_size(cfg.train.task))
 
 
 def build_model(cfg, vocab_size: int | None = None) -> HybridLM:
@@ -50,17 +45,14 @@ def build_model(cfg, vocab_size: int | None = None) -> HybridLM:
     ``load_config`` accepts). ``model.vocab_size: auto`` becomes ``vocab_size`` or the task's
     vocabulary, padded to ``model.pad_vocab_multiple`` inside the model; ``model.cfg`` is the
     config with the resolved (unpadded) vocabulary."""
-    if not isinstance(cfg, DictConfig) or "stack" not in cfg:
+    if not isinstance(cfg, HybridConfig):
         cfg = load_config(cfg)
-    v = resolve_vocab(cfg, vocab_size)
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    resolved.model.vocab_size = v
-    return HybridLM(resolved)
+    return HybridLM(cfg.with_vocab(resolve_vocab(cfg, vocab_size)))
 
 
 def _source_config(cfg) -> dict:
     """A plain config dict without the keys ``load_config`` derives."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c = load_config(cfg).to_dict()
     return {k: v for k, v in c.items() if k not in _DERIVED_KEYS}
 
 

@@ -10,11 +10,13 @@ every row of the batch: prompts have equal lengths).
     cache.save("doc.cartridge")          # safetensors: every state tensor + metadata
     cache = hs.load_cache("doc.cartridge", model)   # continue exactly where it was
 
-State tensors are updated in two ways: the ordinary forward may *replace* a dict entry (Mamba's
-functional kernels return new states; attention writes its KV buffers in place), and the
-static-buffer decode step (``hybridseq.decode_graph.GraphedDecodeStep``, CUDA graphs) writes
-fixed tensors in place and re-binds replaced entries to them before each step. Either way
-``states`` always holds the current state, so ``save`` works at any point.
+Every block updates its state tensors in place (a prefill copies its final states in; a
+one-token step writes them), so ``states`` always holds the current state and the same tensors
+for the life of the cache: ``save`` works at any point, and a CUDA graph of the decode step
+(``hybridseq.decode_graph.GraphedDecodeStep``) keeps reading the right buffers. The position
+exists twice: ``seqlen_offset`` on the host (shapes, checks) and ``position``, a 0-d int64
+tensor on the states' device that the one-token step reads (RoPE, the KV slot) and advances
+without a host synchronisation.
 
 The file holds tensors ``layers.<i>.<name>`` and string metadata: ``format``
 ("hybridseq-cache"), ``hybridseq_version``, ``config_hash`` (``hybridseq.config.config_hash`` of
@@ -46,7 +48,7 @@ class HybridCache:
 
     def __init__(self, states: list[dict[str, torch.Tensor] | None], *, batch_size: int,
                  max_seq_len: int, dtype: torch.dtype, layout: list[str], config_hash: str = "",
-                 weights_fingerprint: str = "", seqlen_offset: int = 0):
+                 weights_fingerprint: str = "", seqlen_offset: int = 0, device=None):
         self.states = states
         self.batch_size = int(batch_size)
         self.max_seq_len = int(max_seq_len)
@@ -54,7 +56,29 @@ class HybridCache:
         self.layout = list(layout)
         self.config_hash = config_hash
         self.weights_fingerprint = weights_fingerprint
+        dev = device if device is not None else self.device
+        self.position = torch.zeros((), dtype=torch.long, device=dev)
+        self._offset = 0
         self.seqlen_offset = int(seqlen_offset)
+
+    # --- position ----------------------------------------------------------------------------
+    @property
+    def seqlen_offset(self) -> int:
+        """Tokens already absorbed (the host copy of ``position``)."""
+        return self._offset
+
+    @seqlen_offset.setter
+    def seqlen_offset(self, value: int) -> None:
+        self._offset = int(value)
+        self.position.fill_(self._offset)
+
+    def advance(self, n: int, *, on_device: bool = True) -> None:
+        """Count ``n`` more tokens: on the host, and (``on_device``) in ``position`` with a device
+        op that a CUDA graph captures. A replayed graph advances ``position`` by itself: its
+        owner then counts on the host only (``on_device=False``)."""
+        self._offset += int(n)
+        if on_device:
+            self.position.add_(int(n))
 
     # --- views -------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -165,7 +189,6 @@ class HybridCache:
             raise HybridSeqError(f"{path}: cache tensors do not match the model "
                                  f"(missing {missing[:4]}, unexpected {extra[:4]})")
         for name, t in tensors.items():
-            i, key = name.split(".")[1], name.split(".", 2)[2]
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise HybridSeqError(f"{path}: {name} has shape {tuple(t.shape)}, the model "
                                      f"expects {tuple(expected[name].shape)}")

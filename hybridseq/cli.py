@@ -73,7 +73,7 @@ def _load(layout: str, overrides):
 
 
 def cmd_show(args) -> int:
-    from .bench.common import format_table
+    from .tables import format_table
     from .train.accounting import account, human
 
     if not args.items:
@@ -263,7 +263,7 @@ def cmd_plugin(name: str, argv: list[str]) -> int:
         args = parser.parse_args(argv)
     result = module.run(args)
     if isinstance(result, list):  # rows, like a bench module
-        from .bench.common import format_table
+        from .tables import format_table
 
         print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else format_table(result))
         return 0

@@ -8,10 +8,12 @@
 are aligned with ``input_ids`` (``labels[:, t]`` scores ``logits[:, t]``; the data tasks shift for
 language modelling), ``-100`` is ignored; ``loss = cross_entropy + aux_loss``, where ``aux_loss``
 is the sum of the MoE blocks' auxiliary losses (zero without MoE). ``doc_ids`` (B, L) integer:
-packed sequences; a document is a maximal run of equal ids, and attention layers see only their
-own document (RoPE positions restart at each document start); token-wise layers (mlp, moe) need
-nothing. Mamba layers would carry conv/scan state across documents: not supported yet
-(NotImplementedError naming the layer), nor with a cache.
+packed sequences; a document is a maximal run of equal ids, and no block lets state or attention
+cross a document boundary (each kind's ``documents`` says how it takes them).
+
+With a ``cache``: a chunk of any length continues the cache (a prefill); one token per row goes
+through each block's ``step``, which updates the cache in place with no host synchronisation,
+so this one-token forward is what ``decode_graph.GraphedDecodeStep`` captures in a CUDA graph.
 
 Initialisation: every weight matrix (ndim >= 2) ~ N(0, init_std), Linear biases 0, norms 1;
 parameters tagged ``_no_reinit`` (Mamba's A_log, D, dt projection and conv) keep their block's
@@ -21,7 +23,8 @@ branch, as GPT-2 (whose 2 per layer give 1/sqrt(2 n_layer)) and mamba_ssm (1 per
 
 The vocabulary is ``model.vocab_size`` rounded up to ``model.pad_vocab_multiple``.
 Parameter counts, FLOPs and state sizes have closed forms (``param_counts``,
-``flops_per_token``, ``state_bytes``, ``layer_table``) that need only the config.
+``flops_per_token``, ``state_bytes``, ``layer_table``) that need only the config: each block
+kind's spec provides them.
 """
 from __future__ import annotations
 
@@ -32,13 +35,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import block_class, build_block, full_spec, make_norm, norm_param_count
+from .blocks.norm import make_norm
+from .blocks.spec import norm_param_count
 from .cache import HybridCache
-from .config import config_hash as _config_hash
+from .config import HybridConfig, config_hash as _config_hash, load_config
 from .errors import ConfigError, HybridSeqError
 
 IGNORE_INDEX = -100
@@ -59,32 +62,19 @@ class ModelOutput:
 # ----------------------------------------------------------------------------------------------
 # closed forms from the config
 # ----------------------------------------------------------------------------------------------
-def _plain(cfg) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
+def _typed(cfg) -> HybridConfig:
+    return cfg if isinstance(cfg, HybridConfig) else load_config(cfg)
 
 
 def padded_vocab_size(cfg, vocab_size: int | None = None) -> int:
     """``vocab_size`` (or ``model.vocab_size``) rounded up to ``model.pad_vocab_multiple``."""
-    m = _plain(cfg)["model"]
-    v = m["vocab_size"] if vocab_size is None else vocab_size
+    m = _typed(cfg).model
+    v = m.vocab_size if vocab_size is None else vocab_size
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ConfigError(f"vocab_size must be a positive int here, got {v!r} (build the model "
                           "with hs.build_model(cfg), which resolves 'auto' from the task)",
                           key="model.vocab_size")
-    mult = int(m.get("pad_vocab_multiple") or 1)
-    return -(-v // mult) * mult
-
-
-def _layers(cfg) -> list[tuple[str, str, dict]]:
-    """(symbol, kind, full spec) per sublayer."""
-    c = _plain(cfg)
-    out = []
-    for sym in c["stack"]:
-        spec = c["blocks"][sym]
-        out.append((sym, spec["kind"], full_spec(spec["kind"], spec)))
-    return out
+    return m.padded_vocab(v)
 
 
 def layer_table(cfg, *, seq_len: int = 2048, max_seq_len: int | None = None,
@@ -92,49 +82,48 @@ def layer_table(cfg, *, seq_len: int = 2048, max_seq_len: int | None = None,
     """One row per sublayer: index, symbol, kind, params, active_params, flops_per_token (at
     ``seq_len``), state_bytes (per sequence at ``max_seq_len``, default ``seq_len``).
     Norms are not included (see ``param_counts``)."""
-    d = int(_plain(cfg)["model"]["d_model"])
-    L = max_seq_len or seq_len
+    c = _typed(cfg)
+    d = c.model.d_model
+    T = max_seq_len or seq_len
     rows = []
-    for i, (sym, kind, spec) in enumerate(_layers(cfg)):
-        cls = block_class(kind)
-        total, active = cls.param_count(d, spec)
-        rows.append({"index": i, "symbol": sym, "kind": kind, "params": total,
-                     "active_params": active, "flops_per_token": cls.flops_per_token(d, spec, seq_len),
-                     "state_bytes": cls.state_bytes(d, spec, L, dtype_bytes)})
+    for i, (sym, spec) in enumerate(c.layers()):
+        total, active = spec.param_count(d)
+        rows.append({"index": i, "symbol": sym, "kind": spec.kind, "params": total,
+                     "active_params": active, "flops_per_token": spec.flops_per_token(d, seq_len),
+                     "state_bytes": spec.state_bytes(d, T, dtype_bytes)})
     return rows
 
 
 def param_counts(cfg, vocab_size: int | None = None) -> tuple[int, int]:
     """Exact (total, active) parameter counts: embedding V d, untied head V d, one norm per
     sublayer plus the final norm, and every block's closed form. V is the padded vocabulary."""
-    c = _plain(cfg)
-    m = c["model"]
-    d = int(m["d_model"])
+    c = _typed(cfg)
+    m = c.model
+    d = m.d_model
     V = padded_vocab_size(c, vocab_size)
-    base = V * d * (1 if m["tie_embeddings"] else 2)
-    n = len(c["stack"])
-    base += (n + 1) * norm_param_count(m["norm"], d)
+    base = V * d * (1 if m.tie_embeddings else 2) + (len(c.stack) + 1) * norm_param_count(m.norm, d)
     total = active = base
-    for row in layer_table(c, seq_len=1):
-        total += row["params"]
-        active += row["active_params"]
+    for _, spec in c.layers():
+        t, a = spec.param_count(d)
+        total += t
+        active += a
     return total, active
 
 
 def flops_per_token(cfg, seq_len: int, vocab_size: int | None = None) -> float:
     """Forward FLOPs per token at training length ``seq_len``: the blocks' closed forms plus the
     LM head 2 d V (embedding lookups and norms not counted). Training ~ 3x this."""
-    c = _plain(cfg)
-    d = int(c["model"]["d_model"])
+    c = _typed(cfg)
+    d = c.model.d_model
     V = padded_vocab_size(c, vocab_size)
-    return float(sum(r["flops_per_token"] for r in layer_table(c, seq_len=seq_len)) + 2 * d * V)
+    return float(sum(spec.flops_per_token(d, seq_len) for _, spec in c.layers()) + 2 * d * V)
 
 
 def state_bytes(cfg, max_seq_len: int, dtype_bytes: int = 2) -> int:
     """Inference cache bytes per sequence (Mamba states constant; KV caches grow to the window
     or ``max_seq_len``)."""
-    return int(sum(r["state_bytes"] for r in layer_table(cfg, seq_len=max_seq_len,
-                                                         dtype_bytes=dtype_bytes)))
+    c = _typed(cfg)
+    return int(sum(spec.state_bytes(c.model.d_model, max_seq_len, dtype_bytes) for _, spec in c.layers()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,45 +140,42 @@ class Sublayer(nn.Module):
         self.kind = block.kind
 
     def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids=None) -> torch.Tensor:
-        if doc_ids is None or self.kind != "attention":  # other kinds: token-wise (or refused)
-            return x + self.block(self.norm(x), state, offset)
-        return x + self.block(self.norm(x), state, offset, doc_ids=doc_ids)
+        return x + self.block(self.norm(x), state, offset, doc_ids)
+
+    def step(self, x: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:
+        return x + self.block.step(self.norm(x), state, pos)
 
 
 class HybridLM(nn.Module):
-    """A hybrid language model built from a config of ``hybridseq.load_config`` whose
+    """A hybrid language model built from a ``HybridConfig`` (``hybridseq.load_config``) whose
     ``model.vocab_size`` is an int (``hs.build_model`` resolves "auto")."""
 
     def __init__(self, cfg):
         super().__init__()
-        if not isinstance(cfg, DictConfig) or "stack" not in cfg:
-            from .config import load_config
-
-            cfg = load_config(cfg)
+        cfg = _typed(cfg)
         self.cfg = cfg
-        c = _plain(cfg)
-        m = c["model"]
-        self.d_model = d = int(m["d_model"])
-        self.vocab_size = padded_vocab_size(c)
-        self.vocab_size_unpadded = int(m["vocab_size"])
-        self.tie_embeddings = bool(m["tie_embeddings"])
-        self.stack = list(c["stack"])
-        layers = _layers(c)
-        self.layout = [kind for _, kind, _ in layers]
+        m = cfg.model
+        self.d_model = d = m.d_model
+        self.vocab_size = padded_vocab_size(cfg)
+        self.vocab_size_unpadded = int(m.vocab_size)
+        self.tie_embeddings = bool(m.tie_embeddings)
+        self.stack = list(cfg.stack)
+        layers = cfg.layers()
+        self.layout = [spec.kind for _, spec in layers]
         n = len(layers)
         if n == 0:
             raise ConfigError("the layout has no sublayers", key="layout")
-        self.checkpointing = set(m.get("checkpointing") or [])
-        self.config_hash = _config_hash(c)
+        self.checkpointing = set(m.checkpointing)
+        self.config_hash = _config_hash(cfg)
 
         self.embed = nn.Embedding(self.vocab_size, d)
         self.layers = nn.ModuleList(
-            Sublayer(make_norm(m["norm"], d, m["norm_eps"]), build_block(kind, d, spec, i, n), sym)
-            for i, (sym, kind, spec) in enumerate(layers)
+            Sublayer(make_norm(m.norm, d, m.norm_eps), spec.build(d, layer_idx=i, n_layers=n), sym)
+            for i, (sym, spec) in enumerate(layers)
         )
-        self.norm_f = make_norm(m["norm"], d, m["norm_eps"])
+        self.norm_f = make_norm(m.norm, d, m.norm_eps)
         self.lm_head = None if self.tie_embeddings else nn.Linear(d, self.vocab_size, bias=False)
-        self.reset_parameters(float(m["init_std"]), bool(m["rescale_residual"]))
+        self.reset_parameters(float(m.init_std), bool(m.rescale_residual))
 
     @torch.no_grad()
     def reset_parameters(self, init_std: float = 0.02, rescale_residual: bool = True) -> None:
@@ -213,37 +199,31 @@ class HybridLM(nn.Module):
                 doc_ids: torch.Tensor | None = None) -> ModelOutput:
         """``logits_to_keep > 0``: compute the logits of the last ``logits_to_keep`` positions
         only (a long prefill then never materialises (B, L, V) logits); not with ``labels``.
-        ``doc_ids`` (B, L): document mask for packed sequences (module docstring)."""
+        ``doc_ids`` (B, L): packed documents (module docstring)."""
         if input_ids.dim() != 2:
             raise HybridSeqError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         B, L = input_ids.shape
         if doc_ids is not None:
             self._check_doc_ids(doc_ids, input_ids, cache)
-        offset = 0
-        if cache is not None:
-            if cache.batch_size != B:
-                raise HybridSeqError(f"the cache holds batch {cache.batch_size}, input_ids has {B} rows")
-            if len(cache.states) != len(self.layers):
-                raise HybridSeqError("this cache was made for another model (layer count differs)")
-            offset = cache.seqlen_offset
         x = self.embed(input_ids)
         aux = torch.zeros((), device=x.device, dtype=torch.float32)
         metrics: dict[str, Any] = {}
-        use_ckpt = bool(self.checkpointing) and self.training and torch.is_grad_enabled() \
-            and cache is None
+        if cache is not None:
+            x = self._forward_cached(x, cache)
+        else:
+            use_ckpt = bool(self.checkpointing) and self.training and torch.is_grad_enabled()
+            for layer in self.layers:
+                if use_ckpt and layer.kind in self.checkpointing:
+                    x = checkpoint(layer, x, None, 0, doc_ids, use_reentrant=False)
+                else:
+                    x = layer(x, None, 0, doc_ids)
         for i, layer in enumerate(self.layers):
-            if use_ckpt and layer.kind in self.checkpointing:
-                x = checkpoint(layer, x, None, 0, doc_ids, use_reentrant=False)
-            else:
-                x = layer(x, None if cache is None else cache.states[i], offset, doc_ids)
             blk = layer.block
             a = getattr(blk, "aux_loss", None)
             if isinstance(a, torch.Tensor):
                 aux = aux + a.float()
             for k, v in (getattr(blk, "metrics", None) or {}).items():
                 metrics[f"{i}.{k}"] = v
-        if cache is not None:
-            cache.seqlen_offset = offset + L
         if logits_to_keep:
             if labels is not None:
                 raise HybridSeqError("logits_to_keep cannot be combined with labels")
@@ -258,7 +238,36 @@ class HybridLM(nn.Module):
             metrics["ce_loss"] = ce.detach()
         return ModelOutput(logits=logits, aux_loss=aux, loss=loss, metrics=metrics)
 
-    _DOC_KINDS = ("attention", "mlp", "moe")  # kinds correct under doc_ids (mask, or token-wise)
+    def _forward_cached(self, x: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """The stack over a cache: one token per row through every block's ``step`` (in place,
+        no host synchronisation: what a CUDA graph captures), a longer chunk through the blocks'
+        sequence forward. Advances the cache by the chunk's length."""
+        B, L = x.shape[:2]
+        if cache.batch_size != B:
+            raise HybridSeqError(f"the cache holds batch {cache.batch_size}, input_ids has {B} rows")
+        if len(cache.states) != len(self.layers):
+            raise HybridSeqError("this cache was made for another model (layer count differs)")
+        offset = cache.seqlen_offset
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.check_room(cache, offset, L)  # (under capture the graph's owner checks)
+        if L == 1:
+            pos = cache.position
+            for layer, st in zip(self.layers, cache.states):
+                x = layer.step(x, st, pos)
+        else:
+            for layer, st in zip(self.layers, cache.states):
+                x = layer(x, st, offset)
+        cache.advance(L)
+        return x
+
+    def check_room(self, cache: HybridCache, offset: int, n: int) -> None:
+        """Raise when ``n`` more tokens after ``offset`` do not fit a full-attention KV cache."""
+        for layer, st in zip(self.layers, cache.states):
+            cap = layer.block.state_capacity(st) if st is not None else None
+            if cap is not None and offset + n > cap:
+                raise HybridSeqError(
+                    f"attention KV cache is full: it holds max_seq_len={cap} tokens, but {offset} are "
+                    f"cached and {n} more were given (make the cache with a larger max_seq_len)")
 
     def _check_doc_ids(self, doc_ids, input_ids, cache) -> None:
         if tuple(doc_ids.shape) != tuple(input_ids.shape):
@@ -267,18 +276,11 @@ class HybridLM(nn.Module):
         if cache is not None:
             raise NotImplementedError("doc_ids (document masks) with an inference cache are not "
                                       "supported; pass doc_ids only to cache-free forwards")
-        for i, layer in enumerate(self.layers):
-            if layer.kind not in self._DOC_KINDS:
-                raise NotImplementedError(
-                    f"doc_ids (document masks) are not supported with a {layer.kind} layer "
-                    f"(sublayer {i}, symbol {layer.symbol!r}): its conv and scan would carry "
-                    "state across documents; use a layout of attention/mlp/moe layers or "
-                    "unpacked sequences")
 
     # --- inference -----------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> HybridCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens (the KV
-        capacity of full-attention layers; Mamba and sliding-window layers do not grow)."""
+        capacity of full-attention layers; recurrent and sliding-window layers do not grow)."""
         p = self.embed.weight
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
@@ -286,7 +288,7 @@ class HybridLM(nn.Module):
                   for layer in self.layers]
         return HybridCache(states, batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype,
                            layout=self.layout, config_hash=self.config_hash,
-                           weights_fingerprint=self.weights_fingerprint())
+                           weights_fingerprint=self.weights_fingerprint(), device=device)
 
     @torch.no_grad()
     def weights_fingerprint(self) -> str:

@@ -3,7 +3,7 @@ gradients), the position-masked cache path, backend selection and its errors."""
 import pytest
 import torch
 
-from hybridseq.blocks.attention_backends import (attention, attention_flops, attention_tail,
+from hybridseq.blocks.attention.backends import (attention, attention_flops, attention_tail,
                                                  attention_with_positions,
                                                  backend_available, describe_attention_backend,
                                                  position_mask, select_backend)
@@ -171,7 +171,7 @@ def test_bench_attention_runs_on_cpu():
 def test_auto_never_picks_compiled_flex_below_head_dim_16():
     """inductor's FlexAttention kernel refuses head_dim < 16 (seen on an H100): auto falls back to
     SDPA with a mask for a sliding window or documents, and an explicit flex is refused clearly."""
-    from hybridseq.blocks.attention_backends import backend_available, select_backend
+    from hybridseq.blocks.attention.backends import backend_available, select_backend
     from hybridseq.errors import HybridSeqError
 
     if not backend_available("flex", "cuda", head_dim=64)[0]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybridseq.blocks.attention import AttentionBlock
-from hybridseq.blocks.attention_backends import (_flex_mask_mod, attention, attention_flops,
+from hybridseq.blocks.attention.backends import (_flex_mask_mod, attention, attention_flops,
                                                  backend_available, describe_attention_backend,
                                                  document_layout, select_backend)
 from hybridseq.errors import HybridSeqError
@@ -193,7 +193,7 @@ def test_block_packed_equals_documents_alone(rope):
 
 def test_block_rope_positions_restart_flag(monkeypatch):
     """restart_positions=True (default) feeds RoPE t - document start; False: 0..l-1."""
-    import hybridseq.blocks.attention as mod
+    import hybridseq.blocks.attention.block as mod
 
     seen = []
     real = mod.rope_tables
@@ -264,8 +264,8 @@ def test_bench_attention_document_rows_on_cpu():
 
 
 def test_model_passes_doc_ids_when_supported():
-    """Model level (hybridseq/model.py): doc_ids reaches the attention layers; a Mamba layer is
-    refused by name. Runs once HybridLM.forward takes doc_ids."""
+    """Model level (hybridseq/model.py): doc_ids reaches every layer: a packed row gives each
+    document's logits as if it ran alone, for attention + mlp and for mamba + attention."""
     import hybridseq as hs
 
     if "doc_ids" not in inspect.signature(hs.HybridLM.forward).parameters:
@@ -282,11 +282,14 @@ def test_model_passes_doc_ids_when_supported():
     for n in lens:
         torch.testing.assert_close(out[:, s:s + n], model(ids[:, s:s + n]).logits, atol=1e-9, rtol=1e-9)
         s += n
-    cfg["blocks"]["M"] = {"kind": "mamba"}
-    cfg["layout"] = "AM"
-    model = hs.build_model(hs.load_config(cfg))
-    with pytest.raises(NotImplementedError, match="mamba"):
-        model(ids, doc_ids=_ids(lens))
+    cfg["blocks"]["M"] = {"kind": "mamba", "d_state": 4, "impl": "torch"}
+    cfg["layout"] = "MAMF"
+    model = hs.build_model(hs.load_config(cfg)).double()
+    out = model(ids, doc_ids=_ids(lens)).logits
+    s = 0
+    for n in lens:
+        torch.testing.assert_close(out[:, s:s + n], model(ids[:, s:s + n]).logits, atol=1e-9, rtol=1e-9)
+        s += n
 
 
 # --- CUDA (skipped without a GPU) -------------------------------------------------------------

@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from hybridseq.blocks import BLOCKS, build_block, make_norm
+from hybridseq.blocks import KINDS, build_block
+from hybridseq.blocks.norm import make_norm
 from hybridseq.blocks.attention import AttentionBlock
 from hybridseq.blocks.mamba import MambaBlock
 from hybridseq.blocks.mlp import MLPBlock
 from hybridseq.blocks.norm import LayerNorm, RMSNorm
-from hybridseq.blocks.rope import apply_rope, rope_tables
+from hybridseq.blocks.attention.rope import apply_rope, rope_tables
 from hybridseq.errors import ConfigError
 
 D = 24
@@ -43,7 +44,7 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("kind,spec", SPECS, ids=IDS)
 def test_param_count_closed_form(kind, spec):
     blk = _block(kind, spec)
-    total, active = BLOCKS[kind].param_count(D, blk.spec)
+    total, active = blk.spec.param_count(D)
     assert total == sum(p.numel() for p in blk.parameters())
     if kind == "moe":
         s = blk.spec
@@ -76,7 +77,7 @@ def test_state_bytes_match_new_state(kind, spec):
     for L in (3, 9):
         st = blk.new_state(2, L, device="cpu", dtype=torch.bfloat16)
         real = 0 if st is None else sum(t.numel() * t.element_size() for t in st.values())
-        assert real == 2 * BLOCKS[kind].state_bytes(D, blk.spec, L, dtype_bytes=2)
+        assert real == 2 * blk.spec.state_bytes(D, L, dtype_bytes=2)
 
 
 def test_residual_out_params_are_output_projections():
@@ -117,7 +118,7 @@ def test_mlp_flops_match_counted_matmuls():
         x = torch.randn(1, 7, D)
         with FlopCounterMode(display=False) as fc:
             blk(x)
-        assert fc.get_total_flops() == 7 * MLPBlock.flops_per_token(D, blk.spec, 7)
+        assert fc.get_total_flops() == 7 * blk.spec.flops_per_token(D, 7)
 
 
 def test_attention_flops_projections_and_context():
@@ -128,15 +129,15 @@ def test_attention_flops_projections_and_context():
         for proj in (blk.q_proj, blk.k_proj, blk.v_proj):
             proj(x)
         blk.o_proj(torch.randn(1, 5, 36))
-    full = {**blk.spec, "window": None}
+    full = blk.spec.replace(window=None)
     L = 10
-    per_tok = AttentionBlock.flops_per_token(D, full, L)
+    per_tok = full.flops_per_token(D, L)
     ctx = per_tok - fc.get_total_flops() / 5
     assert ctx == pytest.approx(4 * 6 * 6 * (L + 1) / 2)
     # with a window: the mean number of visible keys, counted by brute force
     w = 3
     pairs = sum(min(i + 1, w) for i in range(L))
-    per_tok_w = AttentionBlock.flops_per_token(D, {**full, "window": w}, L)
+    per_tok_w = full.replace(window=w).flops_per_token(D, L)
     assert per_tok_w - fc.get_total_flops() / 5 == pytest.approx(4 * 6 * 6 * pairs / L)
 
 
@@ -150,7 +151,7 @@ def test_mamba_flops_projection_part():
         blk.x_proj(xc)
         F.linear(torch.randn(1, 4, r), blk.dt_proj.weight)
         blk.out_proj(xc)
-    assert MambaBlock.flops_per_token(D, blk.spec, 4) == fc.get_total_flops() / 4 + 2 * di * w + 9 * di * n
+    assert blk.spec.flops_per_token(D, 4) == fc.get_total_flops() / 4 + 2 * di * w + 9 * di * n
 
 
 # --- Mamba against a naive sequential implementation --------------------------------------------
@@ -306,8 +307,8 @@ def test_norms():
 
 
 def test_registry():
-    assert set(BLOCKS) == {"mamba", "attention", "moe", "mlp"}
-    for kind, cls in BLOCKS.items():
+    assert set(KINDS) == {"mamba", "attention", "moe", "mlp"}
+    for kind, cls in KINDS.items():
         assert cls.kind == kind
     blk = build_block("mlp", 8, {"kind": "mlp"}, layer_idx=2, n_layers=5)
     assert blk.d_ff == 24 and blk.layer_idx == 2 and blk.n_layers == 5  # round_up(8/3*8, 8)

@@ -4,11 +4,12 @@ import copy
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 import hybridseq as hs
-from hybridseq.config import (BLOCK_DEFAULTS, MODEL_DEFAULTS, TASK_DEFAULTS, TRAIN_DEFAULTS, block_kinds,
-                              config_hash, load_config, resolve_dt_rank, resolve_ffn_dim, save_config)
+from hybridseq.blocks.mamba import MambaSpec
+from hybridseq.config import (BLOCK_DEFAULTS, MODEL_DEFAULTS, TASK_DEFAULTS, TRAIN_DEFAULTS, HybridConfig,
+                              block_kinds, config_hash, load_config, resolve_ffn_dim, save_config)
 
 DATA = Path(__file__).parent / "data" / "layouts"
 HYBRID = DATA / "hybrid.yaml"
@@ -22,7 +23,7 @@ TINY = {
 
 def test_file_loads_with_defaults_interpolation_and_stages():
     cfg = load_config(HYBRID)
-    assert isinstance(cfg, DictConfig)
+    assert isinstance(cfg, HybridConfig)
     assert cfg.name == "tiny-hybrid"
     assert cfg.description.startswith("Mamba + MoE")
     assert cfg.stack == ["M", "E", "M", "E", "A", "M", "E", "M", "E", "mlp_wide"]
@@ -63,7 +64,7 @@ def test_dict_and_dictconfig_sources_and_defaults():
 
 def test_round_trip():
     cfg = load_config(HYBRID, overrides=["train.task=selective_copy", "blocks.E.capacity_factor=2"])
-    again = load_config(OmegaConf.to_container(cfg))
+    again = load_config(cfg.to_dict())
     assert again == cfg
     assert load_config(cfg) == cfg
 
@@ -71,7 +72,7 @@ def test_round_trip():
 def test_round_trip_megatron_and_list(tmp_path):
     for cfg in (load_config(DATA / "megatron.yaml"),
                 load_config({**TINY, "layout": ["M E", "|", "(M E)*2"], "deepspeed": {"zero_optimization": {"stage": 2}}})):
-        assert load_config(OmegaConf.to_container(cfg)) == cfg
+        assert load_config(cfg.to_dict()) == cfg
 
 
 def test_given_stack_is_recomputed():
@@ -143,14 +144,14 @@ def test_save_config_writes_resolved_yaml_atomically(tmp_path):
     assert "${" not in path.read_text()
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
     assert load_config(path) == cfg
-    save_config(OmegaConf.to_container(cfg), path)  # a dict works too, and replaces the file
+    save_config(cfg.to_dict(), path)  # a dict works too, and replaces the file
     assert load_config(path) == cfg
 
 
 def test_config_hash():
     cfg = load_config(HYBRID)
     h = config_hash(cfg)
-    base = OmegaConf.to_container(cfg)  # resolved: reloads skip the interpolation pass
+    base = cfg.to_dict()  # resolved: reloads skip the interpolation pass
     assert config_hash(base) == h
     assert len(h) == 64 and int(h, 16) >= 0
     same = [
@@ -189,11 +190,12 @@ def test_resolve_ffn_dim(d_model, d_ff, activation, expected):
 def test_resolve_ffn_dim_unknown_activation():
     with pytest.raises(ValueError, match="relu"):
         resolve_ffn_dim(64, None, "relu")
+    assert resolve_ffn_dim(64, None, "relu2") == 256
 
 
 @pytest.mark.parametrize("d_model, dt_rank, expected", [(64, "auto", 4), (65, "auto", 5), (1, "auto", 1), (64, 7, 7)])
 def test_resolve_dt_rank(d_model, dt_rank, expected):
-    assert resolve_dt_rank(d_model, dt_rank) == expected
+    assert MambaSpec(dt_rank=dt_rank).dims(d_model)[1] == expected
 
 
 def test_dict_holding_omegaconf_values_loads_like_plain_data():

@@ -125,7 +125,7 @@ def test_score_and_accuracy():
     ({"name": "mqar", "n_pair": 4}, "train.task.n_pair"),
     ({"name": "mqar", "n_pairs": 40, "vocab": 64}, "train.task.vocab"),
     ({"name": "mqar", "n_pairs": 8, "seq_len": 20}, "train.task.seq_len"),
-    ({"name": "selective_copy", "seq_len": 4, "n_data": 8}, "train.task.seq_len"),
+    ({"name": "selective_copy", "seq_len": 4, "n_data": 8}, "train.task.n_data"),
     ({"name": "induction_heads", "seq_len": 2}, "train.task.seq_len"),
 ])
 def test_bad_task_configs_name_the_key(bad, key):

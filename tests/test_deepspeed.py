@@ -69,10 +69,13 @@ if os.environ.get("HS_SKIP_EXPERT"):
         m = build(cfg, *a, **k)
         if int(os.environ["RANK"]) == 1:
             for mod in m.modules():
-                if hasattr(mod, "bias_override"):
+                if hasattr(mod, "logits_and_input"):  # a router: never pick the last expert
                     b = torch.zeros(mod.n_experts)
                     b[-1] = -1e4
-                    mod.bias_override = b
+                    def logits_and_input(x, orig=mod.logits_and_input, b=b):
+                        logits, tap = orig(x)
+                        return logits + b.to(logits), tap
+                    mod.logits_and_input = logits_and_input
         return m
     api.build_model = build_model
     probe = {{"last_expert_load": [], "dtypes": {{}}}}

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hybridseq import kernels
-from hybridseq.blocks import mamba as mamba_mod
+from hybridseq.blocks.mamba import block as mamba_mod
 from hybridseq.blocks.mamba import MambaBlock
 
 CUDA = torch.cuda.is_available()
@@ -72,7 +72,7 @@ class _Spy:
 CASES = [
     (8, {"d_state": 4}, 2, 1),
     (8, {"d_state": 4, "d_conv": 3, "bias": True}, 2, 7),
-    (6, {"d_state": 5, "expand": 1.5, "dt_rank": 3, "conv_bias": False}, 1, 33),
+    (9, {"d_state": 5, "expand": 1, "dt_rank": 3, "conv_bias": False}, 1, 33),  # d_inner 9: odd
 ]
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from hybridseq.blocks.moe import MoEBlock
-from hybridseq.blocks.moe_experts import experts_grouped, experts_loop
+from hybridseq.blocks.moe import MoEBlock, MoEKernels
+from hybridseq.blocks.moe.experts import experts_grouped, experts_loop
 from hybridseq.kernels.moe.grouped_gemm import grouped_mm, grouped_mm_ref, grouped_mm_torch
 from hybridseq.kernels.moe.permute import permute, permute_ref, sort_by_expert, unpermute, unpermute_ref
 
@@ -46,8 +46,7 @@ def test_grouped_with_triton_permutation_matches_loop():
     spec = {"n_experts": 5, "top_k": 2, "d_ff": 20, "capacity_factor": 0.8}
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     loop = MoEBlock(12, {**spec, "impl": "loop"}).to(dev)
-    grouped = MoEBlock(12, {**spec, "impl": "grouped"}).to(dev)
-    grouped.permute_impl = "triton"
+    grouped = MoEBlock(12, {**spec, "impl": "grouped"}, kernels=MoEKernels(permute="triton")).to(dev)
     grouped.load_state_dict(loop.state_dict())
     x = torch.randn(2, 9, 12, device=dev)
     a, b = _grads(loop, x), _grads(grouped, x)
@@ -307,7 +306,7 @@ def test_as_layout_keeps_values_and_sets_strides():
 
 
 def _mlp_ref(x, counts, w_in, w_out, activation):
-    from hybridseq.blocks.moe_experts import expert_activation
+    from hybridseq.blocks.moe.experts import expert_activation
 
     h = expert_activation(grouped_mm_ref(x, w_in, counts), activation)
     return grouped_mm_ref(h, w_out, counts)
@@ -376,8 +375,9 @@ def test_grouped_mlp_bad_arguments():
         grouped_mlp(x, counts, w_in, w_out, layout="t.t", gemm="loop")
     with pytest.raises(ValueError, match="gemm"):
         grouped_mlp(x, counts, w_in, w_out, gemm="cublas")
-    blk = MoEBlock(16, {"n_experts": 4, "top_k": 2, "d_ff": 24, "impl": "grouped"})
-    blk.mlp_impl = "fused"  # CPU fp32: the fused op's torch._grouped_mm path does not run here
+    # CPU fp32: the fused op's torch._grouped_mm path does not run here
+    blk = MoEBlock(16, {"n_experts": 4, "top_k": 2, "d_ff": 24, "impl": "grouped"},
+                   kernels=MoEKernels(mlp="fused"))
     with pytest.raises(ValueError, match="fused"):
         blk(torch.randn(1, 3, 16))
 
@@ -394,9 +394,9 @@ def test_fused_grouped_mlp_matches_loop_cuda_bf16(layout, act_impl, gemm):
     x = torch.randn(3, 37, 72, device="cuda", dtype=torch.bfloat16)
     results = {"loop": _grads(loop, x)}
     for mlp in ("fused", "autograd"):
-        blk = MoEBlock(72, {**spec, "impl": "grouped"}).cuda().bfloat16()
+        blk = MoEBlock(72, {**spec, "impl": "grouped"}, kernels=MoEKernels(
+            mlp=mlp, act=act_impl, layout=layout, gemm=gemm)).cuda().bfloat16()
         blk.load_state_dict(loop.state_dict())
-        blk.mlp_impl, blk.act_impl, blk.gemm_layout, blk.mlp_gemm = mlp, act_impl, layout, gemm
         results[mlp] = _grads(blk, x)
     for other in ("fused", "autograd"):
         for k in results["loop"]:
@@ -436,8 +436,9 @@ def test_shared_experts_fused_swiglu_cuda():
                         "shared_d_ff": 80}).cuda()
     x = torch.randn(2, 9, 64, device="cuda")
     got = _grads(blk, x)
-    blk.act_impl = "torch"  # the explicit PyTorch formulas
-    want = _grads(blk, x)
+    plain = MoEBlock(64, blk.spec, kernels=MoEKernels(act="torch")).cuda()  # the PyTorch formulas
+    plain.load_state_dict(blk.state_dict())
+    want = _grads(plain, x)
     for k in want:
         assert torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4), k
     g, u = (x.view(-1, 64) @ blk.shared_w_in).chunk(2, -1)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridseq.blocks.moe import MoEBlock, apply_capacity, capacity_of, ffn_dim
+from hybridseq.blocks.moe import MoEBlock, MoESpec, apply_capacity, capacity_of
+from hybridseq.blocks.spec import ffn_dim
 from hybridseq.errors import ConfigError
 
 
@@ -22,7 +23,7 @@ def _n_params(m):
 def test_param_count_and_flops_exact(spec):
     d = 32
     blk = MoEBlock(d, spec)
-    total, active = MoEBlock.param_count(d, spec)
+    total, active = MoESpec(**spec).param_count(d)
     assert total == _n_params(blk)
     e, k = spec["n_experts"], spec["top_k"]
     act = spec.get("activation", "swiglu")
@@ -33,9 +34,9 @@ def test_param_count_and_flops_exact(spec):
     per_expert = (n_in + 1) * d * f
     assert active == e * d + k * per_expert + s * (n_in + 1) * d * sf
     assert total == e * d + e * per_expert + s * (n_in + 1) * d * sf
-    assert MoEBlock.flops_per_token(d, spec, 128) == 2 * active
+    assert MoESpec(**spec).flops_per_token(d, 128) == 2 * active
     assert [p.shape for p in blk.residual_out_params()][0] == blk.w_out.shape
-    assert blk.state_bytes(d, spec, 100) == 0 and blk.new_state(1, 10) is None
+    assert blk.spec.state_bytes(d, 100) == 0 and blk.new_state(1, 10) is None
 
 
 def test_ffn_dim_default_rule():
@@ -155,9 +156,12 @@ def test_config_errors(bad, key):
     assert e.value.key == key
 
 
-def test_ep_without_process_group_is_a_config_error():
-    with pytest.raises(ConfigError, match="torch.distributed"):
-        MoEBlock(16, {"n_experts": 4, "top_k": 2, "ep_size": 2})
+def test_ep_size_builds_a_single_device_block():
+    """``ep_size`` is for the distributed launcher, which shards a built block from outside: the
+    block itself holds every expert and routes locally until ``shard_experts``."""
+    blk = MoEBlock(16, {"n_experts": 4, "top_k": 2, "ep_size": 2})
+    assert blk.w_in.shape[0] == 4 and blk.ep_group is None and blk.ep_size == 1
+    assert blk(torch.randn(1, 3, 16)).shape == (1, 3, 16)
 
 
 def test_bench_moe_rows_and_variants_cpu(monkeypatch):
@@ -199,7 +203,7 @@ def test_bench_forced_routing_counts_its_own_indices():
     """``bench moe``'s forced routing reports the load (and load-balancing loss) of the forced
     indices, not of the router's own top-k choice."""
     from hybridseq.bench.moe import fixed_assignment, force_routing
-    from hybridseq.blocks.moe_router import load_balancing_loss
+    from hybridseq.blocks.moe.router import load_balancing_loss
 
     torch.manual_seed(0)
     blk = MoEBlock(16, {"n_experts": 4, "top_k": 2, "d_ff": 8})

@@ -1,4 +1,5 @@
-"""Expert parallelism on 2 CPU ranks (gloo): outputs and gradients equal the 1-rank layer."""
+"""Expert parallelism on 2 CPU ranks (gloo), applied to a built block from outside
+(``shard_experts``): outputs and gradients equal the 1-rank layer."""
 import os
 import sys
 
@@ -29,12 +30,9 @@ def _worker(rank, world, init_file, out_dir):
     results = []
     for ci, spec in enumerate(CASES):
         torch.manual_seed(0)
-        full = MoEBlock(D, spec).double()
-        blk = MoEBlock(D, {**spec, "ep_size": world}).double()
-        e_loc = spec["n_experts"] // world
-        state = {k: (v[rank * e_loc:(rank + 1) * e_loc] if k in ("w_in", "w_out") else v)
-                 for k, v in full.state_dict().items()}
-        blk.load_state_dict(state)
+        blk = MoEBlock(D, {**spec, "ep_size": world}).double()  # the same weights on every rank
+        blk.shard_experts(dist.group.WORLD)  # keeps this rank's experts
+        assert blk.w_in.shape[0] == spec["n_experts"] // world and blk.w_in._expert_parallel
         x, c = _inputs(ci, rank)
         x.requires_grad_(True)
         y = blk(x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hybridseq.blocks.moe import MoEBlock
-from hybridseq.blocks.moe_router import Router, load_balancing_loss, routing_entropy, sinkhorn, z_loss
+from hybridseq.blocks.moe.router import Router, load_balancing_loss, routing_entropy, sinkhorn, z_loss
 
 LOGITS = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, -2.0, 0.5]]
 

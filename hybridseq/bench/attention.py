@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..blocks.attention_backends import (_causal_mask, attention, attention_flops, backend_available,
+from ..blocks.attention.backends import (_causal_mask, attention, attention_flops, backend_available,
                                          document_layout, select_backend)
 from .common import time_fn
 

@@ -14,7 +14,7 @@ whose host runs ahead of the GPU, without the launch latency before one call's f
 expand 2, its fast path when causal_conv1d is importable; cast to the bench dtype as a whole) when
 mamba_ssm imports, the same timed regions; a status row otherwise.
 ``--mamba-impls triton-unfused`` is the Triton block with plain autograd around the kernels
-(``MambaBlock.fuse = False``: the path before the fused conv/x_proj/dt_proj node), for an in-run
+(``MambaBlock(..., fuse_conv_proj=False)``: the path before the fused conv/x_proj/dt_proj node), for an in-run
 before/after. ``--profile`` prints, per Mamba row, every kernel of one fwd+bwd (torch.profiler).
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _mamba_ssm_block(d_model: int):
 
 
 def run(args) -> list[dict]:
-    from ..blocks import BLOCKS, build_block
+    from ..blocks import kind_spec
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype]
@@ -101,10 +101,16 @@ def run(args) -> list[dict]:
                 spec = {**spec, "impl": "triton"}
             if kind == "mamba" and spec["impl"] == "mamba_ssm":
                 blk = _mamba_ssm_block(d).to(device=device, dtype=dtype)
+                typed = kind_spec(kind).from_mapping({}, d_model=d)
             else:
-                blk = build_block(kind, d, spec).to(device=device, dtype=dtype)
-            if unfused:
-                blk.fuse = False
+                typed = kind_spec(kind).from_mapping(spec, key=kind, d_model=d)
+                if unfused:
+                    from ..blocks.mamba.block import MambaBlock
+
+                    blk = MambaBlock(d, typed, fuse_conv_proj=False)
+                else:
+                    blk = typed.build(d)
+                blk = blk.to(device=device, dtype=dtype)
             x = torch.randn(b, l, d, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn(b, l, d, device=device, dtype=dtype)
             params = [p for p in blk.parameters() if p.requires_grad]
@@ -125,7 +131,7 @@ def run(args) -> list[dict]:
         except Exception as e:  # an impl that cannot run here: say why, keep going
             rows.append({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:90]}"})
             continue
-        flops = BLOCKS[kind].flops_per_token(d, getattr(blk, "spec", {}), l) * b * l
+        flops = typed.flops_per_token(d, l) * b * l
         rows.append({**row, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
                      "fwd_TFLOPs": flops / t_f / 1e9, "fwd_bwd_TFLOPs": 3 * flops / t_fb / 1e9,
                      "tokens_per_s_fwd_bwd": b * l / t_fb * 1e3, "status": "ok"})

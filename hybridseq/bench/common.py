@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
+
+from ..tables import format_table  # noqa: F401 (benches print their rows with it)
 
 
 def add_back_to_back_argument(parser, what: str = "timed call") -> None:
@@ -128,29 +130,6 @@ def preheat(fn: Callable[[], object], seconds: float, device=None) -> int:
     if dev is not None and dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return calls
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    if not rows:
-        return "(no rows)"
-    if columns is None:
-        columns = []
-        for r in rows:
-            for k in r:
-                if k not in columns:
-                    columns.append(k)
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-        return "" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(row) for row in cells]
-    return "\n".join(out)
 
 
 def run_bench(parser, add_arguments, run, argv=None) -> list[dict]:

@@ -10,9 +10,9 @@ one prefill serves them all (the cache holds P + modes x (warmup + new tokens) p
 (``hybridseq.compare.measure.decode_speed``: mode off, one warm-up step, short prompt).
 
 Modes (``--cuda-graph``): ``off`` = the ordinary ``model(next_ids, cache=cache)``; ``on`` = the
-step captured in a CUDA graph (``hybridseq.decode_graph.GraphedDecodeStep``), once per
-``--decode-attn`` method; ``both`` = off then on; ``static`` = the graph's step without capture
-(any device); ``auto`` (default) = ``on`` on CUDA, ``off`` elsewhere.
+same one-token forward captured in a CUDA graph (``hybridseq.decode_graph.GraphedDecodeStep``);
+``both`` = off then on; ``static`` = the graph's step object without capture (any device);
+``auto`` (default) = ``on`` on CUDA, ``off`` elsewhere.
 
 Columns: ``tokens_per_s`` = B x steps / time of the timed steps; ``ms_per_step``;
 ``capture_s`` (warm-up + capture); ``cache_MB_per_seq`` = the cache's bytes / B (Mamba layers
@@ -76,9 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", choices=MODES, default="auto",
                         help="decode modes: on (CUDA graph), off (ordinary), both, static (graph "
                              "step without capture), auto (on with CUDA, else off)")
-    parser.add_argument("--decode-attn", default=None,
-                        help="comma list of graph-step attention methods (sdpa,matmul); default "
-                             "$HYBRIDSEQ_DECODE_ATTN or sdpa")
     parser.add_argument("--memory-gb", type=float, default=None,
                         help="memory budget for the batch check (default 92%% of the GPU)")
     parser.add_argument("--no-fit-batch", action="store_true",
@@ -99,27 +96,14 @@ def _find_layout(path: str) -> str:
     return alt if os.path.exists(alt) else path
 
 
-def _modes(args, device) -> list[tuple[str, str | None]]:
-    """(mode, decode_attn) pairs to time: ("off", None), ("graph", "sdpa"), ("static", ...)."""
-    from ..decode_graph import DECODE_ATTN, default_decode_attn
-
-    methods = [m.strip() for m in (args.decode_attn or default_decode_attn()).split(",") if m.strip()]
-    for m in methods:
-        if m not in DECODE_ATTN:
-            raise SystemExit(f"bench decode: --decode-attn {m!r}: expected {', '.join(DECODE_ATTN)}")
+def _modes(args, device) -> list[str]:
+    """The modes to time: "off", "graph", "static"."""
     mode = args.cuda_graph
     if mode == "auto":
         mode = "on" if device.type == "cuda" else "off"
     if mode in ("on", "both") and device.type != "cuda":
         raise SystemExit(f"bench decode: --cuda-graph {mode} needs CUDA (use static on {device})")
-    out = []
-    if mode in ("off", "both"):
-        out.append(("off", None))
-    if mode in ("on", "both"):
-        out += [("graph", m) for m in methods]
-    if mode == "static":
-        out += [("static", m) for m in methods]
-    return out
+    return {"off": ["off"], "on": ["graph"], "both": ["off", "graph"], "static": ["static"]}[mode]
 
 
 def _config(path, overrides):
@@ -135,45 +119,19 @@ def estimate_memory(cfg, vocab: int, batch: int, prompt: int, cap: int, chunk: i
     - ``weights``: total parameters x dtype bytes;
     - ``cache``: batch x ``state_bytes(cap)`` (KV caches in the dtype, SSM states fp32);
     - ``prefill``: the working set of one chunk of T = batch x min(chunk, prompt) tokens, the
-      largest layer's temporaries, in dtype bytes: residual stream and norms 4 d; mlp 3 d_ff;
-      moe top_k (3 d_ff + 2 d) + router; mamba 10 d_inner (xz, conv out, x_dbl, delta, scan
-      output and its gate); attention 3 (h + 2 h_kv) hd, plus,
-      when h_kv < h (GQA), the key/value prefix expanded to h heads (2 x batch x prompt x h x hd,
-      the CUDA cached-prefill path); and the last position's logits (batch x V, fp32);
+      largest layer's temporaries, in dtype bytes: residual stream and norms 4 d, plus the widest
+      block's intermediates per token (its spec's ``activation_elements``), and the last
+      position's logits (batch x V, fp32);
     - ``total`` = weights + cache + 1.25 x prefill (allocator slack)."""
-    from ..model import _layers, padded_vocab_size, param_counts, state_bytes
+    from ..model import padded_vocab_size, param_counts, state_bytes
 
     c = cfg
-    d = int(c["model"]["d_model"])
+    d = c.model.d_model
     total_params, _ = param_counts(c, vocab)
     V = padded_vocab_size(c, vocab)
     T = batch * min(chunk, prompt)
-    width = 0
-    extra = 0
-    for _, kind, spec in _layers(c):
-        if kind == "mlp":
-            from ..config import resolve_ffn_dim
-
-            w = 3 * resolve_ffn_dim(d, spec["d_ff"], spec["activation"])
-        elif kind == "moe":
-            from ..blocks.moe import resolve_moe_spec
-
-            s = resolve_moe_spec(d, spec)
-            w = s["top_k"] * (3 * s["d_ff"] + 2 * d) + 4 * s["n_experts"]
-        elif kind == "mamba":
-            di = int(spec["expand"] * d)
-            w = 10 * di
-        elif kind == "attention":
-            from ..blocks.attention import _dims
-
-            h, hkv, hd = _dims(d, spec)
-            w = 3 * (h + 2 * hkv) * hd
-            if hkv < h:
-                extra = max(extra, 2 * batch * prompt * h * hd * dtype_bytes)
-        else:
-            w = 4 * d
-        width = max(width, w)
-    prefill = T * (4 * d + width) * dtype_bytes + extra + batch * V * 4
+    width = max(spec.activation_elements(d) for _, spec in c.layers())
+    prefill = T * (4 * d + width) * dtype_bytes + batch * V * 4
     weights = total_params * dtype_bytes
     cache = batch * state_bytes(c, cap, dtype_bytes)
     return {"weights": weights, "cache": cache, "prefill": prefill,
@@ -204,11 +162,11 @@ def prefill(model, ids, cache, chunk: int):
 
 
 def time_decode(model, cache, nxt, device, stats: dict, *, new_tokens: int, warmup: int,
-                mode: str = "off", method: str | None = None):
+                mode: str = "off"):
     """``warmup`` untimed, then ``new_tokens`` timed greedy one-token steps that continue
     ``cache`` from the tokens ``nxt`` (B,); argmax outside the step in every mode. ``mode``:
     "off" (the model's ordinary forward), "graph" (captured CUDA graph) or "static" (the graph's
-    step without capture), with ``method`` the graph step's attention. Fills ``stats``
+    step without capture). Fills ``stats``
     (``ms_per_step``, ``tokens_per_s``; ``capture_s`` first, so a mode that fails later still
     reports it); returns the last tokens."""
     from ..decode_graph import GraphedDecodeStep
@@ -219,7 +177,7 @@ def time_decode(model, cache, nxt, device, stats: dict, *, new_tokens: int, warm
             return model(x[:, None], cache=cache).logits[:, -1]
     else:
         t0 = time.perf_counter()
-        step = GraphedDecodeStep(model, cache, capture=mode == "graph", decode_attn=method)
+        step = GraphedDecodeStep(model, cache, capture=mode == "graph")
         _sync(device)
         stats["capture_s"] = time.perf_counter() - t0
     for _ in range(warmup):
@@ -258,11 +216,11 @@ def bench_layout(name, cfg, args, device, dtype, modes, batch, est) -> list[dict
     cache_mb = cache.nbytes() / B / 1e6
     closed = model.state_bytes(cache.max_seq_len, torch.tensor([], dtype=dtype).element_size()) / 1e6
     rows = []
-    for mode, method in modes:
-        row = {"layout": name, "mode": "off" if mode == "off" else f"{mode}[{method}]", **base}
+    for mode in modes:
+        row = {"layout": name, "mode": mode, **base}
         try:
             nxt = time_decode(model, cache, nxt, device, row, new_tokens=n, warmup=args.warmup,
-                              mode=mode, method=method)
+                              mode=mode)
         except Exception as e:  # a mode that cannot run (capture refused, OOM): say so, go on
             row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
             if device.type == "cuda":
@@ -301,7 +259,7 @@ def run(args) -> list[dict]:
         budget = 0.92 * torch.cuda.get_device_properties(device).total_memory
     batch = args.batch
     print(f"bench decode: prompt {args.prompt}, batch {batch}, {args.new_tokens} timed steps per "
-          f"mode after {args.warmup}, modes {', '.join(m if a is None else f'{m}[{a}]' for m, a in modes)}, "
+          f"mode after {args.warmup}, modes {', '.join(modes)}, "
           f"cache capacity {cap}, {args.dtype}, {device}", file=sys.stderr, flush=True)
     for name, cfg in cfgs:
         e = estimate_memory(cfg, args.vocab, batch, args.prompt, cap, args.prefill_chunk, dbytes)

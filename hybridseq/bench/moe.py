@@ -39,9 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from hybridseq.bench.common import add_back_to_back_argument, preheat, time_fn
-from hybridseq.blocks.moe import MoEBlock, megablocks_available
-from hybridseq.blocks.moe_router import RouterOutput
-from hybridseq.kernels.moe.grouped_mlp import DEFAULT_LAYOUT
+from hybridseq.blocks.moe import MoEBlock, MoEKernels, MoESpec, megablocks_available
+from hybridseq.blocks.moe.router import RouterOutput
 
 COLUMNS = ["what", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "vs_dense", "dense_ms", "host_syncs"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -280,24 +279,23 @@ def _dense_row(args, x, gy, active_ff, label, act, fn_params):
 _BLOCKS: dict = {}
 
 
-def _block(d, spec, device, dtype) -> MoEBlock:
-    """One MoEBlock per (spec, device, dtype), built and initialised on the device (seed 0):
-    variants only change its knobs, so each config pays the initialisation once."""
-    key = (d, tuple(sorted(spec.items())), str(device), dtype)
+def _block(d, spec, device, dtype, kernels: MoEKernels) -> MoEBlock:
+    """One MoEBlock per (spec, kernels, device, dtype), built and initialised on the device with
+    seed 0 (every variant of a config has the same weights)."""
+    key = (d, tuple(sorted(spec.items())), kernels, str(device), dtype)
     if key not in _BLOCKS:
         torch.manual_seed(0)
         with torch.device(device):
-            _BLOCKS[key] = MoEBlock(d, spec).to(dtype=dtype)
+            _BLOCKS[key] = MoEBlock(d, spec, kernels=kernels).to(dtype=dtype)
     return _BLOCKS[key]
 
 
-VARIANT_KEYS = {"mlp": "mlp_impl", "act": "act_impl", "layout": "gemm_layout", "permute": "permute_impl",
-                "gemm": "mlp_gemm", "router": "router.logits_impl",
-                "topk": "router.topk_impl"}
+VARIANT_KEYS = {"mlp": "mlp", "act": "act", "layout": "layout", "permute": "permute", "gemm": "gemm",
+                "router": "router_logits", "topk": "router_topk"}
 
 
 def parse_variant(text: str) -> dict:
-    """'mlp=fused,act=triton,layout=n.k' -> {block attribute: value} (see ``--variants``)."""
+    """'mlp=fused,act=triton,layout=n.k' -> {MoEKernels field: value} (see ``--variants``)."""
     out = {}
     for item in (t.strip() for t in text.split(",")):
         if not item:
@@ -316,16 +314,10 @@ def _moe_rows(args, x, gy, e, k, f, impl, profile, routings=None, variant="", br
     device, dtype = x.device, x.dtype
     n, d = x.shape
     spec = {"n_experts": e, "top_k": k, "d_ff": f}
-    fwd_flops = MoEBlock.flops_per_token(d, spec, n) * n
+    fwd_flops = MoESpec(**spec).flops_per_token(d, n) * n
     base, _, perm = impl.partition(":")
-    blk = _block(d, {**spec, "impl": base}, device, dtype)
-    knobs = {"permute_impl": perm or "auto", "mlp_impl": "auto", "act_impl": "auto",
-             "gemm_layout": DEFAULT_LAYOUT, "mlp_gemm": "torch", "router.logits_impl": "auto",
-             "router.topk_impl": "auto",
-             **parse_variant(variant)}
-    for attr, val in knobs.items():
-        owner, _, name = attr.rpartition(".")
-        setattr(blk.router if owner == "router" else blk, name, val)
+    kernels = MoEKernels(**{"permute": perm or "auto", **parse_variant(variant)})
+    blk = _block(d, {**spec, "impl": base}, device, dtype, kernels)
     params = list(blk.parameters())
     xb = x.detach().view(1, n, d).requires_grad_()
     rows = []

@@ -1,51 +1,38 @@
-"""Block kinds and their registry. Each kind is one residual sublayer (``x = x + block(norm(x))``)
-following the contract of ``base.Block``.
+"""Block kinds. Each kind is a folder: ``spec.py`` (its ``BlockSpec``: keys, defaults, checks,
+closed forms, texts; no torch) and ``block.py`` (its ``Block``, an ``nn.Module``); ``registry``
+lists them. ``base.py`` is the module contract, ``spec.py`` the spec contract, ``norm.py`` the
+norms the model puts before every block.
 
-    BLOCKS["mamba"]                       # the class of a kind
-    build_block("attention", d_model, spec, layer_idx=3, n_layers=12)
+    from hybridseq.blocks import KINDS, build_block
+    spec = KINDS["mamba"].from_mapping({"d_state": 16}, d_model=512)
+    block = spec.build(512, layer_idx=0, n_layers=24)      # or build_block("mamba", 512, {...})
+
+Importing this package does not import torch (``hybridseq show`` only needs the specs).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from ..config.schema import BLOCK_DEFAULTS
-from ..errors import ConfigError
-from .attention import AttentionBlock
-from .base import Block, keep_fp32
-from .mamba import MambaBlock
-from .mlp import MLPBlock
-from .moe import MoEBlock
-from .norm import LayerNorm, RMSNorm, make_norm, norm_param_count
-
-BLOCKS: dict[str, type[Block]] = {
-    "mamba": MambaBlock,
-    "attention": AttentionBlock,
-    "moe": MoEBlock,
-    "mlp": MLPBlock,
-}
+from .registry import KINDS, MEGATRON_KINDS
+from .spec import BlockSpec, ffn_dim
 
 
-def block_class(kind: str) -> type[Block]:
+def kind_spec(kind: str) -> type[BlockSpec]:
+    """The spec class of ``kind`` (``ConfigError`` for an unknown kind)."""
+    from ..errors import ConfigError
+
     try:
-        return BLOCKS[kind]
+        return KINDS[kind]
     except KeyError:
-        raise ConfigError(f"unknown block kind {kind!r} (choices: {', '.join(BLOCKS)})",
-                          key="kind") from None
+        raise ConfigError(f"unknown block kind {kind!r} (choices: {', '.join(KINDS)})", key="kind") from None
 
 
-def full_spec(kind: str, spec: Mapping[str, Any]) -> dict:
-    """``spec`` with the schema defaults of ``kind`` filled in (and no ``kind`` key)."""
-    out = {**BLOCK_DEFAULTS.get(kind, {}), **{k: v for k, v in dict(spec).items() if k != "kind"}}
-    return out
+def build_block(kind: str, d_model: int, spec, layer_idx: int = 0, n_layers: int = 1):
+    """Instantiate block ``kind`` (``spec`` a mapping or the kind's spec) for sublayer
+    ``layer_idx`` of ``n_layers``."""
+    cls = kind_spec(kind)
+    if not isinstance(spec, cls):
+        spec = cls.from_mapping({k: v for k, v in dict(spec).items() if k != "kind"}, key=kind,
+                                d_model=d_model)
+    return spec.build(d_model, layer_idx=layer_idx, n_layers=n_layers)
 
 
-def build_block(kind: str, d_model: int, spec: Mapping[str, Any], layer_idx: int = 0,
-                n_layers: int = 1) -> Block:
-    """Instantiate block ``kind`` for sublayer ``layer_idx`` of ``n_layers``."""
-    cls = block_class(kind)
-    return cls(d_model, full_spec(kind, spec), layer_idx=layer_idx, n_layers=n_layers)
-
-
-__all__ = ["BLOCKS", "Block", "AttentionBlock", "MambaBlock", "MLPBlock", "MoEBlock", "LayerNorm",
-           "RMSNorm", "block_class", "build_block", "full_spec", "keep_fp32", "make_norm",
-           "norm_param_count"]
+__all__ = ["BlockSpec", "KINDS", "MEGATRON_KINDS", "build_block", "ffn_dim", "kind_spec"]

@@ -64,8 +64,3 @@ def _norm_class(kind: str):
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
     """``make_norm("rmsnorm" | "layernorm", dim, eps)``."""
     return _norm_class(kind)(dim, eps)
-
-
-def norm_param_count(kind: str, dim: int) -> int:
-    """Parameters of one norm layer of ``kind`` over ``dim`` features (closed form)."""
-    return _norm_class(kind).param_count(dim)

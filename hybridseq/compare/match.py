@@ -7,16 +7,16 @@ the count passes ``(1 + tol) * target`` (counts grow monotonically with ``d_mode
 whose count is nearest the target wins (ties: the one nearest the original ``d_model``). It must
 land within ``tol`` (5%) of the target, else ``MatchError``.
 
-What follows ``d_model`` (the layout's proportions are kept):
-- sizes derived from it (``d_ff: null``, ``dt_rank: auto``, ``head_dim: null``) follow by themselves;
-- an explicit ``d_ff`` / ``shared_d_ff`` scales by ``d_new / d_old``, rounded to a multiple of 8;
-- an explicit attention ``head_dim`` with ``n_heads * head_dim == d_old`` becomes ``d_new / n_heads``;
-  any other explicit ``head_dim`` (and ``n_heads``, ``n_kv_heads``, ``window``, ``d_state``...) stays.
-Small models: when steps of 8 in ``d_model`` alone cannot land within the tolerance and the layout
-has mlp/moe blocks, every FFN hidden width is also scaled by one common factor (multiples of 8)
-around the best ``d_model`` (``_ffn_fallback``); the overrides show what changed.
-A candidate is valid only if every attention block keeps valid heads: ``n_heads`` divides
-``d_new`` (when the head dim follows ``d_model``) and the head dim is even when RoPE is on.
+What follows ``d_model`` (the layout's proportions are kept) is each block kind's own rule,
+``spec.rescaled(d_old, d_new, ffn_scale)``: sizes derived from it (``d_ff: null``, ``dt_rank:
+auto``, ``head_dim: null``) follow by themselves; an explicit ``d_ff`` / ``shared_d_ff`` scales by
+``d_new / d_old``, rounded to a multiple of 8; an attention ``head_dim`` with ``n_heads *
+head_dim == d_old`` becomes ``d_new / n_heads``; other explicit sizes stay. A kind may refuse a
+``d_model`` (attention: ``n_heads`` must divide it when the head dim follows it, and RoPE needs
+an even head dim): such a candidate is skipped. Small models: when steps of 8 in ``d_model``
+alone cannot land within the tolerance and the layout has feed-forward widths, every one is also
+scaled by one common factor (multiples of 8) around the best ``d_model`` (``_ffn_fallback``);
+the overrides show what changed.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import load_config
 from ..errors import HybridSeqError
 
 MODES = ("params", "active_params", "none")
@@ -62,56 +63,31 @@ class MatchResult:
 def _plain(cfg) -> dict:
     if isinstance(cfg, dict):
         return copy.deepcopy(cfg)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _round8(x: float) -> int:
-    return max(8, int(round(x / 8.0)) * 8)
+    return cfg.to_dict()
 
 
 def rescale_settings(cfg, d_new: int, ffn_scale: float = 1.0) -> dict[str, Any] | None:
     """The dotted settings (``model.d_model`` first) that move ``cfg`` to ``d_model = d_new``,
-    or None when ``d_new`` would leave some attention block with invalid heads. ``ffn_scale``
-    (the fallback knob) further multiplies every mlp/moe hidden width (rounded to 8)."""
-    c = _plain(cfg)
-    d_old = int(c["model"]["d_model"])
+    or None when a block used by the layout cannot take ``d_new`` (unused block symbols are
+    left as they are). ``ffn_scale`` (the fallback knob) further multiplies every feed-forward
+    width (rounded to 8)."""
+    c = load_config(cfg)
+    d_old = c.model.d_model
     out: dict[str, Any] = {"model.d_model": int(d_new)}
-    used = set(c["stack"])
-    for sym, spec in c["blocks"].items():
-        kind = spec["kind"]
-        if kind == "attention":
-            h = int(spec["n_heads"])
-            hd = spec.get("head_dim")
-            if hd is None or int(hd) * h == d_old:
-                if d_new % h:
-                    if sym in used:
-                        return None
-                    continue
-                new_hd = d_new // h
-                if hd is not None:
-                    out[f"blocks.{sym}.head_dim"] = new_hd
-            else:
-                new_hd = int(hd)
-            if spec.get("rope_theta") is not None and new_hd % 2 and sym in used:
+    used = set(c.stack)
+    for sym, spec in c.blocks.items():
+        keys = spec.rescaled(d_old, int(d_new), ffn_scale)
+        if keys is None:
+            if sym in used:
                 return None
-        elif kind in ("mlp", "moe"):
-            from ..config import resolve_ffn_dim
-
-            act = spec.get("activation", "swiglu")
-            for key in ("d_ff", "shared_d_ff"):
-                if key not in spec:
-                    continue
-                if spec.get(key) is not None:
-                    out[f"blocks.{sym}.{key}"] = _round8(int(spec[key]) * d_new / d_old * ffn_scale)
-                elif ffn_scale != 1.0 and key == "d_ff":
-                    out[f"blocks.{sym}.{key}"] = _round8(resolve_ffn_dim(d_new, None, act) * ffn_scale)
+            continue
+        out.update({f"blocks.{sym}.{k}": v for k, v in keys.items()})
     return out
 
 
 def _has_ffn(c: dict) -> bool:
-    return any(c["blocks"][s]["kind"] in ("mlp", "moe") for s in set(c["stack"]))
+    cfg = load_config(c)
+    return any(cfg.blocks[s].has_ffn() for s in set(cfg.stack))
 
 
 def _apply(c: dict, settings: dict[str, Any]) -> dict:
@@ -137,7 +113,7 @@ def count_params(cfg, which: str = "params") -> int:
     config (embedding, head, norms and every block; see ``hybridseq.train.accounting``)."""
     from ..train.accounting import account
 
-    return int(account(_plain(cfg), seq_len=1)["totals"][which])
+    return int(account(load_config(cfg), seq_len=1)["totals"][which])
 
 
 def match_one(cfg, target: int, mode: str, tol: float = DEFAULT_TOLERANCE) -> MatchResult:

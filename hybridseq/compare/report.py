@@ -278,10 +278,9 @@ def plot_all(folder: str, entries: list[Entry], summaries: dict[str, dict], trai
 # ----------------------------------------------------------------------------------------------
 def build_report(entries: list[Entry], opts: CompareOptions, argv: list[str] | None = None) -> dict:
     """The report.json object."""
-    from omegaconf import OmegaConf
 
     ref = next((e for e in entries if e.cfg is not None), None)
-    train = OmegaConf.to_container(ref.cfg.train, resolve=True) if ref is not None else None
+    train = ref.cfg.train.to_dict() if ref is not None else None
     layouts = []
     for e in entries:
         status = "failed" if not e.ok else ("ok" if e.runs else "not run")
@@ -290,7 +289,7 @@ def build_report(entries: list[Entry], opts: CompareOptions, argv: list[str] | N
             item.update({"error": e.error, "failed_at": e.failed_at})
         if e.cfg is not None:
             item["d_model"] = int(e.cfg.model.d_model)
-            item["layout"] = OmegaConf.to_container(e.cfg, resolve=True).get("layout")
+            item["layout"] = e.cfg.layout
             item["stack"] = list(e.cfg.stack)
         if e.match is not None:
             item["match"] = e.match.as_dict()

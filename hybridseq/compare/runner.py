@@ -34,7 +34,6 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from omegaconf import OmegaConf
 
 from ..config import load_config
 from ..errors import ConfigError, HybridSeqError
@@ -93,7 +92,7 @@ def _log(msg: str) -> None:
 
 
 def _container(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    return cfg if isinstance(cfg, dict) else cfg.to_dict()
 
 
 def _label(name: str, taken: set) -> str:
@@ -242,7 +241,6 @@ def run_one(entry: Entry, seed_index: int, seed: int, run_dir: str, opts: Compar
 
     from ..data import task_spec
     from ..train import Trainer
-    from ..train.accounting import train_seq_len
     from ..train.engine import resolve_device
     from ..train.metrics import read_metrics
 

@@ -1,14 +1,15 @@
 """Loading a layout config: YAML (OmegaConf) -> overrides -> defaults -> interpolation ->
-validation -> the layout parsed into ``stack`` and ``stage_starts``.
+the typed ``HybridConfig`` (every section checked by its spec) -> the layout parsed into
+``stack`` and ``stage_starts``.
 
     cfg = load_config("layouts/jamba.yaml", overrides=["model.d_model=128", "blocks.E.top_k=1"])
 
-The result is an OmegaConf ``DictConfig`` with the top-level keys ``name``, ``description``,
-``model``, ``blocks``, ``layout`` (as written), ``train``, ``deepspeed`` (and ``compare`` when
-given), ``stack`` and ``stage_starts``. Every block spec and section is complete (defaults
-filled in), every interpolation is resolved, and ``train.task`` is a mapping
-``{name: ..., <that task's keys>}``. It round-trips: loading ``OmegaConf.to_container(cfg)``
-gives an equal config (given ``stack``/``stage_starts`` are recomputed).
+The result is a ``HybridConfig`` (``sections.py``): ``name``, ``description``, ``model``,
+``blocks`` (symbol -> the kind's spec), ``layout`` (as written), ``train`` (``train.task`` the
+task's spec), ``deepspeed`` (and ``compare`` when given), ``stack`` and ``stage_starts``. Every
+section is complete (the defaults are the specs' own), every interpolation is resolved. It
+round-trips: loading ``cfg.to_dict()`` gives an equal config. This is the only place a config
+changes form; everything downstream reads the typed objects.
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException as OmegaConfBaseError
 
+from ..blocks import KINDS
+from ..data.specs import TASKS
 from ..errors import ConfigError
-from .pattern import did_you_mean, megatron_symbols_used, parse_layout, parse_layout_list, parse_megatron
+from ..spec import Spec, check_keys, describe, did_you_mean, fail, require_mapping
+from .pattern import megatron_symbols_used, parse_layout, parse_layout_list, parse_megatron
 from .schema import BLOCK_DEFAULTS, MODEL_DEFAULTS, TASK_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_DEFAULTS
-from .validate import (check_keys, describe, fail, require_mapping, validate_block, validate_model,
-                       validate_train)
+from .sections import Blocks, HybridConfig, ModelSpec, TrainSpec
 
 _SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -35,10 +38,11 @@ _SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # ----------------------------------------------------------------------------------------------
 # public
 # ----------------------------------------------------------------------------------------------
-def load_config(source, overrides: Sequence[str] | Mapping[str, Any] | str | None = None) -> DictConfig:
+def load_config(source, overrides: Sequence[str] | Mapping[str, Any] | str | None = None) -> HybridConfig:
     """Load, complete and validate a layout config.
 
-    ``source``: a path (str or Path) to a YAML file, a dict, or a DictConfig. ``overrides``:
+    ``source``: a path (str or Path) to a YAML file, a dict, a DictConfig or a ``HybridConfig``.
+    ``overrides``:
     dotted ``key=value`` strings as on a command line (``model.d_model=512``,
     ``blocks.E.top_k=2``, ``train.task=mqar``); values are parsed as YAML. Only keys of the
     schema (or of ``deepspeed``/``compare``) may be overridden. Raises ``ConfigError``.
@@ -50,11 +54,14 @@ def load_config(source, overrides: Sequence[str] | Mapping[str, Any] | str | Non
         _normalise(raw, file)
     merged = _merge_defaults(raw, file, default_name)
     resolved = _resolve_interpolations(merged, file)
-    return OmegaConf.create(_finish(resolved, file))
+    return _finish(resolved, file)
 
 
 def save_config(cfg, path) -> None:
-    """Write ``cfg`` (DictConfig or dict) as resolved YAML, atomically (temp file + rename)."""
+    """Write ``cfg`` (a ``HybridConfig``, a DictConfig or a dict) as resolved YAML, atomically
+    (temp file + rename)."""
+    if isinstance(cfg, HybridConfig):
+        cfg = cfg.to_dict()
     if not isinstance(cfg, (DictConfig, ListConfig)):
         cfg = OmegaConf.create(cfg)
     text = OmegaConf.to_yaml(cfg, resolve=True)
@@ -77,10 +84,12 @@ def save_config(cfg, path) -> None:
 # reading
 # ----------------------------------------------------------------------------------------------
 def _plain(obj):
-    """A deep copy of ``obj`` with OmegaConf containers turned into plain dicts and lists
-    (interpolations left unresolved)."""
+    """A deep copy of ``obj`` with OmegaConf containers and typed sections turned into plain
+    dicts and lists (interpolations left unresolved)."""
     if isinstance(obj, (DictConfig, ListConfig)):
         return OmegaConf.to_container(obj, resolve=False)
+    if isinstance(obj, Spec):  # a typed section of a loaded config
+        return obj.to_dict()
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -90,6 +99,8 @@ def _plain(obj):
 
 def _read_source(source) -> tuple[dict, str | None, str]:
     """-> (plain dict with interpolations unresolved, file label or None, default name)."""
+    if isinstance(source, HybridConfig):
+        return source.to_dict(), None, "model"
     if isinstance(source, DictConfig):
         return OmegaConf.to_container(source, resolve=False), None, "model"
     if isinstance(source, Mapping):  # may hold DictConfig/ListConfig values (e.g. {**cfg, ...})
@@ -234,7 +245,10 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
             task = train["task"]
             name = task.get("name")
             known = TASK_DEFAULTS.get(name) if isinstance(name, str) else None
-            if known is not None and parts[2] != "name" and parts[2] not in known:
+            if parts[2] == "name" and value != name and value in TASK_DEFAULTS:
+                # another task: keep only the keys it has too (a new task starts from its defaults)
+                train["task"] = {k: v for k, v in task.items() if k in TASK_DEFAULTS[value]}
+            elif known is not None and parts[2] != "name" and parts[2] not in known:
                 _unknown_override(key, "train.task", ["name", *known], parts[2], f"{task.get('name')} task key")
     elif top == "blocks" and depth > 2:
         blocks = raw.get("blocks") or {}
@@ -369,15 +383,19 @@ def _resolve_interpolations(merged: dict, file) -> dict:
 # ----------------------------------------------------------------------------------------------
 # validation and layout
 # ----------------------------------------------------------------------------------------------
-def _finish(cfg: dict, file) -> dict:
+def _finish(cfg: dict, file) -> HybridConfig:
     name = cfg["name"]
     if not isinstance(name, str) or not name.strip():
         fail(file, "name", f"expected a non-empty string, got {describe(name)}")
     description = cfg["description"]
     if description is not None and not isinstance(description, str):
         fail(file, "description", f"expected a string, got {describe(description)}")
-    model = validate_model(cfg["model"], file)
-    blocks = {s: validate_block(s, spec, model["d_model"], file) for s, spec in cfg["blocks"].items()}
+    model = ModelSpec.from_mapping(cfg["model"], file=file, key="model")
+    blocks = Blocks()
+    for s, spec in cfg["blocks"].items():
+        blocks[s] = KINDS[spec["kind"]].from_mapping({k: v for k, v in spec.items() if k != "kind"},
+                                                     file=file, key=f"blocks.{s}",
+                                                     what=f"{spec['kind']} key", d_model=model.d_model)
     layout = cfg["layout"]
     if isinstance(layout, str):
         stack, stage_starts = parse_layout(layout, blocks, file=file, key="layout")
@@ -388,16 +406,22 @@ def _finish(cfg: dict, file) -> dict:
     else:
         fail(file, "layout", f"expected a pattern string, a list of patterns or {{megatron: ...}}, got {describe(layout)}",
              "e.g. layout: \"(M E)*4\"")
-    train = validate_train(cfg["train"], file)
+    task_raw = cfg["train"]["task"]
+    task = TASKS[task_raw["name"]].from_mapping({k: v for k, v in task_raw.items() if k != "name"},
+                                               file=file, key="train.task",
+                                               what=f"{task_raw['name']} task key")
+    train = TrainSpec.from_mapping({k: v for k, v in cfg["train"].items() if k != "task"},
+                                   file=file, key="train")
+    train.task = task
     deepspeed = cfg["deepspeed"]
     if deepspeed is not None and not isinstance(deepspeed, (Mapping, str)):
         fail(file, "deepspeed", f"expected a mapping (a DeepSpeed config) or a path, got {describe(deepspeed)}")
-    out = {"name": name, "description": description, "model": model, "blocks": blocks, "layout": layout,
-           "train": train, "deepspeed": deepspeed}
-    if "compare" in cfg:
-        if cfg["compare"] is not None and not isinstance(cfg["compare"], Mapping):
-            fail(file, "compare", f"expected a mapping, got {describe(cfg['compare'])}")
-        out["compare"] = cfg["compare"]
-    out["stack"] = stack
-    out["stage_starts"] = stage_starts
-    return out
+    compare = cfg.get("compare")
+    if compare is not None and not isinstance(compare, Mapping):
+        fail(file, "compare", f"expected a mapping, got {describe(compare)}")
+    # the pass-through sections stay data, readable by attribute (OmegaConf nodes)
+    as_node = lambda v: OmegaConf.create(v) if isinstance(v, Mapping) else v  # noqa: E731
+    return HybridConfig(name=name, description=description, model=model, blocks=blocks,
+                        layout=layout, train=train, stack=list(stack),
+                        stage_starts=list(stage_starts), deepspeed=as_node(deepspeed),
+                        compare=as_node(compare), has_compare="compare" in cfg)

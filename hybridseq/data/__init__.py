@@ -1,74 +1,89 @@
 """Tasks: synthetic (selective_copy, induction_heads, mqar) and language modelling (text).
 
     from hybridseq.data import make_task, task_vocab_size
-    task = make_task(cfg.train.task, seed=cfg.train.seed)            # {name: ..., <task keys>}
+    task = make_task(cfg.train.task, seed=cfg.train.seed)            # a TaskSpec or {name: ...}
     longer = make_task(cfg.train.task, seed=0, seq_len=1024)          # length extrapolation
     inputs, targets = task.next_batch(16)                              # (B, L) int64 each
 
-See ``base.Task`` for the batch contract and ``synthetic``/``text`` for each token layout.
+``specs.py`` holds each task's keys and checks (no torch: ``hybridseq show`` reads them);
+``base.Task`` the batch contract; ``synthetic`` / ``text`` the token layouts. The modules with
+torch load on first use.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Mapping
 
-from ..config.schema import TASK_DEFAULTS
 from ..errors import ConfigError
-from .base import IGNORE, Task, accuracy, score
-from .synthetic import MQAR, InductionHeads, SelectiveCopy
-from .text import TextTask
+from .specs import TASKS as TASK_SPECS
+from .specs import TaskSpec
 
-TASKS: dict[str, type[Task]] = {
-    "selective_copy": SelectiveCopy,
-    "induction_heads": InductionHeads,
-    "mqar": MQAR,
-    "text": TextTask,
-}
+_CLASSES = {"selective_copy": (".synthetic", "SelectiveCopy"), "induction_heads": (".synthetic", "InductionHeads"),
+            "mqar": (".synthetic", "MQAR"), "text": (".text", "TextTask")}
+_LAZY = {"IGNORE": ".base", "Task": ".base", "accuracy": ".base", "score": ".base",
+         "SelectiveCopy": ".synthetic", "InductionHeads": ".synthetic", "MQAR": ".synthetic",
+         "TextTask": ".text"}
 
 
-def _as_dict(task_cfg: Any) -> dict:
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name == "TASKS":
+        return {n: getattr(importlib.import_module(m, __name__), c) for n, (m, c) in _CLASSES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def as_task_spec(task_cfg: Any, **overrides) -> TaskSpec:
+    """``task_cfg`` (a ``TaskSpec``, a name, or ``{name: ..., <task keys>}``) as a checked
+    ``TaskSpec``, with ``overrides`` (None values ignored) applied."""
     if task_cfg is None:
         task_cfg = "selective_copy"
-    if isinstance(task_cfg, str):
-        return {"name": task_cfg}
-    if not isinstance(task_cfg, Mapping):
+    if isinstance(task_cfg, TaskSpec):
+        cfg = task_cfg.to_dict()
+    elif isinstance(task_cfg, str):
+        cfg = {"name": task_cfg}
+    elif isinstance(task_cfg, Mapping):
+        cfg = dict(task_cfg)
+    else:
         try:  # an OmegaConf DictConfig
             from omegaconf import OmegaConf
 
-            return dict(OmegaConf.to_container(task_cfg, resolve=True))
+            cfg = dict(OmegaConf.to_container(task_cfg, resolve=True))
         except Exception:
             raise ConfigError(f"a task is a name or a mapping {{name: ..., ...}}, got {task_cfg!r}",
                               key="train.task") from None
-    return {k: v for k, v in task_cfg.items()}
+    name = cfg.pop("name", None)
+    if name not in TASK_SPECS:
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(TASK_SPECS)}", key="train.task.name")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return TASK_SPECS[name].from_mapping(cfg, key="train.task", what=f"{name} task key")
 
 
 def task_spec(task_cfg: Any, **overrides) -> dict:
-    """The task's full spec (``name`` plus every key, defaults filled in), checked."""
-    cfg = _as_dict(task_cfg)
-    name = cfg.pop("name", None)
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; known: {', '.join(TASKS)}", key="train.task.name")
-    spec = dict(TASK_DEFAULTS[name])
-    for k, v in {**cfg, **{k: v for k, v in overrides.items() if v is not None}}.items():
-        if k not in spec:
-            raise ConfigError(f"unknown key {k!r} for task {name}; known: {', '.join(spec)}",
-                              key=f"train.task.{k}")
-        spec[k] = v
-    return {"name": name, **spec}
+    """The task's full spec as a dict (``name`` plus every key, defaults filled in), checked."""
+    return as_task_spec(task_cfg, **overrides).to_dict()
 
 
-def make_task(task_cfg: Any, seed: int = 0, seq_len: int | None = None) -> Task:
-    """Build the task named by ``task_cfg`` (a name or ``{name: ..., <task keys>}``), seeded.
-
-    ``seq_len`` overrides the configured length (evaluation at other lengths)."""
-    spec = task_spec(task_cfg, seq_len=seq_len)
-    name = spec.pop("name")
-    return TASKS[name](**spec, seed=int(seed))
+def make_task(task_cfg: Any, seed: int = 0, seq_len: int | None = None):
+    """Build the task named by ``task_cfg``, seeded. ``seq_len`` overrides the configured length
+    (evaluation at other lengths)."""
+    spec = as_task_spec(task_cfg, seq_len=seq_len).to_dict()
+    module, cls = _CLASSES[spec.pop("name")]
+    return getattr(importlib.import_module(module, __name__), cls)(**spec, seed=int(seed))
 
 
 def task_vocab_size(task_cfg: Any) -> int:
-    """The vocabulary a model needs for this task (``model.vocab_size: auto``)."""
-    return make_task(task_cfg).vocab_size
+    """The vocabulary a model needs for this task (``model.vocab_size: auto``): the spec's closed
+    form when it has one, else the built task's."""
+    v = as_task_spec(task_cfg).vocab_size()
+    return int(v) if v is not None else make_task(task_cfg).vocab_size
 
 
-__all__ = ["IGNORE", "TASKS", "Task", "accuracy", "make_task", "score", "task_spec", "task_vocab_size",
-           "SelectiveCopy", "InductionHeads", "MQAR", "TextTask"]
+def task_seq_len(task_cfg: Any) -> int:
+    """The length of a training batch of this task."""
+    return as_task_spec(task_cfg).batch_len()
+
+
+__all__ = ["IGNORE", "TASKS", "TASK_SPECS", "Task", "TaskSpec", "accuracy", "as_task_spec", "make_task",
+           "score", "task_seq_len", "task_spec", "task_vocab_size", "SelectiveCopy", "InductionHeads",
+           "MQAR", "TextTask"]

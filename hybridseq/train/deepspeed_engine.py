@@ -31,7 +31,7 @@ are all-gathered and reduced in bf16 (DeepSpeed's ``comm_dtype``). A ``bf16: {en
 section is translated into that mode; ``fp16`` is refused (use bf16). The numerics are those of
 ``LocalEngine`` (the single-process trainer), which also autocasts fp32 weights.
 
-ZeRO-3: every block kind (``hybridseq.blocks.BLOCKS``) is a *leaf module*
+ZeRO-3: every block (``hybridseq.blocks.base.Block``) is a *leaf module*
 (``deepspeed.utils.set_z3_leaf_modules``): all of a block's parameters are gathered when the
 block starts and released after it. For the MoE block this is what makes training safe: with
 per-expert hooks, a rank whose tokens skip an expert would never fetch it while the others do,
@@ -238,7 +238,7 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, train_cfg: dict, cfg=None, device=None, *, ds_config: dict):
         import deepspeed
 
-        from ..blocks import BLOCKS
+        from ..blocks.base import Block
 
         self.cfg = cfg
         self.ds_config = ds_config
@@ -251,14 +251,16 @@ class DeepSpeedEngine:
         steps = int(tc["steps"])
 
         if self.stage == 3:
-            deepspeed.utils.set_z3_leaf_modules(model, list(BLOCKS.values()))
+            deepspeed.utils.set_z3_leaf_modules(model, [Block])
         from . import expert_parallel as EP
 
-        self.ep_size = EP.ep_size_of(model)
+        self.ep_size = EP.ep_size_of_config(model.cfg)
         if self.ep_size > 1 and self.stage == 3:
             raise ConfigError("moe.ep_size > 1 needs ZeRO stage 1 or 2 (DeepSpeed's expert parallelism "
                               "does not run under ZeRO-3, which shards the experts itself)",
                               key="deepspeed.zero_optimization.stage")
+        if self.ep_size > 1 and EP.ep_size_of(model) == 1:
+            EP.apply_expert_parallel(model, self.ep_size)
         EP.prepare_model(model)
         groups = param_groups(model, float(tc["weight_decay"]))
         if self.ep_size > 1:
@@ -444,7 +446,7 @@ class DeepSpeedEngine:
         else:
             if self.ep_size > 1:  # a saved model holds all experts: keep this EP rank's slice
                 for m_name, m in self.model.named_modules():
-                    if getattr(m, "kind", None) == "moe" and getattr(m, "ep_size", 1) > 1:
+                    if getattr(m, "ep_group", None) is not None:  # a block sharded by expert
                         n = m.n_local_experts
                         for w in ("w_in", "w_out"):
                             key = f"{m_name}.{w}"

@@ -2,16 +2,18 @@
 
 Layout of a run on ``G`` ranks (DeepSpeed's ``groups._create_expert_and_data_parallel(P)``):
 the expert-parallel (EP) groups are ``P`` consecutive ranks; EP rank ``r`` holds experts
-``[r E/P, (r+1) E/P)`` of every MoE block (``MoEBlock`` builds only those, and its all-to-all runs
-over the EP group, ``blocks/moe_parallel.py``). The expert-data-parallel groups join the ranks
+``[r E/P, (r+1) E/P)`` of every MoE block. The model is built whole on every rank (same seed,
+same weights) and ``apply_expert_parallel`` then shards it from outside: each block with experts
+keeps its rank's share (``Block.shard_experts``; for MoE ``blocks/moe/parallel.py``, whose
+all-to-all runs over the EP group). The expert-data-parallel groups join the ranks
 with the same EP rank (``G / P`` of them): only they hold the same experts, so expert gradients
 are averaged (and, with ZeRO, expert optimizer states partitioned) over that group, while every
 other parameter is data-parallel over all ``G`` ranks.
 
 Wiring into DeepSpeed 0.19 (which keys all of this on its own MoE layer class):
 
-- ``setup_groups(P)``, before the model is built: creates the groups and makes the EP group
-  the default of ``MoEBlock`` (``set_expert_parallel_group``).
+- ``setup_groups(P)``: creates the groups (collective, on every rank).
+- ``apply_expert_parallel(model, P)``: shards the built model over the EP group.
 - ``prepare_model(model)``: tags the expert shards as DeepSpeed MoE parameters
   (``p.allreduce = False``, ``p.group_name = "ep_size_P"``) and attaches a parameter-free marker
   module (a ``deepspeed.moe.layer.MoE`` subclass that owns nothing and does nothing) so that the
@@ -45,7 +47,7 @@ def group_name(ep_size: int) -> str:
 
 
 def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every expert shard (``p._expert_parallel``, set by ``MoEBlock``)."""
+    """(name, parameter) of every expert shard (``p._expert_parallel``, set by sharding)."""
     return [(n, p) for n, p in model.named_parameters() if getattr(p, "_expert_parallel", False)]
 
 
@@ -53,8 +55,19 @@ def uses_expert_parallel(model: nn.Module) -> bool:
     return bool(expert_params(model))
 
 
+def _sharded_blocks(model: nn.Module) -> list:
+    return [layer.block for layer in model.layers if getattr(layer.block, "ep_group", None) is not None]
+
+
 def ep_size_of(model: nn.Module) -> int:
-    sizes = {int(getattr(m, "ep_size", 1)) for m in model.modules() if getattr(m, "kind", None) == "moe"}
+    """The expert-parallel size a sharded model runs with (1: not sharded)."""
+    sizes = {int(b.ep_size) for b in _sharded_blocks(model)}
+    return sizes.pop() if sizes else 1
+
+
+def ep_size_of_config(cfg) -> int:
+    """The ``ep_size`` the config's blocks ask for (one value for every block that has experts)."""
+    sizes = {int(getattr(spec, "ep_size", 1)) for _, spec in cfg.layers()}
     sizes.discard(1)
     if len(sizes) > 1:
         raise ConfigError(f"all MoE blocks must share one ep_size under DeepSpeed, got {sorted(sizes)}",
@@ -63,18 +76,24 @@ def ep_size_of(model: nn.Module) -> int:
 
 
 def setup_groups(ep_size: int) -> None:
-    """Create DeepSpeed's expert / expert-data-parallel groups (collective) and make the EP group
-    the default of the MoE blocks built afterwards."""
+    """Create DeepSpeed's expert / expert-data-parallel groups (collective)."""
     import torch.distributed as dist
     from deepspeed.utils import groups
-
-    from ..blocks.moe_parallel import set_expert_parallel_group
 
     world = dist.get_world_size()
     if world % ep_size:
         raise ConfigError(f"ep_size={ep_size} does not divide the number of ranks {world}", key="moe.ep_size")
     groups._create_expert_and_data_parallel(ep_size)
-    set_expert_parallel_group(groups._get_expert_parallel_group(group_name(ep_size)))
+
+
+def apply_expert_parallel(model: nn.Module, ep_size: int) -> None:
+    """Shard every block with experts over this rank's EP group of ``ep_size`` ranks (the groups
+    of ``setup_groups``)."""
+    from deepspeed.utils import groups
+
+    group = groups._get_expert_parallel_group(group_name(ep_size))
+    for layer in model.layers:
+        layer.block.shard_experts(group)
 
 
 def _marker(ep_size: int, n_experts: int) -> nn.Module:
@@ -108,7 +127,7 @@ def prepare_model(model: nn.Module) -> int:
     for _, p in expert_params(model):
         p.allreduce = False
         p.group_name = name
-    n_experts = max(int(getattr(m, "n_experts", 0)) for m in model.modules())
+    n_experts = max(int(b.n_experts) for b in _sharded_blocks(model))
     model.add_module(MARKER_NAME, _marker(ep, n_experts))
     return ep
 
@@ -137,27 +156,24 @@ def gather_experts(model: nn.Module, state: dict | None, is_main: bool) -> dict 
     ``(E, ...)`` tensors gathered over the EP group (collective: every rank calls it)."""
     import torch.distributed as dist
 
-    for m in model.modules():
-        if getattr(m, "kind", None) != "moe" or getattr(m, "ep_size", 1) == 1:
-            continue
-        group = m.ep_group
-        size = dist.get_world_size(group)
-        prefix = next(n for n, mod in model.named_modules() if mod is m)
+    prefix_of = {mod: name for name, mod in model.named_modules()}
+    for m in _sharded_blocks(model):
+        size = dist.get_world_size(m.ep_group)
         for pname in ("w_in", "w_out"):
             p = getattr(m, pname).detach().contiguous()
             parts = [torch.empty_like(p) for _ in range(size)]
-            dist.all_gather(parts, p, group=group)
+            dist.all_gather(parts, p, group=m.ep_group)
             if is_main:
-                state[f"{prefix}.{pname}"] = torch.cat(parts, 0).cpu()
+                state[f"{prefix_of[m]}.{pname}"] = torch.cat(parts, 0).cpu()
     return state
 
 
 def config_without_ep(cfg):
-    """A copy of ``cfg`` with every MoE block's ``ep_size`` set to 1 (for the exported model)."""
-    from omegaconf import OmegaConf
+    """A copy of ``cfg`` with every block's ``ep_size`` set to 1 (for the exported model)."""
+    from dataclasses import replace
 
-    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for spec in c.blocks.values():
-        if spec.get("kind") == "moe" and "ep_size" in spec:
-            spec.ep_size = 1
-    return c
+    from ..config.sections import Blocks
+
+    blocks = Blocks({s: (spec.replace(ep_size=1) if getattr(spec, "ep_size", 1) != 1 else spec)
+                     for s, spec in cfg.blocks.items()})
+    return replace(cfg, blocks=blocks)

@@ -102,15 +102,13 @@ def prepare(args, env: dict):
 
 
 def setup_expert_parallel(cfg) -> None:
-    """Expert-parallel process groups before the model is built (MoE blocks with ep_size > 1)."""
-    from .expert_parallel import setup_groups
+    """Expert-parallel process groups (collective) when the config's blocks ask for ep_size > 1;
+    the engine shards the built model over them."""
+    from .expert_parallel import ep_size_of_config, setup_groups
 
-    sizes = {int(cfg.blocks[s].get("ep_size", 1)) for s in set(cfg.stack) if cfg.blocks[s].kind == "moe"}
-    sizes.discard(1)
-    if len(sizes) > 1:
-        raise HybridSeqError(f"all MoE blocks must share one ep_size under DeepSpeed, got {sorted(sizes)}")
-    if sizes:
-        setup_groups(sizes.pop())
+    ep = ep_size_of_config(cfg)
+    if ep > 1:
+        setup_groups(ep)
 
 
 def main(argv=None, hooks=()) -> int:

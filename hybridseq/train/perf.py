@@ -49,7 +49,7 @@ def moe_load(model: torch.nn.Module) -> dict:
     out, worst = {}, None
     for i, layer in enumerate(getattr(model, "layers", [])):
         block = getattr(layer, "block", layer)
-        load = (getattr(block, "metrics", None) or {}).get("load") if getattr(block, "kind", "") == "moe" else None
+        load = (getattr(block, "metrics", None) or {}).get("load")  # blocks with routed experts
         if load is None:
             continue
         load = torch.as_tensor(load, dtype=torch.float32).detach().cpu()

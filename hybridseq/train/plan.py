@@ -26,19 +26,11 @@ group that shards them (``G`` for dense weights, ``G / E`` for experts), summed 
 ``zero3-offload`` config): ``o`` then counts in ``host_optimizer_gib``, not on the GPU.
 
 Activations (training, one micro-batch of ``B`` sequences of ``L`` tokens, ``a = 2`` bytes per
-saved element in bf16, 4 in fp32), saved elements per token and sublayer:
-
-    every sublayer   2 d                     residual input and normed input
-    mamba            7 e d + r + 2 n         in_proj x and z (2 e d), conv out, silu out, dt, scan
-                                             out, gated out (5 e d), x_proj out (r + 2 n);
-                                             e = expand, r = dt_rank, n = d_state. The fused scan
-                                             recomputes the states in backward (none kept).
-    attention        2 h h_d + 2 h_kv h_d    q, k, v and the attention output (fused attention
-                                             keeps O(L) statistics, not the L x L scores)
-    mlp              3 f (swiglu), 2 f (gelu)  hidden projections and the activation
-    moe              k (2 d + (n_in + 1) f) + E (permuted input, hidden and output of each of the
-                     + shared (as mlp)        k token copies; router logits)
-    LM head          V (bf16 logits) + 2 V (fp32 copy for the loss), once per token
+saved element in bf16, 4 in fp32), saved elements per token and sublayer: ``2 d`` (the residual
+input and the normed input) plus the block's own ``spec.activation_elements(d)`` (each kind
+documents its count: e.g. mamba ``7 e d + r + 2 n``, attention ``2 h h_d + 2 h_kv h_d``, mlp
+``3 f`` for swiglu, moe ``k (2 d + (n_in + 1) f) + E`` plus its shared experts), and once per
+token for the LM head ``V`` (bf16 logits) + ``2 V`` (fp32 copy for the loss).
 
 A sublayer whose kind is in ``model.checkpointing`` keeps only its input (``d``) and recomputes
 the rest. The estimate leaves out the CUDA context (~0.5-1 GiB), the allocator's fragmentation,
@@ -58,78 +50,33 @@ BYTES = {  # (weights, gradients, optimizer states) bytes per parameter; see the
 }
 
 
-def _plain(node):
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_container(node, resolve=True)
-    except ValueError:
-        return node
-
-
 def expert_params(cfg) -> int:
-    """Routed-expert weights of the whole model (all experts of every MoE sublayer)."""
-    from ..blocks.moe import resolve_moe_spec
+    """Routed-expert weights of the whole model (every expert of every sublayer)."""
+    from .accounting import _typed
 
-    d = int(cfg["model"]["d_model"])
-    blocks = _plain(cfg["blocks"])
-    total = 0
-    for symbol in cfg["stack"]:
-        spec = dict(blocks[symbol])
-        if spec.get("kind") != "moe":
-            continue
-        s = resolve_moe_spec(d, spec)
-        n_in = 2 if s["activation"] == "swiglu" else 1
-        total += s["n_experts"] * (n_in + 1) * d * s["d_ff"]
-    return total
+    c = _typed(cfg)
+    return sum(spec.expert_params(c.model.d_model) for _, spec in c.layers())
 
 
 def activation_elements_per_token(cfg) -> dict:
     """Saved activation elements per token: ``{"blocks": sum over sublayers, "head": LM head}``
     (the formula in the module docstring)."""
-    from ..blocks.moe import resolve_moe_spec
-    from ..config import resolve_dt_rank, resolve_ffn_dim
-    from .accounting import resolve_vocab_size
+    from .accounting import _typed, resolve_vocab_size
 
-    model = _plain(cfg["model"])
-    d = int(model["d_model"])
-    blocks = _plain(cfg["blocks"])
-    checkpointed = set(model.get("checkpointing") or [])
+    c = _typed(cfg)
+    d = c.model.d_model
+    checkpointed = set(c.model.checkpointing)
     total = 0
-    for symbol in cfg["stack"]:
-        spec = dict(blocks[symbol])
-        kind = spec["kind"]
-        if kind in checkpointed:
-            total += d
-            continue
-        n = 2 * d
-        if kind == "mamba":
-            e = int(spec.get("expand", 2))
-            n += 7 * e * d + resolve_dt_rank(d, spec.get("dt_rank", "auto")) + 2 * int(spec.get("d_state", 16))
-        elif kind == "attention":
-            h = int(spec["n_heads"])
-            hkv = int(spec.get("n_kv_heads") or h)
-            hd = int(spec.get("head_dim") or d // h)
-            n += 2 * h * hd + 2 * hkv * hd
-        elif kind == "mlp":
-            act = spec.get("activation", "swiglu")
-            f = resolve_ffn_dim(d, spec.get("d_ff"), act)
-            n += (3 if act == "swiglu" else 2) * f
-        elif kind == "moe":
-            s = resolve_moe_spec(d, spec)
-            n_in = 2 if s["activation"] == "swiglu" else 1
-            n += s["top_k"] * (2 * d + (n_in + 1) * s["d_ff"]) + s["n_experts"]
-            if s["shared_experts"]:
-                n += (n_in + 1) * s["shared_experts"] * s["shared_d_ff"]
-        total += n
-    return {"blocks": total, "head": 3 * resolve_vocab_size(cfg)}
+    for _, spec in c.layers():
+        total += d if spec.kind in checkpointed else 2 * d + spec.activation_elements(d)
+    return {"blocks": total, "head": 3 * resolve_vocab_size(c)}
 
 
 def plan(cfg, *, gpus: int, zero: int, ep: int = 1, micro_batch: int | None = None,
          seq_len: int | None = None, precision: str = "bf16", offload: bool = False) -> dict:
     """Memory per GPU (bytes and GiB) of training ``cfg`` on ``gpus`` GPUs with ZeRO stage ``zero``
     and expert-parallel size ``ep``. Raises ``HybridSeqError`` for impossible settings."""
-    from .accounting import account, train_seq_len
+    from .accounting import _typed, account, train_seq_len
 
     if gpus < 1:
         raise HybridSeqError(f"--gpus must be >= 1, got {gpus}")
@@ -142,15 +89,15 @@ def plan(cfg, *, gpus: int, zero: int, ep: int = 1, micro_batch: int | None = No
     if ep > 1 and zero == 3:
         raise HybridSeqError("--ep > 1 needs --zero 1 or 2 (DeepSpeed's expert parallelism does not run "
                              "under ZeRO-3; ZeRO-3 partitions the experts with the other weights)")
-    tc = _plain(cfg["train"]) if cfg.get("train") is not None else {}
-    B = int(micro_batch or tc.get("batch_size") or 1)
+    cfg = _typed(cfg)
+    B = int(micro_batch or cfg.train.batch_size)
     L = int(seq_len or train_seq_len(cfg))
     totals = account(cfg, seq_len=L)["totals"]
     P = int(totals["params"])
     P_e = expert_params(cfg)
     if ep > 1:
-        bad = [s for s in set(cfg["stack"]) if cfg["blocks"][s]["kind"] == "moe"
-               and int(cfg["blocks"][s].get("n_experts", 8)) % ep]
+        bad = [s for s in set(cfg.stack) if cfg.blocks[s].expert_params(1)
+               and cfg.blocks[s].n_experts % ep]
         if bad:
             raise HybridSeqError(f"--ep {ep} does not divide n_experts of block(s) {', '.join(sorted(bad))}")
     P_d = P - P_e

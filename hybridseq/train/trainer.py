@@ -65,6 +65,8 @@ def _to_dict(section) -> dict:
         return {}
     if isinstance(section, dict):
         return dict(section)
+    if hasattr(section, "to_dict"):  # a typed section (hybridseq.config)
+        return section.to_dict()
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(section, resolve=True)
@@ -185,18 +187,10 @@ class Trainer:
     def _write_config(self) -> None:
         if not self.engine.is_main:
             return
-        os.makedirs(self.out_dir, exist_ok=True)
-        try:
-            from ..config import save_config
-        except ImportError:
-            save_config = None
-        path = os.path.join(self.out_dir, "config.yaml")
-        if save_config is not None:
-            save_config(self.cfg, path)
-        else:  # config package without save_config: plain OmegaConf dump
-            from omegaconf import OmegaConf
+        from ..config import save_config
 
-            OmegaConf.save(self.cfg, path, resolve=True)
+        os.makedirs(self.out_dir, exist_ok=True)
+        save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
 
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -48,7 +48,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ..errors import HybridSeqError
+from ...errors import HybridSeqError
 
 BACKENDS = ("torch", "sdpa", "flex", "flash_attn")
 IMPLS = ("auto", *BACKENDS)

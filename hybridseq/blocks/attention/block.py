@@ -5,7 +5,7 @@
     q, k = rope(q, pos), rope(k, pos) when spec.rope_theta is not None (None: no positions, Jamba)
     o = softmax(q k^T / sqrt(head_dim) + causal/window mask) v,  out = o Wo
 
-The attention itself runs on a backend of ``attention_backends`` chosen by ``spec.impl``.
+The attention itself runs on a backend of ``backends.py`` chosen by ``spec.impl``.
 
 Packed sequences: ``forward(x, doc_ids=ids)`` with ``ids`` (b, l) integer adds a document mask:
 position t sees s only when s <= t, within the window, and s, t lie in the same document (a
@@ -20,66 +20,44 @@ Inference state (``new_state``): ``{"k", "v"}`` of shape (b, h_kv, cap, head_dim
 after RoPE. Full attention: cap = max_seq_len, token at position p in slot p. Sliding window of W:
 a ring buffer of cap = min(W, max_seq_len) slots, position p in slot p % cap. The slot positions
 follow from the offset alone, so there is no other bookkeeping. Prefilling a chunk of any length
-attends to the cached keys plus the chunk's own, then stores the chunk's last cap keys.
+attends to the cached keys plus the chunk's own, then stores the chunk's last cap keys. One token
+goes through ``step``: its key/value written at its slot, the query attending to the whole
+buffer under a mask of the visible slots (static shapes: the step can be captured in a CUDA
+graph).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..config.schema import BLOCK_DEFAULTS
-from ..errors import ConfigError, HybridSeqError
-from .attention_backends import attention, attention_tail, attention_with_positions, document_layout
-from .base import Block
-from .norm import RMSNorm
+from ...errors import HybridSeqError
+from ..base import Block
+from ..norm import RMSNorm
+from .backends import attention, attention_tail, attention_with_positions, document_layout
 from .rope import apply_rope, rope_tables
+from .spec import AttentionSpec
 
 QK_NORM_EPS = 1e-6
 
 
-def _spec(spec: Mapping[str, Any]) -> dict:
-    return {**BLOCK_DEFAULTS["attention"], **dict(spec)}
-
-
-def _dims(d_model: int, spec: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(n_heads, n_kv_heads, head_dim) with the defaults resolved and checked."""
-    h = int(spec["n_heads"])
-    hkv = int(spec["n_kv_heads"] or h)
-    if h < 1 or hkv < 1 or h % hkv:
-        raise ConfigError(f"n_kv_heads={hkv} must divide n_heads={h}", key="attention.n_kv_heads")
-    if spec["head_dim"] is None:
-        if d_model % h:
-            raise ConfigError(f"n_heads={h} must divide d_model={d_model} (or set head_dim)",
-                              key="attention.n_heads")
-        hd = d_model // h
-    else:
-        hd = int(spec["head_dim"])
-    if spec["rope_theta"] is not None and hd % 2:
-        raise ConfigError(f"RoPE needs an even head_dim, got {hd}", key="attention.head_dim")
-    return h, hkv, hd
-
-
 class AttentionBlock(Block):
-    kind = "attention"
+    spec_class = AttentionSpec
 
-    def __init__(self, d_model: int, spec: Mapping[str, Any], *, layer_idx: int = 0, n_layers: int = 1):
-        spec = _spec(spec)
+    def __init__(self, d_model: int, spec, *, layer_idx: int = 0, n_layers: int = 1):
         super().__init__(d_model, spec, layer_idx=layer_idx, n_layers=n_layers)
-        self.n_heads, self.n_kv_heads, self.head_dim = _dims(d_model, spec)
-        self.window = None if spec["window"] is None else int(spec["window"])
-        if self.window is not None and self.window < 1:
-            raise ConfigError(f"window must be >= 1 token, got {self.window}", key="attention.window")
-        self.rope_theta = None if spec["rope_theta"] is None else float(spec["rope_theta"])
-        self.impl = spec["impl"]
-        bias = bool(spec["bias"])
+        spec = self.spec
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.dims(d_model)
+        self.window = None if spec.window is None else int(spec.window)
+        self.rope_theta = None if spec.rope_theta is None else float(spec.rope_theta)
+        self.impl = spec.impl
+        bias = bool(spec.bias)
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(d_model, h * hd, bias=bias)
         self.k_proj = nn.Linear(d_model, hkv * hd, bias=bias)
         self.v_proj = nn.Linear(d_model, hkv * hd, bias=bias)
         self.o_proj = nn.Linear(h * hd, d_model, bias=bias)
-        if spec["qk_norm"]:
+        if spec.qk_norm:
             self.q_norm = RMSNorm(hd, QK_NORM_EPS)
             self.k_norm = RMSNorm(hd, QK_NORM_EPS)
         else:
@@ -89,6 +67,9 @@ class AttentionBlock(Block):
     def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids: torch.Tensor | None = None,
                 restart_positions: bool = True) -> torch.Tensor:
         b, l, _ = x.shape
+        if state is not None and l == 1 and doc_ids is None:
+            self._check_room(state, offset, 1)
+            return self.step(x, state, torch.tensor(offset, device=x.device))
         layout = None
         if doc_ids is not None:
             if state is not None or offset:
@@ -119,6 +100,13 @@ class AttentionBlock(Block):
             o = self._attend_cached(q, k, v, state, offset).to(x.dtype)
         return self.o_proj(o.reshape(b, l, self.n_heads * self.head_dim))
 
+    def _check_room(self, state: dict, offset: int, n: int) -> None:
+        cap = self.state_capacity(state)
+        if cap is not None and offset + n > cap:
+            raise HybridSeqError(
+                f"attention KV cache is full: it holds max_seq_len={cap} tokens, but {offset} are "
+                f"cached and {n} more were given (make the cache with a larger max_seq_len)")
+
     def _slot_positions(self, cap: int, offset: int, n: int, device) -> torch.Tensor:
         """Positions held by ring slots 0..n-1 before this chunk: the largest p < offset with
         p % cap == slot."""
@@ -136,39 +124,21 @@ class AttentionBlock(Block):
         k = k.to(kc.dtype)
         v = v.to(vc.dtype)
         ring = self.window is not None and cap >= self.window
+        self._check_room(state, offset, l)
         if offset == 0:
             # first chunk: nothing cached yet, so the chunk attends to itself on the fast path
-            if not ring and l > cap:
-                raise HybridSeqError(
-                    f"attention KV cache is full: it holds max_seq_len={cap} tokens, {l} were given")
             out = attention(q, k, v, window=self.window, impl=self.impl)
             self._store(kc, vc, k, v, offset, ring)
             return out
         if not ring:
             # linear cache: slot == position
-            if offset + l > cap:
-                raise HybridSeqError(
-                    f"attention KV cache is full: it holds max_seq_len={cap} tokens, but "
-                    f"{offset} are cached and {l} more were given (make the cache with a larger "
-                    "max_seq_len)")
             self._store(kc, vc, k, v, offset, ring)
             keys = kc[:, :, :offset + l].transpose(1, 2)
             vals = vc[:, :, :offset + l].transpose(1, 2)
             # no window reaches past the cache here (a window is >= cap when the cache is
             # linear), so the chunk's queries see every earlier key: bottom-right causal
-            if l == 1:  # the newest position sees every cached key: no mask at all
-                return attention_with_positions(q, keys, vals, impl=self.impl)
             return attention_tail(q, keys, vals, impl=self.impl)
         w = cap  # ring buffer of the last `window` keys
-        if l == 1:
-            # decode: store first; the ring then holds exactly the visible keys (in ring order,
-            # which softmax attention does not care about): no mask
-            slot = offset % w
-            kc[:, :, slot] = k[:, 0]
-            vc[:, :, slot] = v[:, 0]
-            n = min(offset + 1, w)
-            keys, vals = kc[:, :, :n].transpose(1, 2), vc[:, :, :n].transpose(1, 2)
-            return attention_with_positions(q, keys, vals, impl=self.impl)
         n_past = min(offset, w)
         keys = torch.cat([kc[:, :, :n_past].transpose(1, 2), k], dim=1)
         vals = torch.cat([vc[:, :, :n_past].transpose(1, 2), v], dim=1)
@@ -194,52 +164,67 @@ class AttentionBlock(Block):
         kc.index_copy_(2, slots, k[:, l - m:].transpose(1, 2))
         vc.index_copy_(2, slots, v[:, l - m:].transpose(1, 2))
 
+    # --- one-token step ----------------------------------------------------------------------
+    def step(self, x: torch.Tensor, state: dict, pos: torch.Tensor) -> torch.Tensor:
+        """One token per row at the device position ``pos`` (0-d int64): writes its key/value
+        into ``state`` at slot ``pos`` (``pos % cap`` for a sliding-window ring buffer), then the
+        query attends to every slot ``<= pos`` of the whole buffer (a mask, so the shapes do not
+        depend on ``pos`` and the step can be captured in a CUDA graph). x (b, 1, d_model)."""
+        b = x.shape[0]
+        H, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(b, 1, H, hd)
+        k = self.k_proj(x).view(b, 1, hkv, hd)
+        v = self.v_proj(x).view(b, 1, hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            cos, sin = rope_tables(pos.view(1), hd, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kc, vc = state["k"], state["v"]
+        cap = kc.shape[2]
+        ring = self.window is not None and cap >= self.window
+        slot = (pos % cap if ring else pos).view(1)
+        kc.index_copy_(2, slot, k.to(kc.dtype).transpose(1, 2))
+        vc.index_copy_(2, slot, v.to(vc.dtype).transpose(1, 2))
+        valid = torch.arange(cap, device=kc.device) <= pos
+        if self.impl == "torch":
+            o = _decode_attention(q.float(), kc.float(), vc.float(), valid, "matmul")
+        else:
+            o = _decode_attention(q.to(kc.dtype), kc, vc, valid, "sdpa")
+        return self.o_proj(o.to(x.dtype).reshape(b, 1, H * hd))
+
     # --- inference state ---------------------------------------------------------------------
     def new_state(self, batch_size: int, max_seq_len: int, device=None, dtype=None):
-        cap = max_seq_len if self.window is None else min(self.window, max_seq_len)
+        cap = self.spec.cache_slots(max_seq_len)
         dtype = dtype or self.q_proj.weight.dtype
         shape = (batch_size, self.n_kv_heads, cap, self.head_dim)
         return {"k": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype)}
 
-    @staticmethod
-    def state_bytes(d_model: int, spec: Mapping[str, Any], max_seq_len: int, dtype_bytes: int = 2) -> int:
-        """K and V: 2 * n_kv_heads * head_dim * min(window or L, L) * dtype_bytes."""
-        spec = _spec(spec)
-        _, hkv, hd = _dims(d_model, spec)
-        cap = max_seq_len if spec["window"] is None else min(int(spec["window"]), max_seq_len)
-        return 2 * hkv * hd * cap * dtype_bytes
-
-    # --- accounting --------------------------------------------------------------------------
-    @staticmethod
-    def param_count(d_model: int, spec: Mapping[str, Any]) -> tuple[int, int]:
-        """Wq, Wo: d * h * hd each; Wk, Wv: d * h_kv * hd each; biases h hd + 2 h_kv hd + d;
-        QK-norm weights 2 hd."""
-        spec = _spec(spec)
-        h, hkv, hd = _dims(d_model, spec)
-        n = 2 * d_model * h * hd + 2 * d_model * hkv * hd
-        if spec["bias"]:
-            n += h * hd + 2 * hkv * hd + d_model
-        if spec["qk_norm"]:
-            n += 2 * hd
-        return n, n
-
-    @staticmethod
-    def flops_per_token(d_model: int, spec: Mapping[str, Any], seq_len: int) -> float:
-        """Projections: 2 d (2 h hd + 2 h_kv hd). Scores and values: 4 h hd * c, with c the mean
-        number of keys a query sees over a sequence of ``seq_len`` tokens (exactly causal:
-        (L + 1) / 2 without a window; mean of min(i + 1, W) with one)."""
-        spec = _spec(spec)
-        h, hkv, hd = _dims(d_model, spec)
-        proj = 2 * d_model * (2 * h * hd + 2 * hkv * hd)
-        L = max(int(seq_len), 1)
-        w = spec["window"]
-        if w is None or w >= L:
-            ctx = (L + 1) / 2
-        else:
-            w = int(w)
-            ctx = (w * (w + 1) / 2 + (L - w) * w) / L
-        return float(proj + 4 * h * hd * ctx)
+    def state_capacity(self, state: dict) -> int | None:
+        """Tokens this state can still hold past its capacity (None: a ring buffer, unbounded)."""
+        cap = state["k"].shape[2]
+        return None if self.window is not None and cap >= self.window else cap
 
     def residual_out_params(self) -> list[nn.Parameter]:
         return [self.o_proj.weight]
+
+
+def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor,
+                      method: str) -> torch.Tensor:
+    """One query token per row against a whole KV buffer: q (b, 1, h, d); kc, vc (b, h_kv, cap,
+    d); valid (cap,) bool, the visible slots. Query head i reads key head i // (h / h_kv): the
+    GQA heads of one key head form a short query axis (b, h_kv, h / h_kv, d). ``sdpa``: fused
+    attention with a boolean mask (fp32 accumulation inside); ``matmul``: two batched matmuls and
+    an fp32 softmax. Returns (b, 1, h, d)."""
+    b, _, h, d = q.shape
+    hkv, cap = kc.shape[1], kc.shape[2]
+    qg = q.reshape(b, hkv, h // hkv, d)
+    scale = d ** -0.5
+    if method == "sdpa":
+        o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=valid.view(1, 1, 1, cap), scale=scale)
+    else:
+        s = torch.matmul(qg, kc.transpose(-1, -2)).float() * scale
+        p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1)
+        o = torch.matmul(p.to(vc.dtype), vc)
+    return o.reshape(b, 1, h, d)

@@ -1,7 +1,11 @@
 """Expert parallelism: the experts of an MoE layer sharded over an EP process group.
 
-With ep_size P, EP rank r owns experts [r * E/P, (r+1) * E/P) (its ``w_in``/``w_out`` hold only
-those). Every rank routes its own tokens with a replicated router, then:
+``shard_experts(block, group)`` (``MoEBlock.shard_experts``) turns a built single-device block
+into one shard: with P = the group's size, EP rank r keeps experts [r E/P, (r+1) E/P) of
+``w_in`` / ``w_out`` (the rest is freed) and routes through the group from then on. Build the
+model with the same seed on every rank, as the trainers do, and the sharded model holds exactly
+the single-device model's weights. Every rank routes its own tokens with a replicated router,
+then:
 
 1. sort its token-slots by expert (so by owning rank), drop the capacity-dropped ones;
 2. exchange the per-expert counts (all_to_all_single of E integers), so each rank knows how many
@@ -15,67 +19,37 @@ sizes swapped), so gradients of tokens routed elsewhere come back to their rank 
 rank's expert weights receive the gradient of all the tokens they processed. The expert weights
 are marked ``p._expert_parallel = True``: data-parallel gradient averaging must not sum them over
 the EP group (they are different experts); the router and shared experts are replicated.
-
-Works with gloo (CPU tensors) and NCCL (CUDA). The group comes from, in order: the ``ep_group``
-given to ``MoEBlock``, ``set_expert_parallel_group(group)`` (module default, e.g. set by the
-DeepSpeed wiring before the model is built), or, when torch.distributed is initialised, groups of
-ep_size consecutive ranks of the world (created once per ep_size, collectively).
+Works with gloo (CPU tensors) and NCCL (CUDA).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from hybridseq.errors import ConfigError
-from hybridseq.kernels.moe.permute import permute, sort_by_expert, unpermute
-
-from .moe_experts import run_sorted_experts
-
-_DEFAULT_GROUP = None
-_WORLD_GROUPS: dict[int, object] = {}
+from ...errors import ConfigError
+from ...kernels.moe.permute import permute, sort_by_expert, unpermute
+from .experts import run_sorted_experts
 
 
-def set_expert_parallel_group(group) -> None:
-    """Default EP process group for MoE blocks built afterwards (None: clear)."""
-    global _DEFAULT_GROUP
-    _DEFAULT_GROUP = group
-
-
-def get_expert_parallel_group():
-    return _DEFAULT_GROUP
-
-
-def _consecutive_groups(ep_size: int):
-    """Groups of ep_size consecutive world ranks; every rank must call this (new_group is
-    collective), which holds since every rank builds the same model."""
-    if ep_size not in _WORLD_GROUPS:
-        world = dist.get_world_size()
-        mine = None
-        for start in range(0, world, ep_size):
-            g = dist.new_group(list(range(start, start + ep_size)))
-            if start <= dist.get_rank() < start + ep_size:
-                mine = g
-        _WORLD_GROUPS[ep_size] = mine
-    return _WORLD_GROUPS[ep_size]
-
-
-def resolve_ep_group(ep_size: int, group=None):
-    """(group, rank in group) for ``ep_size``; ConfigError when none can be had."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ConfigError(f"ep_size={ep_size} needs an initialised torch.distributed process group "
-                          "(launch with torchrun/deepspeed, or set ep_size: 1)", key="moe.ep_size")
-    if group is None:
-        group = _DEFAULT_GROUP
-    if group is None:
-        world = dist.get_world_size()
-        if world % ep_size:
-            raise ConfigError(f"ep_size={ep_size} does not divide the world size {world}", key="moe.ep_size")
-        group = dist.group.WORLD if world == ep_size else _consecutive_groups(ep_size)
-    size = dist.get_world_size(group)
-    if size != ep_size:
-        raise ConfigError(f"the expert-parallel group has {size} ranks but ep_size is {ep_size}",
-                          key="moe.ep_size")
-    return group, dist.get_rank(group)
+@torch.no_grad()
+def shard_experts(block, group) -> None:
+    """Keep this rank's experts of ``block`` (an ``MoEBlock`` with all its experts) and route
+    through ``group`` (module docstring). Call before the optimizer is built."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if block.n_experts % size:
+        raise ConfigError(f"the expert-parallel group has {size} ranks, which does not divide "
+                          f"n_experts={block.n_experts}", key="moe.ep_size")
+    if block.ep_group is not None:
+        raise ValueError(f"MoE layer {block.layer_idx} is already sharded over {block.ep_size} ranks")
+    e = block.n_experts // size
+    for name in ("w_in", "w_out"):
+        full = getattr(block, name)
+        shard = nn.Parameter(full.detach()[rank * e:(rank + 1) * e].clone(),
+                             requires_grad=full.requires_grad)
+        shard._expert_parallel = True  # sharded over the EP group: not all-reduced over it
+        setattr(block, name, shard)
+    block.ep_size, block.ep_rank, block.ep_group, block.n_local_experts = size, rank, group, e
 
 
 class AllToAll(torch.autograd.Function):

@@ -19,7 +19,7 @@ un-permute in x's dtype).
   six GEMMs, the fused Triton SwiGLU forward/backward of ``kernels.swiglu``, operand layouts
   selectable); elsewhere ``kernels.grouped_gemm`` per projection (a padded bmm on CPU) with
   autograd through the activation.
-- ``megablocks``: see ``moe_megablocks.py`` (optional dependency).
+- ``megablocks``: see ``megablocks.py`` (optional dependency).
 """
 from __future__ import annotations
 

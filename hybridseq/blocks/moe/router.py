@@ -36,7 +36,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridseq.kernels.moe.permute import histogram
@@ -115,14 +114,15 @@ class Router(nn.Module):
     """Linear router (no bias) with fp32 math; the weight itself is kept in fp32 (tagged
     ``_keep_fp32``; it still gets weight decay).
 
-    forward(x (N, d_model)) -> RouterOutput. ``bias_override`` (E,) fp32, when given, is added to
-    the logits before selection and weighting (benches use it to force skewed routing).
-    ``logits_impl``: auto (default: triton on CUDA, torch elsewhere) | torch | triton
-    (``kernels.router_logits``; the same fp32 math).
+    forward(x (N, d_model)) -> RouterOutput. ``logits_impl``: auto (default: triton on CUDA, torch
+    elsewhere) | torch | triton (``kernels.moe.router_logits``; the same fp32 math).
+    ``topk_impl``: the softmax router's selection (``kernels.moe.router_topk``), auto | torch |
+    triton.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, kind: str = "softmax",
-                 renormalize: bool = True, bias_update_rate: float = 0.001):
+                 renormalize: bool = True, bias_update_rate: float = 0.001, *,
+                 logits_impl: str = "auto", topk_impl: str = "auto"):
         super().__init__()
         if kind not in ROUTER_KINDS:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {kind!r}")
@@ -134,16 +134,15 @@ class Router(nn.Module):
         # sigmoid router: selection-only bias (aux-loss-free balancing); saved with the model.
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32),
                              persistent=(kind == "sigmoid"))
-        self.bias_override: torch.Tensor | None = None
         # logits kernel (``kernels.router_logits``): torch = F.linear(x.float(), W); triton = the
         # same fp32 math read straight from x, dx written in x's dtype (CPU only under
         # TRITON_INTERPRET=1); auto = triton on CUDA. On the H100 the torch path's fp32 copy of x,
         # SIMT fp32 GEMMs and the fp32 dx cast cost ~0.47 ms of GPU time per fwd+bwd at 16384
         # tokens x d_model 2048 (2026-11-22 profile), most of the MoE layer's non-GEMM time.
-        self.logits_impl = "auto"
+        self.logits_impl = logits_impl
         # softmax routers: softmax, top-k, renormalisation and logsumexp as one op
         # (``kernels.router_topk``): auto = one Triton kernel each way on CUDA, torch elsewhere
-        self.topk_impl = "auto"
+        self.topk_impl = topk_impl
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -164,8 +163,6 @@ class Router(nn.Module):
         gradient of x into its own dx in one kernel)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits, x_tap = router_logits_tap(x, self.weight, self.logits_impl)
-        if self.bias_override is not None:
-            logits = logits + self.bias_override.to(logits)
         return logits, x_tap
 
     def forward(self, x: torch.Tensor) -> RouterOutput:

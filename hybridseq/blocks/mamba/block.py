@@ -37,44 +37,32 @@ extra pass over (b, l, .) memory. Per step, with E = b * l * d_inner elements (b
   (no separate add), dW_x, the conv backward writing dx straight into the x half of one
   (b, l, 2 d_inner) buffer and dz copied into its other half (2E read, 2E written), then the
   in_proj GEMMs on that buffer.
-  Plain autograd over the same kernels (``fuse = False``) spends instead: slice_backward for
-  each half of xz (zeros of the full (b, l, 2 d_inner), then a copy of the half), an add of the
-  two full-width gradients, and an add of the two gradients of xc after a separate GEMM output.
-  Counted with a dispatch-mode op log (2026-11-22, B8 L2048 d_model 1024 bf16, E = 2^25): those
-  cost 1088 MiB of traffic and 6 launches; the fused node spends 192 MiB (the addmm's read of
-  du, the dz copy) and 1 launch: 896 MiB less, about 0.3 ms at the H100's 2.96 TB/s copy rate.
-State: ``{"conv": (b, d_conv - 1, d_inner) (the last inputs of the conv), "ssm": (b, d_inner,
-d_state) float32}``.
+  Plain autograd over the same kernels (``MambaBlock(..., fuse_conv_proj=False)``) spends
+  instead: slice_backward for each half of xz (zeros of the full (b, l, 2 d_inner), then a copy
+  of the half), an add of the two full-width gradients, and an add of the two gradients of xc
+  after a separate GEMM output. Counted with a dispatch-mode op log (B8 L2048 d_model 1024
+  bf16, E = 2^25): those cost 1088 MiB of traffic and 6 launches; the fused node spends 192 MiB
+  (the addmm's read of du, the dz copy) and 1 launch.
+
+Inference state: ``{"conv": (b, d_conv - 1, d_inner) (the last inputs of the conv), "ssm":
+(b, d_inner, d_state) float32}``, always updated in place (a prefill copies its final states
+in; ``step`` writes them), so a CUDA graph of ``step`` keeps reading the same buffers.
+
+Packed documents (``doc_ids``): the conv and the scan restart at each document start
+(``seq_idx``), so no state crosses a document boundary.
 """
 from __future__ import annotations
 
 import math
-import os
-from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..config import resolve_dt_rank
-from ..config.schema import BLOCK_DEFAULTS
-from ..errors import ConfigError
-from .base import Block, keep_fp32
-
-IMPLS = ("auto", "triton", "torch")
-
-
-def _spec(spec: Mapping[str, Any]) -> dict:
-    return {**BLOCK_DEFAULTS["mamba"], **dict(spec)}
-
-
-def _dims(d_model: int, spec: Mapping[str, Any]) -> tuple[int, int, int, int]:
-    """(d_inner, dt_rank, d_state, d_conv)."""
-    d_inner = int(spec["expand"] * d_model)
-    if d_inner < 1:
-        raise ConfigError(f"expand * d_model must be >= 1, got {d_inner}", key="mamba.expand")
-    return d_inner, resolve_dt_rank(d_model, spec["dt_rank"]), int(spec["d_state"]), int(spec["d_conv"])
+from ...kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from ...kernels.backend import interpreting, triton_available
+from ..base import Block, keep_fp32, seq_idx_from_doc_ids
+from .spec import MambaSpec
 
 
 def _no_reinit(p: nn.Parameter) -> nn.Parameter:
@@ -83,7 +71,7 @@ def _no_reinit(p: nn.Parameter) -> nn.Parameter:
 
 
 def _conv_triton():
-    from ..kernels.conv1d import triton_conv
+    from ...kernels.conv1d import triton_conv
 
     return triton_conv
 
@@ -156,43 +144,39 @@ class _ConvProjFn(torch.autograd.Function):
 
 
 class MambaBlock(Block):
-    kind = "mamba"
-    # The Triton sequence path runs _ConvProjFn; False falls back to plain autograd over the
-    # same kernels (kept for the in-run before/after row of `hybridseq bench block`).
-    fuse = True
+    spec_class = MambaSpec
 
-    def __init__(self, d_model: int, spec: Mapping[str, Any], *, layer_idx: int = 0, n_layers: int = 1):
-        spec = _spec(spec)
+    def __init__(self, d_model: int, spec, *, layer_idx: int = 0, n_layers: int = 1,
+                 fuse_conv_proj: bool = True):
         super().__init__(d_model, spec, layer_idx=layer_idx, n_layers=n_layers)
-        if spec["impl"] not in IMPLS:
-            raise ConfigError(f"unknown impl {spec['impl']!r} ({' | '.join(IMPLS)})", key="mamba.impl")
-        self.impl = spec["impl"]
-        self.d_inner, self.dt_rank, self.d_state, self.d_conv = _dims(d_model, spec)
+        spec = self.spec
+        # fuse_conv_proj: the Triton sequence path runs _ConvProjFn; False keeps plain autograd
+        # over the same kernels (the benchmark's before/after row)
+        self.fuse_conv_proj = bool(fuse_conv_proj)
+        self.impl = spec.impl
+        self.d_inner, self.dt_rank, self.d_state, self.d_conv = spec.dims(d_model)
         di, r, n, w = self.d_inner, self.dt_rank, self.d_state, self.d_conv
-        bias = bool(spec["bias"])
+        bias = bool(spec.bias)
 
         self.in_proj = nn.Linear(d_model, 2 * di, bias=bias)
         bound = 1.0 / math.sqrt(w)  # nn.Conv1d default for a depthwise conv (fan_in = width)
         self.conv_weight = _no_reinit(nn.Parameter(torch.empty(di, w).uniform_(-bound, bound)))
         self.conv_bias = (_no_reinit(nn.Parameter(torch.empty(di).uniform_(-bound, bound)))
-                          if spec["conv_bias"] else None)
+                          if spec.conv_bias else None)
         self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, di, bias=True)
         self.out_proj = nn.Linear(di, d_model, bias=bias)
 
         # dt projection: weight ~ U(+-s) or s; bias = softplus^-1(dt), dt log-uniform
-        s = r ** -0.5 * float(spec["dt_scale"])
+        s = r ** -0.5 * float(spec.dt_scale)
         with torch.no_grad():
-            if spec["dt_init"] == "constant":
+            if spec.dt_init == "constant":
                 self.dt_proj.weight.fill_(s)
-            elif spec["dt_init"] == "random":
-                self.dt_proj.weight.uniform_(-s, s)
             else:
-                raise ConfigError(f"unknown dt_init {spec['dt_init']!r} (random | constant)",
-                                  key="mamba.dt_init")
-            lo, hi = math.log(spec["dt_min"]), math.log(spec["dt_max"])
+                self.dt_proj.weight.uniform_(-s, s)
+            lo, hi = math.log(spec.dt_min), math.log(spec.dt_max)
             dt = torch.exp(torch.rand(di, dtype=torch.float64) * (hi - lo) + lo)
-            dt = dt.clamp(min=spec["dt_init_floor"])
+            dt = dt.clamp(min=spec.dt_init_floor)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         _no_reinit(self.dt_proj.weight)
         keep_fp32(_no_reinit(self.dt_proj.bias))
@@ -202,72 +186,75 @@ class MambaBlock(Block):
         self.D = keep_fp32(_no_reinit(nn.Parameter(torch.ones(di))))
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, state=None, offset: int = 0) -> torch.Tensor:
-        b, l, _ = x.shape
+    def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids=None) -> torch.Tensor:
+        """x (b, l, d_model) normed input -> (b, l, d_model). With ``state``: continue it from
+        ``offset`` tokens (0: from zero) and leave the final states in it."""
         di, r, n = self.d_inner, self.dt_rank, self.d_state
         A = -torch.exp(self.A_log.float())
         xz = self.in_proj(x)
         xs, z = xz[..., :di], xz[..., di:]
-        if state is not None and l == 1 and offset > 0:
-            return self._step(xs[:, 0], z[:, 0], A, state).unsqueeze(1)
-
+        seq_idx = seq_idx_from_doc_ids(doc_ids, x, self)
         conv_w = self.conv_weight.to(xs.dtype)
         conv_b = None if self.conv_bias is None else self.conv_bias.to(xs.dtype)
         scan_kw = dict(D=self.D.float(), delta_bias=self.dt_proj.bias.float(),
                        delta_softplus=True, impl=self.impl)
-        if state is None and self._fused(xz):
+        if state is None and seq_idx is None and self._fused(xz):
             xc, z, delta, B, C = _ConvProjFn.apply(
                 xz, conv_w, conv_b, self.x_proj.weight.to(xz.dtype),
                 self.dt_proj.weight.to(xz.dtype), r, n)
-            return self.out_proj(kernels.selective_scan(xc, delta, A, B, C, z=z, **scan_kw))
+            return self.out_proj(selective_scan(xc, delta, A, B, C, z=z, **scan_kw))
+        conv_kw = dict(activation="silu", impl=self.impl)
+        if seq_idx is not None:
+            conv_kw["seq_idx"] = scan_kw["seq_idx"] = seq_idx
         if state is None:
-            xc = kernels.causal_conv1d(xs, conv_w, conv_b, activation="silu", impl=self.impl)
+            xc = causal_conv1d(xs, conv_w, conv_b, **conv_kw)
         else:
             init = state["conv"].to(xs.dtype) if offset > 0 else None
-            xc, conv_state = kernels.causal_conv1d(xs, conv_w, conv_b, activation="silu",
-                                                   initial_state=init, return_final_state=True,
-                                                   impl=self.impl)
+            xc, conv_state = causal_conv1d(xs, conv_w, conv_b, initial_state=init,
+                                           return_final_state=True, **conv_kw)
         x_dbl = self.x_proj(xc)
         dt_in, B, C = x_dbl.split([r, n, n], dim=-1)
         delta = F.linear(dt_in, self.dt_proj.weight)
         if state is None:
-            y = kernels.selective_scan(xc, delta, A, B, C, z=z, **scan_kw)
+            y = selective_scan(xc, delta, A, B, C, z=z, **scan_kw)
         else:
             init = state["ssm"] if offset > 0 else None
-            y, h = kernels.selective_scan(xc, delta, A, B, C, z=z, initial_state=init,
-                                          return_final_state=True, **scan_kw)
-            state["conv"] = conv_state.to(state["conv"].dtype)
-            state["ssm"] = h.float()
+            y, h = selective_scan(xc, delta, A, B, C, z=z, initial_state=init,
+                                  return_final_state=True, **scan_kw)
+            state["conv"].copy_(conv_state)
+            state["ssm"].copy_(h)
         return self.out_proj(y)
 
     def _fused(self, xz: torch.Tensor) -> bool:
         """Whether the sequence path runs ``_ConvProjFn`` (the Triton conv, resolved as
         ``kernels.causal_conv1d`` resolves ``impl``; ``torch`` keeps plain autograd)."""
-        if not self.fuse or self.impl == "torch" or xz.dtype not in (torch.float16, torch.bfloat16, torch.float32,
-                                                     torch.float64):
+        if not self.fuse_conv_proj or self.impl == "torch":
             return False
         if self.impl == "auto":
-            return xz.is_cuda and kernels.triton_available()
+            return xz.is_cuda and triton_available()
         # "triton": on CPU only under the interpreter; otherwise the plain path raises
-        # kernels' clear error
-        return xz.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        # the kernels' clear error
+        return xz.is_cuda or interpreting()
 
-    def _step(self, xs: torch.Tensor, z: torch.Tensor, A: torch.Tensor, state: dict) -> torch.Tensor:
-        """One decoding token: xs, z (b, d_inner). Updates ``state``; returns (b, d_model)."""
-        r, n = self.dt_rank, self.d_state
+    def step(self, x: torch.Tensor, state: dict, pos: torch.Tensor) -> torch.Tensor:
+        """One decoding token: x (b, 1, d_model) normed input. Updates ``state`` in place (no
+        host synchronisation: capturable in a CUDA graph); ``pos`` is not needed."""
+        r, n, di = self.dt_rank, self.d_state, self.d_inner
+        xz = self.in_proj(x[:, 0])
+        xs, z = xz[:, :di], xz[:, di:]
         conv_w = self.conv_weight.to(xs.dtype)
         conv_b = None if self.conv_bias is None else self.conv_bias.to(xs.dtype)
-        xc, conv_state = kernels.causal_conv1d_update(xs, state["conv"].to(xs.dtype), conv_w, conv_b,
-                                                      activation="silu", impl=self.impl)
-        x_dbl = self.x_proj(xc)
-        dt_in, B, C = x_dbl.split([r, n, n], dim=-1)
+        xc, conv_state = causal_conv1d_update(xs, state["conv"].to(xs.dtype), conv_w, conv_b,
+                                              activation="silu", impl=self.impl)
+        dt_in, B, C = self.x_proj(xc).split([r, n, n], dim=-1)
         delta = F.linear(dt_in, self.dt_proj.weight)
-        y, h = kernels.selective_state_update(state["ssm"], xc, delta, A, B, C, D=self.D.float(),
-                                              z=z, dt_bias=self.dt_proj.bias.float(),
-                                              dt_softplus=True, impl=self.impl)
-        state["conv"] = conv_state.to(state["conv"].dtype)
-        state["ssm"] = h
-        return self.out_proj(y)
+        A = -torch.exp(self.A_log.float())
+        y, h = selective_state_update(state["ssm"], xc, delta, A, B, C, D=self.D.float(), z=z,
+                                      dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+                                      impl=self.impl)
+        state["conv"].copy_(conv_state)
+        state["ssm"].copy_(h)
+        return self.out_proj(y).unsqueeze(1)
 
     # --- inference state ---------------------------------------------------------------------
     def new_state(self, batch_size: int, max_seq_len: int, device=None, dtype=None):
@@ -277,37 +264,6 @@ class MambaBlock(Block):
             "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
                                dtype=torch.float32),
         }
-
-    @staticmethod
-    def state_bytes(d_model: int, spec: Mapping[str, Any], max_seq_len: int, dtype_bytes: int = 2) -> int:
-        """Constant in the sequence length: conv (d_conv - 1) d_inner * dtype_bytes + ssm
-        d_inner d_state * 4 (float32)."""
-        di, _, n, w = _dims(d_model, _spec(spec))
-        return (w - 1) * di * dtype_bytes + di * n * 4
-
-    # --- accounting --------------------------------------------------------------------------
-    @staticmethod
-    def param_count(d_model: int, spec: Mapping[str, Any]) -> tuple[int, int]:
-        """in_proj 2 d di (+2 di), conv di w (+di), x_proj di (R + 2N), dt_proj R di + di,
-        A_log di N, D di, out_proj di d (+d); (+...) when spec.bias / spec.conv_bias."""
-        spec = _spec(spec)
-        di, r, n, w = _dims(d_model, spec)
-        p = 2 * d_model * di + di * w + di * (r + 2 * n) + r * di + di + di * n + di + di * d_model
-        if spec["bias"]:
-            p += 2 * di + d_model
-        if spec["conv_bias"]:
-            p += di
-        return p, p
-
-    @staticmethod
-    def flops_per_token(d_model: int, spec: Mapping[str, Any], seq_len: int) -> float:
-        """Projections 2 (2 d di + di (R + 2N) + R di + di d), conv 2 di w, and the scan
-        9 di N (exp(dt A), dt B x, the state update, C . h: the count mamba_ssm uses), independent
-        of ``seq_len``; other elementwise ops (softplus, silu, gating) are not counted."""
-        spec = _spec(spec)
-        di, r, n, w = _dims(d_model, spec)
-        proj = 2 * (2 * d_model * di + di * (r + 2 * n) + r * di + di * d_model)
-        return float(proj + 2 * di * w + 9 * di * n)
 
     def residual_out_params(self) -> list[nn.Parameter]:
         return [self.out_proj.weight]

@@ -27,7 +27,7 @@ import torch
 
 from hybridseq.kernels.moe.permute import histogram
 
-from .moe_experts import expert_activation
+from .experts import expert_activation
 
 
 def megablocks_available() -> bool:
@@ -36,7 +36,7 @@ def megablocks_available() -> bool:
 
 
 def experts_megablocks(x, indices, weights, w_in, w_out, activation, may_drop=False):
-    """Same contract as ``moe_experts.experts_grouped`` (dropless only; CUDA tensors)."""
+    """Same contract as ``experts.experts_grouped`` (dropless only; CUDA tensors)."""
     if may_drop:
         raise ValueError("the megablocks backend is dropless: use capacity_factor: null")
     import megablocks.ops as mb_ops

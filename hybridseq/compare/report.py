@@ -424,7 +424,15 @@ def write_report(folder: str, entries: list[Entry], opts: CompareOptions, argv: 
     report = build_report(entries, opts, argv)
     summaries = {e.label: summarize_entry(e) for e in entries}
     train_len = (report["train"] or {}).get("task", {}).get("seq_len")
-    plots = plot_all(folder, entries, summaries, train_len)
+    from ..extras import available
+
+    if available("matplotlib"):
+        plots = plot_all(folder, entries, summaries, train_len)
+    else:  # the report stands without its figures; say how to get them
+        import sys
+
+        plots = {}
+        print("compare: no plots: they need matplotlib (pip install 'hybridseq[plots]')", file=sys.stderr)
     report["plots"] = plots
     write_json_atomic(os.path.join(folder, "report.json"), report)
     text = _markdown(report, entries, summaries, plots)

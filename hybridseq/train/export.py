@@ -33,6 +33,9 @@ def state_dict_from_zero_shards(checkpoint: str) -> dict:
         raise HybridSeqError(f"{checkpoint}: an expert-parallel run's shards cannot be merged by zero_to_fp32 "
                              "(each rank holds different experts); export its gathered model.safetensors "
                              "(leave out --from-shards)")
+    from ..extras import require
+
+    require("deepspeed", "merging ZeRO shards (--from-shards)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)

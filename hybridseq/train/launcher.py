@@ -53,8 +53,10 @@ def _layout_and_overrides(items, out, resume):
 
 def setup_distributed(local_rank: int | None = None) -> dict:
     """Environment and process group; returns ``dist_env()``."""
+    from ..extras import require
     from . import distributed as D
 
+    require("deepspeed", "training under the deepspeed launcher")
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     env = D.dist_env()

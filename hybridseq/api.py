@@ -17,6 +17,7 @@ import torch
 
 from .cache import HybridCache
 from .config import HybridConfig, config_hash, load_config, save_config
+from .config.derived import canonical_json, config_payload, payload_differences
 from .errors import ConfigError, HybridSeqError
 from .model import HybridLM
 
@@ -82,8 +83,10 @@ def save_pretrained(model: HybridLM, cfg=None, folder: str | os.PathLike = "mode
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={
             "format": "hybridseq-model", "hybridseq_version": __version__,
-            "config_hash": model.config_hash})
+            "config_hash": model.config_hash,
+            "config_payload": canonical_json(config_payload({**c, "stack": list(model.stack)}))})
         save_config(c, tmp / CONFIG_NAME)
+        _readable_by_others(tmp)
         old = None
         if folder.exists():
             old = parent / f".{folder.name}.old-{os.getpid()}"
@@ -97,11 +100,24 @@ def save_pretrained(model: HybridLM, cfg=None, folder: str | os.PathLike = "mode
     return folder
 
 
+def _readable_by_others(folder: Path) -> None:
+    """A saved model folder reads like any other output (0755 / 0644 under the usual umask):
+    ``mkdtemp`` makes its temporary folder private to its owner."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
+
+
 def load_pretrained(folder: str | os.PathLike, device=None) -> HybridLM:
     """Rebuild the model of ``folder/config.yaml`` and load ``folder/model.safetensors``
-    (strict: every key and shape must match). Floating tensors keep the dtype they were saved in
-    (float32-tagged parameters stay float32). Returned in eval mode."""
-    from safetensors.torch import load_file
+    (strict: every key and shape must match). The config must describe the weights: its hash
+    must equal the one stored with them (an edited ``config.yaml`` is refused, naming the keys
+    that changed). Floating tensors keep the dtype they were saved in (float32-tagged parameters
+    stay float32). Returned in eval mode."""
+    from safetensors import safe_open
 
     folder = Path(folder)
     wpath, cpath = folder / WEIGHTS_NAME, folder / CONFIG_NAME
@@ -109,7 +125,14 @@ def load_pretrained(folder: str | os.PathLike, device=None) -> HybridLM:
         if not p.is_file():
             raise HybridSeqError(f"{folder}: not a saved hybridseq model (missing {p.name})")
     model = HybridLM(load_config(str(cpath)))
-    state = load_file(str(wpath))
+    try:
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated or not a safetensors file
+        raise HybridSeqError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    _check_config_matches(meta, model, cpath)
     dtype = state.get("embed.weight", next(iter(state.values()))).dtype
     if dtype.is_floating_point and dtype != torch.float32:
         model.to(dtype)
@@ -128,6 +151,23 @@ def load_pretrained(folder: str | os.PathLike, device=None) -> HybridLM:
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _check_config_matches(meta: dict, model: HybridLM, cpath: Path) -> None:
+    saved = meta.get("config_hash")
+    if not saved or saved == model.config_hash:
+        return
+    import json
+
+    diffs = []
+    if meta.get("config_payload"):
+        try:
+            diffs = payload_differences(json.loads(meta["config_payload"]), config_payload(model.cfg))
+        except (ValueError, TypeError, AttributeError):
+            diffs = []
+    what = ("; changed: " + ", ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")) if diffs else ""
+    raise HybridSeqError(f"{cpath}: this config does not describe the weights saved beside it (config hash "
+                         f"{model.config_hash[:12]}, weights {saved[:12]}){what}")
 
 
 def load_cache(path: str | os.PathLike, model: HybridLM, *, device=None,

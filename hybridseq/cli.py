@@ -134,11 +134,14 @@ def cmd_train(args) -> int:
         summary = train(cfg, out_dir=out_dir, resume=args.resume, progress=not args.no_progress,
                         init_from=args.init_from)
     except TrainingInterrupted as e:
+        import shlex
+
         where = f"; checkpoint {e.checkpoint}" if e.checkpoint else ""
-        print(f"interrupted at step {e.step}{where}. Continue with: hybridseq train {layout} "
-              f"{' '.join(overrides)} --out {out_dir or '<run folder>'} --resume".replace("  ", " "),
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        run = out_dir or (os.path.dirname(os.path.dirname(e.checkpoint)) if e.checkpoint else None)
+        cmd = ["hybridseq", "train", layout, *overrides, "--out", run or "RUN_FOLDER", "--resume"]
+        print(f"{e.signal_name}: stopped after step {e.step}{where}. Continue with: "
+              f"{' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr)
+        return e.exit_code
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0

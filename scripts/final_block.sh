@@ -11,7 +11,7 @@
 #    default ("triton" row), F.conv1d and the copy ceiling in the same run;
 # 3. compiled-Triton tests: tests/test_mamba_block.py and the block test
 #    tests/test_blocks.py::test_mamba_triton_impl_matches_torch_impl (fused path vs torch path),
-#    then tests/test_conv1d.py (autotuning over one tile per variant there: fewer compiles).
+#    then tests/kernels/test_conv1d.py (autotuning over one tile per variant there: fewer compiles).
 # Measurements first: each phase is time-boxed (timeout) so the whole stays under 90 s; a test
 # phase cut by its timeout shows its progress dots in the log.
 # A short table is printed last.
@@ -50,7 +50,7 @@ echo "pytest mamba exit $rc ($((SECONDS - t4)) s): $(tail -1 "$tmp/p1.txt")" | t
 
 t1=$SECONDS
 echo "== pytest (compiled Triton): conv" | tee -a "$log"
-timeout 20 python -m pytest -q -p no:cacheprovider --durations=3 tests/test_conv1d.py \
+timeout 20 python -m pytest -q -p no:cacheprovider --durations=3 tests/kernels/test_conv1d.py \
   > "$tmp/p2.txt" 2>&1
 rc=$?; cat "$tmp/p2.txt" >> "$log"
 echo "pytest conv exit $rc ($((SECONDS - t1)) s): $(tail -1 "$tmp/p2.txt")" | tee -a "$log"

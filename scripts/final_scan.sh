@@ -2,9 +2,9 @@
 # Final GPU check of the Triton selective scan (sequence-split backward), one H100, <= 150 s.
 #   bash scripts/final_scan.sh        (repository root; mamba_ssm on PYTHONPATH when it was built)
 # In order of importance, each step under its own timeout within the budget (SCAN_BUDGET_S):
-# 1. the real-shape GPU tests of tests/test_scan_triton.py (compiled Triton): the split-vs-unsplit
-#    check at B2 D4096 L8192, the NaN-poisoned real shapes against the chunked scan in float64
-#    with the splits automatic and forced;
+# 1. the real-shape GPU tests of tests/kernels/test_scan_triton.py (compiled Triton): the
+#    split-vs-unsplit check at B2 D4096 L8192, the NaN-poisoned real shapes against the chunked
+#    scan in float64 with the splits automatic and forced;
 # 2. `hybridseq bench scan` (bf16, z + D + delta_bias + softplus) at B2 D4096 L8192 N16 and
 #    B8 D2048 L2048 N16: Triton with the backward split S = auto (the shipped heuristic), 1, 2,
 #    4, 8; the chunked PyTorch anchor (B8 only: B2 is over --torch-max-elems); mamba_ssm when
@@ -39,8 +39,8 @@ B8=8x2048x2048x16
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u +%Y-%m-%dT%H:%M:%SZ
 
-  echo "== pytest -m gpu tests/test_scan_triton.py (compiled Triton, real shapes)"
-  timeout "$(cap 50 90)" python -m pytest -v -p no:cacheprovider -m gpu tests/test_scan_triton.py \
+  echo "== pytest -m gpu tests/kernels/test_scan_triton.py (compiled Triton, real shapes)"
+  timeout "$(cap 50 90)" python -m pytest -v -p no:cacheprovider -m gpu tests/kernels/test_scan_triton.py \
     2>&1 | grep -E "PASSED|FAILED|ERROR|SKIPPED|Error|assert|passed|failed" | tail -20
   echo "pytest exit ${PIPESTATUS[0]} (124: timed out) at ${SECONDS}s"
 
@@ -60,9 +60,9 @@ B8=8x2048x2048x16
   echo "bench exit $? at ${SECONDS}s"
 
   if [ "$(left)" -gt 25 ]; then
-    echo "== pytest -m 'not gpu' tests/test_scan_triton.py (compiled, small odd shapes)"
+    echo "== pytest -m 'not gpu' tests/kernels/test_scan_triton.py (compiled, small odd shapes)"
     timeout "$(cap 60 3)" python -m pytest -q -p no:cacheprovider -m "not gpu" \
-      tests/test_scan_triton.py 2>&1 | tail -8
+      tests/kernels/test_scan_triton.py 2>&1 | tail -8
     echo "pytest exit ${PIPESTATUS[0]} (124: timed out) at ${SECONDS}s"
   fi
 } 2>&1 | tee "$log"

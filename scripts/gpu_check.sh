@@ -15,9 +15,10 @@ benches=("$@")
   date -u +%Y-%m-%dT%H:%MZ; } | tee "$out/device.txt"
 
 timeout 420 python -m pytest -q -p no:cacheprovider \
-  tests/test_scan_triton.py tests/test_conv1d.py tests/test_state_update.py tests/test_mamba_block.py \
+  tests/kernels/test_scan_triton.py tests/kernels/test_conv1d.py tests/kernels/test_scan_step.py \
+  tests/kernels/test_kernels_api.py tests/test_mamba_block.py \
   tests/test_moe_backends.py tests/test_moe_block.py tests/test_attention_backends.py \
-  tests/test_attention_docmask.py tests/test_decode_graph.py tests/test_kernels_api.py \
+  tests/test_attention_docmask.py tests/test_decode_graph.py \
   2>&1 | tee "$out/pytest_gpu.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 

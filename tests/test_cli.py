@@ -167,8 +167,13 @@ def test_generate_rejects_text_for_a_token_model(tiny_yaml, tmp_path, capsys):
     assert_user_error(main(["generate", str(tmp_path / "nothing"), "--prompt", "1"]), capsys.readouterr().err)
 
 
-def test_ctrl_c_during_train_exits_130_with_a_checkpoint(tiny_yaml, tmp_path):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                      pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow),
+                                      pytest.param(signal.SIGUSR1, 128 + signal.SIGUSR1, marks=pytest.mark.slow)])
+def test_stop_signal_during_train_saves_and_exits_128_plus_signum(tiny_yaml, tmp_path, sig, code):
+    """Ctrl-C and the signals schedulers send before a kill stop after the step with a checkpoint;
+    the printed command continues the run (its arguments shell-quoted)."""
+    out = tmp_path / "run dir"
     proc = subprocess.Popen([sys.executable, "-m", "hybridseq", "train", tiny_yaml, "train.steps=100000",
                              "train.log_every=1", "--out", str(out), "--no-progress"],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -177,15 +182,16 @@ def test_ctrl_c_during_train_exits_130_with_a_checkpoint(tiny_yaml, tmp_path):
         metrics = out / "metrics.jsonl"
         while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert f"{signal.Signals(sig).name}: stopped after step" in err and "Traceback" not in err
+    assert f"--out '{out}' --resume" in err  # quoted: the folder name has a space
     latest = (out / "checkpoints" / "latest").read_text().strip()
-    assert os.path.isfile(out / "checkpoints" / latest / "trainer_state.pt")
+    assert os.path.isfile(out / "checkpoints" / latest / "manifest.json")
 
 
 def _ci_commands():

@@ -58,7 +58,8 @@ def test_training_lowers_loss_writes_metrics_config_and_checkpoint(tmp_path):
     assert hs.load_config(str(out / "config.yaml")).stack == ["M", "F"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000040"
     folder = out / "checkpoints" / "step_00000040"
-    assert {"model.safetensors", "config.yaml", "trainer_state.pt"} <= set(os.listdir(folder))
+    assert {"model.safetensors", "config.yaml", "trainer_state.json", "trainer_state.safetensors",
+            "manifest.json"} <= set(os.listdir(folder))
     model = hs.load_pretrained(str(folder))
     from hybridseq.data import make_task
 
@@ -96,26 +97,31 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
     cfg = tiny(steps=10, save_every=5, eval_every=0)
-    real_save = torch.save
+    import hybridseq.train.engine as engine_mod
+
+    real_save = engine_mod.save_state
     calls = {"n": 0}
 
-    def failing_save(obj, f, *a, **k):
+    def failing_save(obj, folder, name):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint: write part of the file, then fail
-            with open(f, "wb") as fh:
+        if calls["n"] == 2:  # the second checkpoint: write part of a file, then fail
+            with open(os.path.join(folder, name + ".safetensors"), "wb") as fh:
                 fh.write(b"partial")
             raise OSError("disk full (simulated)")
-        return real_save(obj, f, *a, **k)
+        return real_save(obj, folder, name)
 
-    monkeypatch.setattr("hybridseq.train.engine.torch.save", failing_save)
+    monkeypatch.setattr(engine_mod, "save_state", failing_save)
     with pytest.raises(OSError, match="simulated"):
         train(cfg, out_dir=str(tmp_path), progress=False)
     root = tmp_path / "checkpoints"
     assert sorted(os.listdir(root)) == ["latest", "step_00000005"]  # no temp folder, no step 10
     assert (root / "latest").read_text().strip() == "step_00000005"
-    monkeypatch.setattr("hybridseq.train.engine.torch.save", real_save)
-    state = torch.load(root / "step_00000005" / "trainer_state.pt", weights_only=False)
+    monkeypatch.setattr(engine_mod, "save_state", real_save)
+    from hybridseq.train.state_io import load_state
+
+    state = load_state(str(root / "step_00000005"), ckpt.STATE)
     assert state["client"]["step"] == 5
+    assert ckpt.verify(str(root / "step_00000005")) is None
     hs.load_pretrained(str(root / "step_00000005"))
     resumed = train(cfg, out_dir=str(tmp_path), resume=True, progress=False)
     assert resumed["resumed_from"] == 5 and resumed["steps"] == 10
@@ -126,7 +132,7 @@ def test_save_checkpoint_is_atomic_and_rotates(tmp_path):
 
     def good(tag):
         def write(folder):
-            with open(os.path.join(folder, ckpt.STATE_FILE), "w") as fh:
+            with open(os.path.join(folder, "state.txt"), "w") as fh:
                 fh.write(tag)
         return write
 
@@ -135,7 +141,7 @@ def test_save_checkpoint_is_atomic_and_rotates(tmp_path):
     assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000003"]
 
     def bad(folder):
-        with open(os.path.join(folder, ckpt.STATE_FILE), "w") as fh:
+        with open(os.path.join(folder, "state.txt"), "w") as fh:
             fh.write("half")
         raise KeyboardInterrupt
 

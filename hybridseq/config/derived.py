@@ -15,11 +15,37 @@ def block_kinds(cfg) -> list[str]:
 
 
 def config_hash(cfg) -> str:
-    """sha256 (hex) of a canonical JSON of what defines the model's weights and computation:
-    ``model`` (less ``ModelSpec.hash_exclude``) and, per sublayer, its block spec's
-    ``canonical`` form (derived sizes resolved, ``impl``, init and training-only keys left out).
-    Symbol names, pipeline stages, ``train`` and ``deepspeed`` do not count. ``cfg``: a
+    """sha256 (hex) of a canonical JSON of what defines the model's weights and computation
+    (``config_payload``): ``model`` (less ``ModelSpec.hash_exclude``) and, per sublayer, its block
+    spec's ``canonical`` form (derived sizes resolved, ``impl``, init and training-only keys left
+    out). Symbol names, pipeline stages, ``train`` and ``deepspeed`` do not count. ``cfg``: a
     ``HybridConfig`` or its ``to_dict()`` form (``"auto"`` vocabularies hash as the string)."""
+    return hashlib.sha256(canonical_json(config_payload(cfg)).encode("utf-8")).hexdigest()
+
+
+def canonical_json(payload: dict) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def payload_differences(saved: dict, current: dict) -> list[str]:
+    """The dotted keys where two ``config_payload`` dicts differ ('layers[3].top_k: 2 -> 1')."""
+    out = []
+    for k in sorted(set(saved.get("model", {})) | set(current.get("model", {}))):
+        a, b = saved.get("model", {}).get(k), current.get("model", {}).get(k)
+        if a != b:
+            out.append(f"model.{k}: {a!r} -> {b!r}")
+    la, lb = saved.get("layers", []), current.get("layers", [])
+    if len(la) != len(lb):
+        out.append(f"layout: {len(la)} -> {len(lb)} sublayers")
+    for i, (a, b) in enumerate(zip(la, lb)):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out.append(f"layers[{i}].{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def config_payload(cfg) -> dict:
+    """What ``config_hash`` hashes (see there)."""
     from ..blocks import kind_spec
     from .sections import ModelSpec
 
@@ -33,6 +59,4 @@ def config_hash(cfg) -> str:
         spec = raw if hasattr(raw, "canonical") else kind_spec(raw["kind"]).from_mapping(
             {k: v for k, v in dict(raw).items() if k != "kind"}, key=f"blocks.{s}")
         specs[s] = spec.canonical(d_model)
-    payload = {"version": 1, "model": model, "layers": [specs[s] for s in cfg["stack"]]}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return {"version": 1, "model": model, "layers": [specs[s] for s in cfg["stack"]]}

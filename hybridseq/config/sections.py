@@ -78,6 +78,8 @@ class TrainSpec(Spec):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     tensorboard: bool = False          # also write TensorBoard scalars to <out_dir>/tensorboard
+    on_nan: Literal["stop", "skip"] = "stop"   # a non-finite loss or gradient: stop, or skip the update
+    nan_skip_limit: int = option(10, ge=1)     # on_nan: skip: stop after this many skips in a row
 
     def check(self, *, file=None, key: str = "train", **context) -> None:
         betas = self.betas

@@ -63,6 +63,7 @@ from torch import nn
 
 from ..errors import ConfigError, HybridSeqError
 from . import checkpoint as ckpt
+from .state_io import load_state, save_state
 from .engine import check_weight_keys
 from . import distributed as D
 from .optim import param_groups
@@ -74,11 +75,56 @@ AUTO = "auto"
 
 
 def _rank_state_file(rank: int) -> str:
-    return f"client_state_rank{int(rank):05d}.pt"
+    return f"client_state_rank{int(rank):05d}"  # .json + .safetensors (state_io)
 
 
 def _expert_file(rank: int) -> str:
-    return f"experts_rank{int(rank):05d}.pt"
+    return f"experts_rank{int(rank):05d}"  # .json + .safetensors (state_io)
+
+
+def check_deepspeed_files(ds_dir: str) -> None:
+    """DeepSpeed writes and reads its own checkpoint files with pickle. Before DeepSpeed reads
+    them, each is opened here with ``torch.load(weights_only=True)``, which accepts only tensors,
+    containers and the allow-listed DeepSpeed types (``DS_ALLOWED_GLOBALS``): a file carrying any
+    other object (code) is refused with a one-line error naming it, before it is unpickled."""
+    import pickle
+
+    allowed = _ds_allowed_globals()
+    for root, _, names in os.walk(ds_dir):
+        for n in sorted(names):
+            if not n.endswith((".pt", ".pth", ".bin")):
+                continue
+            path = os.path.join(root, n)
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(path, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise HybridSeqError(f"{path}: refused: it is not plain checkpoint data ({first[:200]})") from None
+
+
+def _ds_allowed_globals() -> list:
+    """The non-tensor types DeepSpeed's own checkpoint files hold (its ZeRO stage and loss-scaler
+    enums, argparse namespaces, the parameter-fragment mapping), resolved where importable."""
+    import argparse
+    import importlib
+
+    out = [argparse.Namespace]
+    for mod, name in DS_ALLOWED_GLOBALS:
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+DS_ALLOWED_GLOBALS = [
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.checkpoint.constants", "ZeroStageEnum"),
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +367,22 @@ class DeepSpeedEngine:
         norm = self.ds.get_global_grad_norm()
         if norm is not None:
             self._last_grad_norm = float(norm)
-        return {"lr": lr, "grad_norm": self._last_grad_norm}
+        # DeepSpeed applies the update whatever the gradients were: the trainer stops on a
+        # non-finite norm before anything is saved
+        return {"lr": lr, "grad_norm": self._last_grad_norm, "applied": True}
+
+    def skip_step(self) -> dict:
+        """DeepSpeed owns its gradient buffers and has no way to drop them: after a non-finite loss
+        nothing is applied and the run stops (``cannot_skip`` tells the trainer)."""
+        return {"lr": self.lr, "grad_norm": float("nan"), "skipped": True, "cannot_skip": True}
+
+    def all_finite(self, ok: bool) -> bool:
+        """Whether every rank saw finite values (an all-reduce of one flag)."""
+        if not D.is_initialized() or self.world_size == 1:
+            return bool(ok)
+        t = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item() > 0)
 
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -374,18 +435,18 @@ class DeepSpeedEngine:
         try:
             with _quiet_deepspeed():
                 self.ds.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, save_latest=False)
-            ckpt.atomic_torch_save(client_state, os.path.join(tmp, _rank_state_file(self.rank)))
+            save_state(client_state, tmp, _rank_state_file(self.rank))
             if self.ep_size > 1:  # this rank's expert shards (see expert_parallel.py)
                 from .expert_parallel import local_expert_state
 
-                ckpt.atomic_torch_save(local_expert_state(self.model), os.path.join(tmp, _expert_file(self.rank)))
+                save_state(local_expert_state(self.model), tmp, _expert_file(self.rank))
             sd = self.full_state_dict()
             if self.is_main:
                 write_pretrained(sd, self.model, self.cfg, tmp, atomic=False)
-                ckpt.atomic_torch_save({"engine": self.state_dict(), "client": client_state},
-                                       os.path.join(tmp, ckpt.STATE_FILE))
+                save_state({"engine": self.state_dict(), "client": client_state}, tmp, ckpt.STATE)
             D.barrier()
             if self.is_main:
+                ckpt.write_manifest(tmp)
                 ckpt.publish(tmp, final)
                 ckpt.atomic_write_bytes(os.path.join(root, ckpt.LATEST), (name + "\n").encode())
                 ckpt.rotate(root, keep_last)
@@ -397,12 +458,12 @@ class DeepSpeedEngine:
         return final
 
     def load_checkpoint(self, folder: str) -> dict:
-        state_path = os.path.join(folder, ckpt.STATE_FILE)
         ds_dir = os.path.join(folder, DS_DIR)
         if not os.path.isdir(ds_dir):
             raise HybridSeqError(f"{folder}: not a DeepSpeed checkpoint (no {DS_DIR}/ folder); to start from "
                                  "its weights use --init-from")
-        meta = torch.load(state_path, map_location="cpu", weights_only=False)
+        meta = load_state(folder, ckpt.STATE)
+        check_deepspeed_files(ds_dir)
         saved = (meta.get("engine") or {})
         if int(saved.get("world_size", self.world_size)) != self.world_size:
             raise HybridSeqError(f"{folder} was written by {saved['world_size']} ranks, this run has "
@@ -416,12 +477,10 @@ class DeepSpeedEngine:
         if self.ep_size > 1:
             from .expert_parallel import load_local_expert_state
 
-            load_local_expert_state(self.model, torch.load(os.path.join(folder, _expert_file(self.rank)),
-                                                           map_location="cpu", weights_only=False))
+            load_local_expert_state(self.model, load_state(folder, _expert_file(self.rank)))
             self.optimizer.refresh_fp32_params()
-        mine = os.path.join(folder, _rank_state_file(self.rank))
-        if os.path.isfile(mine):
-            return torch.load(mine, map_location="cpu", weights_only=False)
+        if os.path.isfile(os.path.join(folder, _rank_state_file(self.rank) + ".json")):
+            return load_state(folder, _rank_state_file(self.rank))
         return meta["client"]
 
     def load_weights(self, folder: str) -> None:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import torch
@@ -130,10 +131,13 @@ class DistributedTrainer(Trainer):
         rec = super().train_step()
         if self.world > 1 and is_initialized():
             # loss and aux are means over equal-sized local batches: average them; counts: sum.
-            t = torch.tensor([rec["loss"], rec["aux_loss"], rec["correct"], rec["scored"]],
-                             dtype=torch.float64, device=self.device)
+            # a stop signal on any rank (a scheduler may signal one) stops every rank at this step
+            t = torch.tensor([rec["loss"], rec["aux_loss"], rec["correct"], rec["scored"],
+                              float(self._stop_requested or 0)], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
-            loss, aux, correct, scored = t.tolist()
+            loss, aux, correct, scored, stop = t.tolist()
+            if stop and not self._stop_requested:
+                self._stop_requested = int(signal.SIGTERM)
             rec.update(loss=loss / self.world, aux_loss=aux / self.world, correct=int(round(correct)),
                        scored=int(round(scored)), acc=correct / max(1.0, scored))
         return rec

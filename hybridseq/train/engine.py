@@ -28,6 +28,7 @@ methods on top of ``deepspeed.initialize``; the loop does not change.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..errors import HybridSeqError
 from . import checkpoint as ckpt
+from .state_io import load_state, save_state
 from .optim import build_optimizer
 from .schedule import build_scheduler, default_warmup
 
@@ -114,20 +116,41 @@ class LocalEngine:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def step(self) -> dict:
+        """Clip and apply the accumulated gradients. Without a loss scaler, gradients that are not
+        finite are never applied: the update is skipped (``"skipped": True``) and ``bad_param``
+        names the first parameter whose gradient went non-finite. (fp16's loss scaler skips such
+        steps by design and lowers its scale.)"""
         lr = self.lr
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        out = {"lr": lr, "grad_norm": grad_norm}
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif math.isfinite(grad_norm):
             self.optimizer.step()
+        else:
+            out.update(skipped=True, bad_param=first_nonfinite_grad(self.model))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"lr": lr, "grad_norm": grad_norm}
+        return out
+
+    def skip_step(self) -> dict:
+        """Drop the accumulated gradients without an update (the schedule still advances, so the
+        learning rate stays a function of the step)."""
+        lr = self.lr
+        if self.scaler is not None:
+            self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"lr": lr, "grad_norm": float("nan"), "skipped": True}
+
+    def all_finite(self, ok: bool) -> bool:
+        """Whether every process saw finite values (one process: ``ok``)."""
+        return bool(ok)
 
     # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -150,8 +173,7 @@ class LocalEngine:
 
         def write(folder: str) -> None:
             save_pretrained(self.unwrap_for_export(), cfg=self.cfg, folder=folder)
-            torch.save({"engine": self.state_dict(), "client": client_state},
-                       os.path.join(folder, ckpt.STATE_FILE))
+            save_state({"engine": self.state_dict(), "client": client_state}, folder, ckpt.STATE)
 
         return ckpt.save_checkpoint(root, step, write, keep_last=keep_last)
 
@@ -173,6 +195,14 @@ class LocalEngine:
 
     def load_checkpoint(self, folder: str) -> dict:
         self._load_model_weights(folder, "checkpoint")
-        trainer_state = torch.load(os.path.join(folder, ckpt.STATE_FILE), map_location="cpu", weights_only=False)
+        trainer_state = load_state(folder, ckpt.STATE)
         self.load_state_dict(trainer_state["engine"])
         return trainer_state["client"]
+
+
+def first_nonfinite_grad(model: nn.Module) -> str | None:
+    """The name of the first parameter (in module order) whose gradient holds a NaN or an inf."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return None

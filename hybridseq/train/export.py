@@ -38,6 +38,10 @@ def state_dict_from_zero_shards(checkpoint: str) -> dict:
     require("deepspeed", "merging ZeRO shards (--from-shards)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from .deepspeed_engine import check_deepspeed_files
+
+    check_deepspeed_files(ds_dir)  # DeepSpeed unpickles them: only plain data may pass
+
     sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DS_TAG)
     return {k: v.contiguous() for k, v in sd.items()}
 

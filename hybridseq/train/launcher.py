@@ -25,7 +25,6 @@ import sys
 from ..errors import HybridSeqError
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +139,11 @@ def _train(args, env: dict, hooks=()) -> int:
         summary = trainer.fit()
     except TrainingInterrupted as e:
         if env["rank"] == 0:
-            print(f"interrupted at step {e.step}; checkpoint {e.checkpoint}. Continue with --resume --out {out_dir}",
-                  file=sys.stderr)
-        return EXIT_INTERRUPTED
+            import shlex
+
+            print(f"{e.signal_name}: stopped after step {e.step}; checkpoint {e.checkpoint}. Continue with "
+                  f"--resume --out {shlex.quote(out_dir)}", file=sys.stderr)
+        return e.exit_code
     if env["rank"] == 0:
         summary = {**summary, "world_size": env["world_size"], "zero_stage": trainer.engine.stage}
         if args.json:

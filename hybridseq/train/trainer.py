@@ -34,6 +34,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from datetime import datetime
@@ -52,12 +53,63 @@ from .metrics import MetricsWriter, Progress, TensorBoardWriter
 from .perf import moe_load, peak_flops, perf_fields
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised after a Ctrl-C once the current step finished and a checkpoint was saved."""
+class NonFiniteError(HybridSeqError):
+    """A non-finite loss or gradient stopped training (``train.on_nan``)."""
 
-    def __init__(self, step: int, checkpoint: str | None):
+
+def _param_place(name: str | None) -> str | None:
+    """'layers.3.block.in_proj.weight' -> 'layer 3 (block.in_proj.weight)'."""
+    if not name:
+        return None
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
+        return f"layer {parts[1]} ({'.'.join(parts[2:])})"
+    return name
+
+
+@torch.no_grad()
+def first_nonfinite_output(model, inputs, engine) -> str | None:
+    """Run ``inputs`` through ``model`` again with hooks on its sublayers: the first sublayer whose
+    output holds a NaN or an inf ('layer 3 (mamba, symbol M)'), or the logits."""
+    found: list = []
+    hooks = []
+    for i, layer in enumerate(getattr(model, "layers", [])):
+        def hook(mod, args, out, i=i, layer=layer):
+            if not found and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                found.append(f"layer {i} ({layer.kind}, symbol {layer.symbol})")
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        with engine.autocast():
+            logits = model(inputs).logits
+        if not found and not bool(torch.isfinite(logits).all()):
+            found.append("the logits")
+    except Exception:  # a diagnosis must not hide the original problem
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[0] if found else None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after a stop signal (``Trainer.STOP_SIGNALS``) once the current step finished and a
+    checkpoint was saved. ``signum``: the signal; ``exit_code``: 128 + signum (130 for Ctrl-C,
+    143 for SIGTERM), the shell convention."""
+
+    def __init__(self, step: int, checkpoint: str | None, signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
 
 
 def _to_dict(section) -> dict:
@@ -237,34 +289,87 @@ class Trainer:
             correct += s["correct"]
             scored += s["scored"]
             tokens += inputs.numel()
-        info = self.engine.step()
+        loss = loss_sum / self.grad_accum
+        # every rank agrees whether the loss is finite before anything is applied
+        loss_ok = self.engine.all_finite(math.isfinite(loss) and math.isfinite(aux_sum))
+        info = self.engine.step() if loss_ok else self.engine.skip_step()
         self.step += 1
         self.tokens_seen += tokens * self.engine.world_size
-        loss = loss_sum / self.grad_accum
-        if not math.isfinite(loss):
-            raise HybridSeqError(f"loss is {loss} at step {self.step}: lower train.lr or check the data")
+        if not loss_ok or info.get("skipped") or not math.isfinite(info.get("grad_norm", 0.0)):
+            self._non_finite(loss, info, inputs)
+        else:
+            self._nan_skips = 0
         return {"step": self.step, "loss": loss, "aux_loss": aux_sum / self.grad_accum,
                 "acc": correct / max(1, scored), "correct": correct, "scored": scored,
                 "tokens": tokens * self.engine.world_size, **info}
 
+    def _non_finite(self, loss: float, info: dict, inputs) -> None:
+        """A step whose loss or gradients were not finite: its update was not applied (the engines
+        skip it), so the weights stay finite. ``train.on_nan: stop`` (default) raises here, before
+        anything is saved, naming the first layer whose output (or gradient) went non-finite;
+        ``skip`` goes on, up to ``train.nan_skip_limit`` skipped steps in a row."""
+        self._nan_skips = getattr(self, "_nan_skips", 0) + 1
+        if not math.isfinite(loss):
+            what, where = f"loss {loss}", first_nonfinite_output(self.model, inputs, self.engine)
+        else:
+            what = f"gradient norm {info.get('grad_norm')}"
+            where = _param_place(info.get("bad_param"))
+        applied = info.get("applied", False)
+        place = f": first non-finite at {where}" if where else ""
+        on_nan, limit = self.tc.get("on_nan", "stop"), int(self.tc.get("nan_skip_limit") or 10)
+        if info.get("cannot_skip"):
+            raise NonFiniteError(f"{what} at step {self.step}{place}; the update was not applied, and "
+                                 "DeepSpeed cannot drop its accumulated gradients, so the run stops without "
+                                 "saving (resume from the last checkpoint with a lower train.lr)")
+        if applied:  # an engine that cannot skip (DeepSpeed) already applied it: stop now
+            raise NonFiniteError(f"{what} at step {self.step}{place}; the update was applied by DeepSpeed, "
+                                 "so the run stops without saving (resume from the last checkpoint with a "
+                                 "lower train.lr)")
+        if on_nan == "stop" or self._nan_skips > limit:
+            why = (f"{self._nan_skips} non-finite steps in a row (train.nan_skip_limit={limit})"
+                   if on_nan == "skip" else "train.on_nan: stop")
+            raise NonFiniteError(f"{what} at step {self.step}{place}; the update was not applied and "
+                                 f"nothing was saved ({why}; lower train.lr, check the data, or set "
+                                 "train.on_nan: skip)")
+        if self.engine.is_main:
+            print(f"step {self.step}: {what}{place}; update skipped (train.on_nan: skip)", file=sys.stderr)
+
     # --- the loop -----------------------------------------------------------------------------
-    def _install_sigint(self):
+    STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+
+    def _install_signals(self) -> dict:
+        """Ctrl-C (SIGINT) and what schedulers send before a kill (SIGTERM: Slurm and Kubernetes;
+        SIGHUP: a closed terminal; SIGUSR1: Slurm's ``--signal``) ask the loop to stop after the
+        current step, save a checkpoint and raise ``TrainingInterrupted``. A second signal acts
+        at once (SIGINT: KeyboardInterrupt; the others: their default action). Returns the
+        previous handlers."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
             if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
+            self._stop_requested = signum
+            # the next one acts at once
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
-        return signal.signal(signal.SIGINT, handler)
+        previous = {}
+        for name in self.STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, handler)
+        return previous
 
     def fit(self) -> dict:
         tc = self.tc
         resume_step = None
+        skipped = []
         if self.resume:
-            found = ckpt.latest_checkpoint(self.ckpt_root)
+            if self.engine.is_main:
+                ckpt.clean_leftovers(self.ckpt_root)  # what interrupted saves and rotations left
+            found, skipped = ckpt.find_checkpoint(self.ckpt_root)
             if found is not None:
                 self.load_client_state(self.engine.load_checkpoint(found))
                 resume_step = self.step
@@ -277,6 +382,8 @@ class Trainer:
         if self.engine.is_main and self.show_progress:
             bar.write(f"{self.cfg.get('name') or 'model'}: {self.n_params:,} parameters on {self.device}; "
                       f"task {self.task.describe()}; run folder {self.out_dir}")
+        for folder, why in skipped:
+            bar.write(f"skipped {folder}: {why}")
         if resume_step is not None:
             bar.write(f"resumed from {found} (step {resume_step})")
         elif self.resume:
@@ -288,7 +395,7 @@ class Trainer:
         start_tokens, start = self.tokens_seen, time.perf_counter()
         interval_t0, interval_time = time.perf_counter(), 0.0
         last_saved, tok_s = resume_step, None
-        previous = self._install_sigint()
+        previous = self._install_signals()
         try:
             while self.step < self.steps:
                 rec = self.train_step()
@@ -335,10 +442,10 @@ class Trainer:
                     interval_t0 = time.perf_counter()
                 if self._stop_requested and not final:
                     path = self.save()
-                    raise TrainingInterrupted(self.step, path)
+                    raise TrainingInterrupted(self.step, path, int(self._stop_requested))
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, h in previous.items():
+                signal.signal(sig, h)
             bar.close()
             if writer is not None:
                 writer.close()

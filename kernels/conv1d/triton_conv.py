@@ -16,6 +16,14 @@ but the inputs is saved):
 ``dxc`` gives dx (i >= w-1) and d initial_state (i < w-1) in one pass. The final state is sliced
 from (initial_state, x) with PyTorch ops, so autograd differentiates it without a kernel.
 
+Packed documents (HAS_SEQ_IDX, seq_idx (b, l) integer): the pair (xc[i], output t) counts only
+when xc[i]'s token is in t's document, seq_idx[i - (w-1)] == seq_idx[t], where the state's
+positions (i < w-1) read seq_idx[0] (the initial state reaches the first document only). The
+forward drops the other taps from its loads; the backward drops the same pairs from pre, dweight
+(the xc tiles are masked against each row's output token) and dxc (g[i - k] is masked against
+xc[i]'s document). The final state's inputs before the last document's start are zeroed with
+PyTorch ops. Without seq_idx none of this is compiled in.
+
 Tiles are (rows of time) x (channels); channels are the contiguous axis, so every load is a
 coalesced row. The w shifted loads of one tile overlap and are served by L1/L2. Measured on an
 H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU, CUDA graphs): forward 0.0986 ms, a device copy of
@@ -73,25 +81,41 @@ BWD_CHUNK_ROWS = 256
 
 
 @triton.jit
+def _seq_at(q_base, t, L, sql):
+    """seq_idx (this batch row: q_base) at token indices ``t`` clamped into [0, L): the initial
+    state's positions (t < 0) read token 0's document."""
+    return tl.load(q_base + tl.minimum(tl.maximum(t, 0), L - 1) * sql)
+
+
+@triton.jit
 def _load_xc(x_base, s_base, i, c, cmask, L, sxl, sxd, ssl, ssd,
-             W: tl.constexpr, HAS_STATE: tl.constexpr):
-    """fp32 tile of xc at time indices ``i`` (BL,) and channels ``c`` (BD,); 0 outside."""
+             W: tl.constexpr, HAS_STATE: tl.constexpr, q_base, q_out, sql,
+             HAS_SEQ_IDX: tl.constexpr):
+    """fp32 tile of xc at time indices ``i`` (BL,) and channels ``c`` (BD,); 0 outside.
+    HAS_SEQ_IDX: also 0 on the rows whose token's document is not q_out (BL,), the document of
+    the output token each row feeds."""
     ix = i - (W - 1)
     mx = (ix >= 0) & (ix < L)
+    if HAS_SEQ_IDX:
+        same = _seq_at(q_base, ix, L, sql) == q_out
+        mx = mx & same
     v = tl.load(x_base + ix.to(tl.int64)[:, None] * sxl + c[None, :] * sxd,
                 mask=mx[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     if HAS_STATE:
         ms = (i >= 0) & (i < W - 1)
+        if HAS_SEQ_IDX:
+            ms = ms & same
         v += tl.load(s_base + i[:, None] * ssl + c[None, :] * ssd,
                      mask=ms[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     return v
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, q_ptr, y_ptr,
                      L, D,
-                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, syb, syl, syd,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, sqb, sql, syb, syl, syd,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                     HAS_SEQ_IDX: tl.constexpr,
                      SILU: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
                      EVEN_D: tl.constexpr, EVEN_L: tl.constexpr, I32: tl.constexpr):
     """y rows [pid_l*BL, +BL) x channels [pid_d*BD, +BD) of batch pid_b: one load per tap.
@@ -106,7 +130,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
     alternating rounds): these together 0.0986 ms against 0.1036 for the previous kernel (IEEE
     division, all masks), a copy of the same bytes 0.0909; the lower-edge-only row mask alone
     was worth about 2%, the division about 2.5%. (An unmasked interior-tile branch measured 5%
-    slower in an earlier run; the SiLU through inline-PTX ex2/rcp 10% slower.)"""
+    slower in an earlier run; the SiLU through inline-PTX ex2/rcp 10% slower.)
+    HAS_SEQ_IDX: each tap's loads also skip the rows whose input lies in an earlier document than
+    the row's output token (the state's rows count as token 0's document)."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -118,6 +144,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
         cmask = c < D
     x_base = x_ptr + pid_b * sxb
     s_base = s_ptr + pid_b * ssb
+    if HAS_SEQ_IDX:
+        q_base = q_ptr + pid_b * sqb
+        q_t = _seq_at(q_base, t, L, sql)  # the document of each output row
     acc = tl.zeros((BL, BD), dtype=tl.float32)
     for k in tl.static_range(W):
         wk = tl.load(w_ptr + c * swd + k * swk, mask=cmask, other=0.0).to(tl.float32)
@@ -126,6 +155,10 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
             mx = ix >= 0
         else:
             mx = (ix >= 0) & (ix < L)
+        if HAS_SEQ_IDX and k < W - 1:  # only inputs of the output token's own document (tap
+            # w-1 reads the output token itself)
+            same = _seq_at(q_base, ix, L, sql) == q_t
+            mx = mx & same
         if I32:
             rows = ix
         else:
@@ -135,6 +168,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr,
         if HAS_STATE:
             i = t + k
             ms = i < W - 1
+            if HAS_SEQ_IDX and k < W - 1:
+                ms = ms & same
             xv += tl.load(s_base + i[:, None] * ssl + c[None, :] * ssd,
                           mask=ms[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += xv * wk[None, :]
@@ -188,24 +223,27 @@ def _load_w(w_ptr, c, cmask, k, swd, swk):
 @triton.jit
 def _g_generic(x_base, s_base, g_base, w_ptr, bias, t, c, cmask, L, sxl, sxd, ssl, ssd, sgl, sgd,
                swd, swk, W: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
-               FAST: tl.constexpr):
-    """g at output times ``t``, any width: dy times silu'(pre), pre recomputed from xc."""
+               FAST: tl.constexpr, q_base, q_t, sql, HAS_SEQ_IDX: tl.constexpr):
+    """g at output times ``t``, any width: dy times silu'(pre), pre recomputed from xc
+    (HAS_SEQ_IDX: from the inputs of each time's document q_t only)."""
     g = _load_dy(g_base, t, c, cmask, L, sgl, sgd)
     if SILU:
         pre = tl.zeros(g.shape, dtype=tl.float32) + bias[None, :]
         for m in tl.static_range(W):
             pre += _load_w(w_ptr, c, cmask, m, swd, swk)[None, :] * _load_xc(
-                x_base, s_base, t + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+                x_base, s_base, t + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE,
+                q_base, q_t, sql, HAS_SEQ_IDX)
         g = _silu_grad(g, pre, FAST)
     return g
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, q_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr, db_ptr,
                      L, D, CHUNK,
-                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, sgb, sgl, sgd,
+                     sxb, sxl, sxd, swd, swk, ssb, ssl, ssd, sqb, sql, sgb, sgl, sgd,
                      sdxb, sdxl, sdxd, sdsb, sdsl, sdsd,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
+                     HAS_SEQ_IDX: tl.constexpr,
                      SILU: tl.constexpr, W_P2: tl.constexpr, FAST: tl.constexpr,
                      BL: tl.constexpr, BD: tl.constexpr, GATHER: tl.constexpr):
     """dxc rows [pid_ch*CHUNK, +CHUNK) x channels [pid_d*BD, +BD) of batch pid_b, and this
@@ -218,6 +256,11 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
     w <= 4 the 2w-1 input tiles are loaded once and shared). g at times i also feeds dbias and
     dweight: taps 0..3 are accumulated element-wise in registers over the whole chunk and
     reduced across rows once at the end; taps >= 4 (widths above 4) are reduced per tile.
+
+    HAS_SEQ_IDX: the xc tiles at rows i + j are masked against the document of output time i
+    (so pre and dweight see only same-document pairs), and g[i - k] enters dxc[i] only when
+    time i - k is in xc[i]'s document. Without GATHER the g at the shifts i - k comes from the
+    recomputing path (the cached tiles were masked for time i, not i - k).
     """
     pid_ch = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -229,6 +272,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
     x_base = x_ptr + pid_b64 * sxb
     s_base = s_ptr + pid_b64 * ssb
     g_base = dy_ptr + pid_b64 * sgb
+    q_base = q_ptr + pid_b64 * sqb
     if HAS_BIAS:
         bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     else:
@@ -258,20 +302,32 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
     # shifted across rows with tl.gather (warp shuffles); a tile owns its last BL - HALO rows.
     SHIFT: tl.constexpr = GATHER * (W <= 4)
     HALO: tl.constexpr = (W - 1) * SHIFT
+    # without GATHER, g at the shifts i - k from the cached tiles (w <= 4, no seq_idx), else
+    # recomputed
+    CACHED: tl.constexpr = (W <= 4) * (1 - HAS_SEQ_IDX)
     r = tl.arange(0, BL)
     for i0 in range(start, end, BL - HALO):
         i = i0 - HALO + r
+        if HAS_SEQ_IDX:
+            q_i = _seq_at(q_base, i, L, sql)  # the document of output time i
+            q_x = _seq_at(q_base, i - (W - 1), L, sql)  # the document of xc[i]
+        else:
+            q_i = i  # not read
         # xc tiles at rows i + j; those of j >= 0 are kept for dweight
-        x0 = _load_xc(x_base, s_base, i, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+        x0 = _load_xc(x_base, s_base, i, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE,
+                      q_base, q_i, sql, HAS_SEQ_IDX)
         x1 = x0
         x2 = x0
         x3 = x0
         if W > 1:
-            x1 = _load_xc(x_base, s_base, i + 1, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+            x1 = _load_xc(x_base, s_base, i + 1, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE,
+                          q_base, q_i, sql, HAS_SEQ_IDX)
         if W > 2:
-            x2 = _load_xc(x_base, s_base, i + 2, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+            x2 = _load_xc(x_base, s_base, i + 2, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE,
+                          q_base, q_i, sql, HAS_SEQ_IDX)
         if W > 3:
-            x3 = _load_xc(x_base, s_base, i + 3, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+            x3 = _load_xc(x_base, s_base, i + 3, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE,
+                          q_base, q_i, sql, HAS_SEQ_IDX)
         # k = 0: g at times t = i (each time of the chunk once; 0 past l)
         g = _load_dy(g_base, i, c, cmask, L, sgl, sgd)
         if SILU:
@@ -284,7 +340,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
                 pre += w3[None, :] * x3
             for m in tl.static_range(4, W):
                 pre += _load_w(w_ptr, c, cmask, m, swd, swk)[None, :] * _load_xc(
-                    x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+                    x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE,
+                    q_base, q_i, sql, HAS_SEQ_IDX)
             g = _silu_grad(g, pre, FAST)
         if SHIFT:
             own = (r >= HALO) & (i < end)  # rows of this tile that no other tile counts
@@ -300,22 +357,33 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
         if W > 3:
             acc3 += go * x3
         for m in tl.static_range(4, W):
-            xm = _load_xc(x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE)
+            xm = _load_xc(x_base, s_base, i + m, c, cmask, L, sxl, sxd, ssl, ssd, W, HAS_STATE,
+                          q_base, q_i, sql, HAS_SEQ_IDX)
             dw_tail += tl.where((kk == m)[:, None], tl.sum(go * xm, axis=0)[None, :], 0.0)
-        # dxc[i] = sum_k weight[:, k] * g[i - k]
-        dxc = w0[None, :] * g
+        # dxc[i] = sum_k weight[:, k] * g[i - k]. With seq_idx, g[i - k] counts when time i - k
+        # is in xc[i]'s document; for k = w-1, time i - k is xc[i]'s own token: no test.
+        if HAS_SEQ_IDX and W > 1:
+            dxc = w0[None, :] * tl.where((q_x == q_i)[:, None], g, 0.0)
+        else:
+            dxc = w0[None, :] * g
         if SHIFT:  # g[i - k] is row r - k of this tile (rows r < HALO are not stored)
             zi = tl.zeros((BL, BD), dtype=tl.int32)
             if W > 1:
-                dxc += w1[None, :] * tl.gather(g, tl.maximum(r - 1, 0)[:, None] + zi, 0)
+                g1 = tl.gather(g, tl.maximum(r - 1, 0)[:, None] + zi, 0)
+                if HAS_SEQ_IDX and W > 2:
+                    g1 = tl.where((_seq_at(q_base, i - 1, L, sql) == q_x)[:, None], g1, 0.0)
+                dxc += w1[None, :] * g1
             if W > 2:
-                dxc += w2[None, :] * tl.gather(g, tl.maximum(r - 2, 0)[:, None] + zi, 0)
-            if W > 3:
+                g2 = tl.gather(g, tl.maximum(r - 2, 0)[:, None] + zi, 0)
+                if HAS_SEQ_IDX and W > 3:
+                    g2 = tl.where((_seq_at(q_base, i - 2, L, sql) == q_x)[:, None], g2, 0.0)
+                dxc += w2[None, :] * g2
+            if W > 3:  # k = 3 = w-1 (SHIFT needs w <= 4)
                 dxc += w3[None, :] * tl.gather(g, tl.maximum(r - 3, 0)[:, None] + zi, 0)
-        elif W <= 4:
+        elif CACHED:
             if W > 1:
                 xm1 = _load_xc(x_base, s_base, i - 1, c, cmask, L, sxl, sxd, ssl, ssd, W,
-                               HAS_STATE)
+                               HAS_STATE, q_base, q_i, sql, HAS_SEQ_IDX)
                 g1 = _load_dy(g_base, i - 1, c, cmask, L, sgl, sgd)
                 if SILU:  # pre[i - 1] = bias + sum_m w_m xc[i - 1 + m]
                     pre = w0[None, :] * xm1 + bias[None, :] + w1[None, :] * x0
@@ -327,7 +395,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
                 dxc += w1[None, :] * g1
             if W > 2:
                 xm2 = _load_xc(x_base, s_base, i - 2, c, cmask, L, sxl, sxd, ssl, ssd, W,
-                               HAS_STATE)
+                               HAS_STATE, q_base, q_i, sql, HAS_SEQ_IDX)
                 g2 = _load_dy(g_base, i - 2, c, cmask, L, sgl, sgd)
                 if SILU:
                     pre = w0[None, :] * xm2 + bias[None, :] + w1[None, :] * xm1 + w2[None, :] * x0
@@ -337,7 +405,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
                 dxc += w2[None, :] * g2
             if W > 3:
                 xm3 = _load_xc(x_base, s_base, i - 3, c, cmask, L, sxl, sxd, ssl, ssd, W,
-                               HAS_STATE)
+                               HAS_STATE, q_base, q_i, sql, HAS_SEQ_IDX)
                 g3 = _load_dy(g_base, i - 3, c, cmask, L, sgl, sgd)
                 if SILU:
                     pre = (w0[None, :] * xm3 + bias[None, :] + w1[None, :] * xm2
@@ -346,9 +414,16 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dy_ptr, dx_ptr, ds_ptr, dw_ptr,
                 dxc += w3[None, :] * g3
         else:
             for k in tl.static_range(1, W):
-                dxc += _load_w(w_ptr, c, cmask, k, swd, swk)[None, :] * _g_generic(
-                    x_base, s_base, g_base, w_ptr, bias, i - k, c, cmask, L, sxl, sxd, ssl, ssd,
-                    sgl, sgd, swd, swk, W, HAS_STATE, SILU, FAST)
+                if HAS_SEQ_IDX:
+                    q_k = _seq_at(q_base, i - k, L, sql)  # the document of time i - k
+                else:
+                    q_k = i  # not read
+                gk = _g_generic(x_base, s_base, g_base, w_ptr, bias, i - k, c, cmask, L, sxl,
+                                sxd, ssl, ssd, sgl, sgd, swd, swk, W, HAS_STATE, SILU, FAST,
+                                q_base, q_k, sql, HAS_SEQ_IDX)
+                if HAS_SEQ_IDX and k < W - 1:  # time i - k sees xc[i] within one document
+                    gk = tl.where((q_k == q_x)[:, None], gk, 0.0)
+                dxc += _load_w(w_ptr, c, cmask, k, swd, swk)[None, :] * gk
         ix = i - (W - 1)
         mx = (ix >= 0) & (ix < L)
         if SHIFT:
@@ -404,7 +479,7 @@ def _conv_update_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, ns_ptr,
     tl.store(y_ptr + pid_b * syb + c * syd, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
-# Candidate block shapes, autotuned per (D, W, HAS_STATE, SILU) on the first call. The forward
+# Candidate block shapes, autotuned per _TUNE_KEY (below) on the first call. The forward
 # list is the best five of a sweep on an H100 (bf16 B8 D4096 L2048 W4 + SiLU, 2026-11-22:
 # BL32 BD128 w4 0.104 ms, BL16 BD256 0.109, BL64 BD128 0.117, BL32 BD256 0.117, BL64 BD64 w2 0.120;
 # taller tiles and 8 warps were slower, 0.13-0.18 ms). ``hybridseq bench conv --sweep`` redoes it.
@@ -428,15 +503,14 @@ BWD_CONFIGS = [
 # same rules serve the autotuner's wrapper and the direct launch of a tuned config (_launch_fwd)
 _FWD_HEUR = {"EVEN_D": lambda a: a["D"] % a["BD"] == 0, "EVEN_L": lambda a: a["L"] % a["BL"] == 0}
 _conv_fwd_heur = triton.heuristics(_FWD_HEUR)(_conv_fwd_kernel)
-_conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
-    _conv_fwd_heur)
-_conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["D", "W", "HAS_STATE", "SILU"])(
-    _conv_bwd_kernel)
+_TUNE_KEY = ["D", "W", "HAS_STATE", "HAS_SEQ_IDX", "SILU"]
+_conv_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY)(_conv_fwd_heur)
+_conv_bwd_tuned = triton.autotune(BWD_CONFIGS, key=_TUNE_KEY)(_conv_bwd_kernel)
 # Under the interpreter (CPU tests) one small tile, no autotuning.
 _INTERP_META = {"BL": 32, "BD": 32, "num_warps": 1}
 _INTERP_BWD = {"GATHER": 1}  # the backward's variant under the interpreter (tests set both)
 # Autotuned choices, so that later launches skip the autotuner's Python overhead:
-# (kind, D, W, HAS_STATE, SILU, dtypes, device) -> (config kwargs, num_warps).
+# (kind, D, W, HAS_STATE, SILU, dtypes, device[, "seq_idx"]) -> (config kwargs, num_warps).
 _TUNED: dict = {}
 # Forward tiles that ``hybridseq bench conv --sweep`` times one by one (a superset of
 # FWD_CONFIGS: taller tiles, 2 and 8 warps), (BL, BD, warps).
@@ -485,32 +559,43 @@ def _launch(kernel, tuned, grid_fn, args, consts, key, heur=None):
     _TUNED[key] = (dict(cfg.kwargs), cfg.num_warps)
 
 
-def fwd_key(x, weight, state, silu):
+def fwd_key(x, weight, state, silu, seq_idx=None):
     """The key under which the forward's tuned config is cached (see ``_TUNED``)."""
-    return ("fwd", x.shape[2], weight.shape[1], state is not None, bool(silu), x.dtype,
-            weight.dtype, x.device)
+    key = ("fwd", x.shape[2], weight.shape[1], state is not None, bool(silu), x.dtype,
+           weight.dtype, x.device)
+    return key + ("seq_idx",) if seq_idx is not None else key
 
 
-def _launch_fwd(x, weight, bias, state, silu):
+def _seq_args(seq_idx, dummy):
+    """The kernels' (q_ptr, sqb, sql): seq_idx and its strides, or a dummy pointer (never read)
+    and zeros."""
+    if seq_idx is None:
+        return dummy, 0, 0
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def _launch_fwd(x, weight, bias, state, silu, seq_idx=None):
     b, l, d = x.shape
     w = weight.shape[1]
     y = _alloc((b, l, d), dtype=x.dtype, device=x.device)
     if b == 0 or l == 0 or d == 0:
         return y
     s = state if state is not None else x  # dummy pointer, never read
-    args = (x, weight, bias if bias is not None else weight, s, y, l, d,
+    q, sqb, sql = _seq_args(seq_idx, x)
+    args = (x, weight, bias if bias is not None else weight, s, q, y, l, d,
             *x.stride(), *weight.stride(),
-            *(state.stride() if state is not None else (0, 0, 0)), *y.stride())
+            *(state.stride() if state is not None else (0, 0, 0)), sqb, sql, *y.stride())
     # I32: every in-batch offset the kernel forms (rows up to l + BL, channels up to d + BD) fits
     # in int32 for x and y (the state's offsets are tiny)
     reach = lambda t: (l + 256) * abs(t.stride(1)) + (d + 1024) * abs(t.stride(2))  # noqa: E731
-    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu,
+    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None,
+                  HAS_SEQ_IDX=seq_idx is not None, SILU=silu,
                   I32=max(reach(x), reach(y)) < I32_LIMIT)
     grid_fn = lambda META: (triton.cdiv(l, META["BL"]), triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
         _conv_fwd_heur[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META)
         return y
-    key = fwd_key(x, weight, state, silu)
+    key = fwd_key(x, weight, state, silu, seq_idx)
     if FWD_PIN is not None and key not in _TUNED:
         _TUNED[key] = ({"BL": FWD_PIN[0], "BD": FWD_PIN[1]}, FWD_PIN[2])
     _launch(_conv_fwd_kernel, _conv_fwd_tuned, grid_fn, args, consts, key,
@@ -518,7 +603,7 @@ def _launch_fwd(x, weight, bias, state, silu):
     return y
 
 
-def _launch_bwd(x, weight, bias, state, dy, silu, dx_out=None):
+def _launch_bwd(x, weight, bias, state, dy, silu, dx_out=None, seq_idx=None):
     b, l, d = x.shape
     w = weight.shape[1]
     dx = _alloc((b, l, d), dtype=x.dtype, device=x.device) if dx_out is None else dx_out
@@ -529,12 +614,14 @@ def _launch_bwd(x, weight, bias, state, dy, silu, dx_out=None):
     dw_part = _alloc((b * n_chunks, w, d), dtype=torch.float32, device=x.device)
     db_part = _alloc((b * n_chunks, d), dtype=torch.float32, device=x.device)
     s = state if state is not None else x
-    args = (x, weight, bias if bias is not None else weight, s, dy, dx,
+    q, sqb, sql = _seq_args(seq_idx, x)
+    args = (x, weight, bias if bias is not None else weight, s, q, dy, dx,
             ds if ds is not None else dx, dw_part, db_part, l, d, chunk,
             *x.stride(), *weight.stride(),
-            *(state.stride() if state is not None else (0, 0, 0)), *dy.stride(), *dx.stride(),
-            *(ds.stride() if ds is not None else (0, 0, 0)))
-    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None, SILU=silu,
+            *(state.stride() if state is not None else (0, 0, 0)), sqb, sql, *dy.stride(),
+            *dx.stride(), *(ds.stride() if ds is not None else (0, 0, 0)))
+    consts = dict(W=w, HAS_BIAS=bias is not None, HAS_STATE=state is not None,
+                  HAS_SEQ_IDX=seq_idx is not None, SILU=silu,
                   W_P2=triton.next_power_of_2(w), FAST=not _INTERPRET)  # FAST: inline PTX
     grid_fn = lambda META: (n_chunks, triton.cdiv(d, META["BD"]), b)  # noqa: E731
     if _INTERPRET:
@@ -543,26 +630,29 @@ def _launch_bwd(x, weight, bias, state, dy, silu, dx_out=None):
         _conv_bwd_kernel[grid_fn(_INTERP_META)](*args, **consts, **_INTERP_META, **_INTERP_BWD)
     else:
         key = ("bwd", d, w, state is not None, silu, x.dtype, weight.dtype, dy.dtype, x.device)
+        if seq_idx is not None:
+            key += ("seq_idx",)
         _launch(_conv_bwd_kernel, _conv_bwd_tuned, grid_fn, args, consts, key)
     dweight = dw_part.sum(0).t().to(weight.dtype)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias, ds
 
 
-def causal_conv1d_fwd(x, weight, bias=None, silu=False):
+def causal_conv1d_fwd(x, weight, bias=None, silu=False, seq_idx=None):
     """The forward kernel alone, no autograd (for fused callers such as the Mamba block):
     y (b, l, d) new contiguous tensor in x's dtype. x may be a strided view (channel stride 1
-    for speed); no initial state."""
-    if not _conv_args_plain(x, weight, bias, "silu" if silu else None, None):
-        check_causal_conv1d_args("causal_conv1d_fwd", x, weight, bias, None, None)
-    return _launch_fwd(x, weight, bias, None, bool(silu))
+    for speed); no initial state; ``seq_idx`` (b, l): packed documents."""
+    if not _conv_args_plain(x, weight, bias, "silu" if silu else None, None, seq_idx):
+        check_causal_conv1d_args("causal_conv1d_fwd", x, weight, bias, None, None, seq_idx)
+    return _launch_fwd(x, weight, bias, None, bool(silu), seq_idx)
 
 
-def causal_conv1d_bwd(x, weight, bias, dy, silu=False, dx_out=None):
+def causal_conv1d_bwd(x, weight, bias, dy, silu=False, dx_out=None, seq_idx=None):
     """The backward kernel alone, no autograd: (dx, dweight, dbias) of ``causal_conv1d_fwd``
     for the output gradient dy (b, l, d). ``dx_out``: an optional (b, l, d) buffer in x's dtype,
     any strides (e.g. the x-half of a (b, l, 2d) projection gradient), written in full and
-    returned as dx, so the caller needs no copy. dbias is None without a bias."""
+    returned as dx, so the caller needs no copy. dbias is None without a bias. ``seq_idx``: the
+    forward's."""
     b, l, d = x.shape
     if dx_out is not None and (dx_out.shape != x.shape or dx_out.dtype != x.dtype
                                or dx_out.device != x.device):
@@ -574,27 +664,29 @@ def causal_conv1d_bwd(x, weight, bias, dy, silu=False, dx_out=None):
     if b == 0 or l == 0 or d == 0:
         dx = dx_out if dx_out is not None else torch.zeros_like(x)
         return dx, torch.zeros_like(weight), (torch.zeros_like(bias) if bias is not None else None)
-    dx, dweight, dbias, _ = _launch_bwd(x, weight, bias, None, dy, bool(silu), dx_out=dx_out)
+    dx, dweight, dbias, _ = _launch_bwd(x, weight, bias, None, dy, bool(silu), dx_out=dx_out,
+                                        seq_idx=seq_idx)
     return dx, dweight, dbias
 
 
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, state, silu):
+    def forward(ctx, x, weight, bias, state, silu, seq_idx):
         ctx.silu = silu
-        ctx.save_for_backward(x, weight, bias, state)
-        return _launch_fwd(x, weight, bias, state, silu)
+        ctx.save_for_backward(x, weight, bias, state, seq_idx)
+        return _launch_fwd(x, weight, bias, state, silu, seq_idx)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, state = ctx.saved_tensors
+        x, weight, bias, state, seq_idx = ctx.saved_tensors
         b, l, d = x.shape
         if b == 0 or l == 0 or d == 0:
             dw = torch.zeros_like(weight)
             return (torch.zeros_like(x), dw, torch.zeros_like(bias) if bias is not None else None,
-                    torch.zeros_like(state) if state is not None else None, None)
-        dx, dweight, dbias, ds = _launch_bwd(x, weight, bias, state, dy, ctx.silu)
-        return dx, dweight, dbias, ds, None
+                    torch.zeros_like(state) if state is not None else None, None, None)
+        dx, dweight, dbias, ds = _launch_bwd(x, weight, bias, state, dy, ctx.silu,
+                                             seq_idx=seq_idx)
+        return dx, dweight, dbias, ds, None, None
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -605,15 +697,15 @@ def _plain(t, shape, device) -> bool:
     return t.dtype in _FLOATS and t.shape == shape and t.device == device
 
 
-def _conv_args_plain(x, weight, bias, activation, initial_state) -> bool:
+def _conv_args_plain(x, weight, bias, activation, initial_state, seq_idx=None) -> bool:
     """A quick check that the arguments are valid (the full check, slower, only names the
-    problem when this says no)."""
+    problem when this says no). With seq_idx: the full check."""
     if activation not in _ACTS or x.dim() != 3 or weight.dim() != 2 or x.dtype not in _FLOATS:
         return False
     b, _, d = x.shape
     w = weight.shape[1]
     dev = x.device
-    return (w >= 1 and _plain(weight, (d, w), dev)
+    return (seq_idx is None and w >= 1 and _plain(weight, (d, w), dev)
             and (bias is None or _plain(bias, (d,), dev))
             and (initial_state is None or _plain(initial_state, (b, w - 1, d), dev)))
 
@@ -628,37 +720,48 @@ def _update_args_plain(x, conv_state, weight, bias, activation) -> bool:
             and (bias is None or _plain(bias, (d,), dev)))
 
 
-def _final_state(x, initial_state, w):
-    """The last w-1 inputs of (initial_state, x), as a new (b, w-1, d) tensor (autograd-visible)."""
+def _final_state(x, initial_state, w, seq_idx=None):
+    """The last w-1 inputs of (initial_state, x), as a new (b, w-1, d) tensor (autograd-visible);
+    with seq_idx those before the last document's start are zero (the state's positions count
+    as token 0's document)."""
     b, l, d = x.shape
     if l >= w - 1:
-        return x[:, l - (w - 1):, :].clone(memory_format=torch.contiguous_format)
+        last = x[:, l - (w - 1):, :]
+        if seq_idx is None or w == 1:
+            return last.clone(memory_format=torch.contiguous_format)
+        keep = seq_idx[:, l - (w - 1):] == seq_idx[:, -1:]
+        return torch.where(keep[:, :, None], last, 0.0).contiguous()
     prev = (initial_state.to(x.dtype) if initial_state is not None
             else x.new_zeros(b, w - 1, d))
-    return torch.cat([prev[:, l:, :], x], dim=1)
+    last = torch.cat([prev[:, l:, :], x], dim=1)
+    if seq_idx is None or l == 0:
+        return last
+    sq = torch.cat([seq_idx[:, :1].expand(b, w - 1 - l), seq_idx], dim=1)
+    return torch.where((sq == seq_idx[:, -1:])[:, :, None], last, 0.0)
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=None,
-                         return_final_state=False):
-    """Triton causal depthwise conv1d; see ``causal_conv1d_ref`` for the contract.
+                         return_final_state=False, seq_idx=None):
+    """Triton causal depthwise conv1d; see ``causal_conv1d_ref`` for the contract (``seq_idx``
+    (b, l) integer: packed documents).
 
     Gradients flow to x, weight, bias and initial_state (and through the final state). Any
     seqlen (0 included) and any width >= 1; x may be a strided view (its channel stride should be
     1 for speed). Output y is a new contiguous (b, l, d) tensor in x's dtype.
     """
-    if not _conv_args_plain(x, weight, bias, activation, initial_state):
+    if not _conv_args_plain(x, weight, bias, activation, initial_state, seq_idx):
         check_causal_conv1d_args("causal_conv1d_triton", x, weight, bias, activation,
-                                 initial_state)  # raises the precise error
+                                 initial_state, seq_idx)  # raises the precise error
     w = weight.shape[1]
     silu = activation is not None
     if torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
             or (initial_state is not None and initial_state.requires_grad)):
-        y = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu)
+        y = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu, seq_idx)
     else:  # inference: skip autograd's bookkeeping (launch overhead matters at small sizes)
-        y = _launch_fwd(x, weight, bias, initial_state, silu)
+        y = _launch_fwd(x, weight, bias, initial_state, silu, seq_idx)
     if return_final_state:
-        return y, _final_state(x, initial_state, w)
+        return y, _final_state(x, initial_state, w, seq_idx)
     return y
 
 

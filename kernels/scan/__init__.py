@@ -1,7 +1,7 @@
 """Mamba-1 selective scan (S6) and its one-token decode step.
 
     y = selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       initial_state=None, return_final_state=False, impl="auto")
+                       initial_state=None, return_final_state=False, seq_idx=None, impl="auto")
     y, new_state = selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                                           dt_softplus=False, impl="auto")
 
@@ -21,7 +21,7 @@ from .step_ref import selective_state_update_ref
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, impl="auto"):
+                   initial_state=None, return_final_state=False, seq_idx=None, impl="auto"):
     """Selective scan (Mamba-1 S6):
 
         dt = softplus(delta + delta_bias)  (or delta + delta_bias),
@@ -31,12 +31,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (b, l, d); B, C: (b, l, n) or (b, l, g, n) with d % g == 0; A: (d, n) fp32;
     D, delta_bias: (d,); initial_state: (b, d, n). Returns y (u's dtype), or (y, h_last (b, d, n)
     fp32) with ``return_final_state``. Differentiable in every tensor input.
+
+    Packed documents: ``seq_idx`` (b, l) int32 or int64, non-decreasing along each row (the
+    caller's promise, not checked). Where it changes (t > 0, seq_idx[t] != seq_idx[t-1]) a
+    document starts: exp(dt_t A) is replaced by 0 there, so each document starts from a zero
+    state and ``initial_state`` reaches the first document only; h_last is the state after the
+    last token. seq_idx gets no gradient.
     """
     dims = check_selective_scan_args("selective_scan", u, delta, A, B, C, D, z, delta_bias,
-                                     initial_state)
+                                     initial_state, seq_idx)
     which = resolve("selective_scan", impl, u)
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              initial_state=initial_state, return_final_state=return_final_state)
+              initial_state=initial_state, return_final_state=return_final_state,
+              seq_idx=seq_idx)
     if which == "triton":
         from .triton_scan import run_selective_scan_triton
 

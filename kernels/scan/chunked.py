@@ -20,6 +20,12 @@ Backward (adjoint method). With g_t = dL/dh_t:
 Chunks are visited last to first: each recomputes its states from its saved starting state,
 runs the adjoint recurrence backwards over the chunk, and hands dA g on to the chunk before it.
 
+Packed documents (seq_idx): where a document starts (t > 0, seq_idx[t] != seq_idx[t-1]) the
+decay dA_t is set to 0 as it is built, in forward and in backward's recompute. Everything else
+follows from it: the state restarts there, the adjoint does not pass from t to t-1
+(g_{t-1} gets dA_t g_t = 0), W_t = 0 (no gradient through exp(dt_t A) at that token), and a
+chunk that starts with a document hands nothing on to the chunk before it.
+
 Grouped B, C (batch, seqlen, ngroups, dstate): channel i uses group i // (dim // ngroups).
 """
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .._utils import check_selective_scan_args, compute_dtype
+from .._utils import check_selective_scan_args, compute_dtype, doc_starts
 
 DEFAULT_CHUNK_SIZE = None  # None: auto_chunk_size(); see there for the measurements behind it
 CHUNK_ELEMENTS = 1 << 18  # per-chunk buffer size of the auto choice: 1 MiB in float32
@@ -64,7 +70,7 @@ def _from_time_major_groups(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor
 class _Prepared:
     """Time-major float copies of the inputs, shared by forward and backward."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, softplus, ct):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, softplus, ct, seq_idx=None):
         b, l, d = u.shape
         self.b, self.l, self.d, self.n = b, l, d, A.shape[1]
         self.u = _time_major(u, ct)  # (l, b, d)
@@ -80,6 +86,9 @@ class _Prepared:
         self.At_log2e = self.At * _LOG2E  # exp(x A) = exp2(x A log2(e)), exp2 is cheaper
         self.D = D.to(ct) if D is not None else None
         self.z = _time_major(z, ct) if z is not None else None
+        # (l, b, 1, 1) bool, True where a document starts (its decay is 0); None: one document
+        self.new_doc = (doc_starts(seq_idx).t().contiguous()[:, :, None, None]
+                        if seq_idx is not None else None)
 
 
 def _sum_over_n(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -112,6 +121,8 @@ def _states(P: _Prepared, s: int, e: int, h0: torch.Tensor, dA_buf, h_buf):
     dA = dA_buf[:T]
     torch.mul(P.dt[s:e].unsqueeze(2), P.At_log2e, out=dA)
     torch.exp2(dA, out=dA)
+    if P.new_doc is not None:
+        dA.masked_fill_(P.new_doc[s:e], 0.0)
     H = _outer(P.dtu[s:e], P.B[s:e], h_buf[:T])
     Hs, dAs = H.unbind(0), dA.unbind(0)  # one call for all the step views
     Hs[0].addcmul_(dAs[0], h0)
@@ -128,10 +139,11 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk,
-                ct, return_final):
+                ct, return_final, seq_idx):
         with torch.autocast(u.device.type, enabled=False):  # our own precision rules
             return _ChunkedScan._forward(ctx, u, delta, A, B, C, D, z, delta_bias,
-                                         initial_state, softplus, chunk, ct, return_final)
+                                         initial_state, softplus, chunk, ct, return_final,
+                                         seq_idx)
 
     @staticmethod
     @once_differentiable
@@ -141,8 +153,8 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk,
-                 ct, return_final):
-        P = _Prepared(u, delta, A, B, C, D, z, delta_bias, softplus, ct)
+                 ct, return_final, seq_idx):
+        P = _Prepared(u, delta, A, B, C, D, z, delta_bias, softplus, ct, seq_idx)
         b, l, d, n = P.b, P.l, P.d, P.n
         T = max(1, min(chunk, l))
         dA_buf = u.new_empty((T, b, n, d), dtype=ct)
@@ -166,7 +178,7 @@ class _ChunkedScan(torch.autograd.Function):
             y_pre = y.clone()
             y.mul_(F.silu(P.z))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                              torch.stack(starts) if starts else h.unsqueeze(0), y_pre)
+                              torch.stack(starts) if starts else h.unsqueeze(0), y_pre, seq_idx)
         ctx.cfg = (softplus, T, ct)
         y = y.transpose(0, 1).to(u.dtype).contiguous()
         if return_final:
@@ -175,9 +187,10 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout, dh_last):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, starts, y_pre = ctx.saved_tensors
+        (u, delta, A, B, C, D, z, delta_bias, initial_state, starts, y_pre,
+         seq_idx) = ctx.saved_tensors
         softplus, T, ct = ctx.cfg
-        P = _Prepared(u, delta, A, B, C, D, z, delta_bias, softplus, ct)
+        P = _Prepared(u, delta, A, B, C, D, z, delta_bias, softplus, ct, seq_idx)
         b, l, d, n = P.b, P.l, P.d, P.n
         gB = P.B.shape[-1]
 
@@ -252,7 +265,7 @@ class _ChunkedScan(torch.autograd.Function):
             else None,
             q.transpose(1, 2).to(initial_state.dtype) if initial_state is not None and need[8]
             else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -269,15 +282,17 @@ def selective_scan_chunked(
     initial_state=None,
     return_final_state=False,
     chunk_size=DEFAULT_CHUNK_SIZE,
+    seq_idx=None,
 ):
     """Selective scan with the contract of ``selective_scan_ref``, computed chunk by chunk with
     a hand-written backward (see the module docstring). Float32 compute (float64 when an input
     is float64); returns y in u's dtype, or (y, h_last (b, d, n)) in the compute dtype with
     ``return_final_state``. ``chunk_size`` (None: ``auto_chunk_size``) trades the per-chunk
     op count (small chunks) against cache misses and buffer size (large chunks); it does not
-    change the result beyond rounding."""
+    change the result beyond rounding. ``seq_idx`` (b, l) integer: packed documents (each
+    starts from a zero state; see the module docstring)."""
     check_selective_scan_args(
-        "selective_scan_chunked", u, delta, A, B, C, D, z, delta_bias, initial_state
+        "selective_scan_chunked", u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx
     )
     if chunk_size is None:
         chunk_size = auto_chunk_size(u.shape[0], u.shape[2], A.shape[1], u.shape[1])
@@ -287,4 +302,5 @@ def selective_scan_chunked(
         )
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                              bool(delta_softplus), chunk_size, ct, bool(return_final_state))
+                              bool(delta_softplus), chunk_size, ct, bool(return_final_state),
+                              seq_idx)

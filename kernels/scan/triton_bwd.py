@@ -27,6 +27,13 @@ the adjoint too (no second exp2, no shifted reload of delta). The carry between 
 a_T gh_T (T the chunk's first step), folded into the last step of the chunk before it; it starts
 at the segment's end as a_T times the folded adjoint, and in segment 0 it ends as g(initial_state).
 
+Packed documents (HAS_SEQ_IDX): a_t = 0 at the steps that start a document (as in the
+forward), in the recompute and therefore in the adjoint: gh_{t-1} gets no a_t gh_t from across
+the start, and ga_t = gh_t a_t h_{t-1} = 0 there (no gradient through exp(dt_t A) to dt or A).
+The carry entering a segment from its end is cut the same way: a piece flagged by the carry pass
+(a document starts inside it, after its first step or at the step after it) has decay 0, and
+a_T = 0 when the step T after the segment starts a document.
+
 Reductions across programs: gB and gC are written as float32 partials per dim block,
 (n_dblocks, batch, seqlen, dstate), summed by the host (deterministic), or with BC_ATOMIC
 atomically added into float32 (batch, seqlen, groups, dstate) (for big dstate, where the
@@ -38,8 +45,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import (_delta_to_dt, _linrec_combine, _load_params, _softplus,
-                                        _tile_index)
+from .triton_fwd import (_delta_to_dt, _doc_start, _linrec_combine, _load_params, _softplus,
+                         _tile_index)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -57,7 +64,7 @@ def _shifted_combine(f1, p1, v1, f2, p2, v2):
 @triton.jit(do_not_specialize=["SEG_CH", "M"])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
-    dhlast_ptr, ypre_ptr, loc_ptr, dtsum_ptr,
+    dhlast_ptr, ypre_ptr, loc_ptr, dtsum_ptr, seq_ptr, rst_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
     scratch_ptr,
     L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg, SEG_CH, M,
@@ -67,11 +74,12 @@ def _scan_bwd_kernel(
     s_B_b, s_B_l, s_B_g, s_B_n,
     s_C_b, s_C_l, s_C_g, s_C_n,
     s_g_b, s_g_l, s_g_d,
+    s_q_b, s_q_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DHLAST: tl.constexpr, STORE_DH0: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
     CK_R: tl.constexpr, BC_ATOMIC: tl.constexpr, UNIT_LD: tl.constexpr, UNIT_Z: tl.constexpr,
-    DZ_LIKE_Z: tl.constexpr,
+    DZ_LIKE_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -97,12 +105,16 @@ def _scan_bwd_kernel(
     # The adjoint entering this segment from its end: fold the carries of the later segments'
     # M pieces each (selective_scan_triton_bwd_carry.py), last first:
     # gh at a piece start = loc + exp(A sum dt) * gh at the next piece's start
+    # (+ loc alone when a document starts inside the piece or at the next piece's start)
     n_slot = (n_split - 1) * M
     for k in range(0, (n_split - 1 - pid_s) * M):
         slot = pid_b * n_slot + (n_slot - 1 - k)
         loc = tl.load(loc_ptr + slot * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
         dts = tl.load(dtsum_ptr + slot * DIM + offs_d, mask=mask_d, other=0.0)
-        G = loc + tl.exp2(dts[None, :, None] * A) * G
+        decay = tl.exp2(dts[None, :, None] * A)
+        if HAS_SEQ_IDX:
+            decay = tl.where(tl.load(rst_ptr + slot) != 0, 0.0, decay)
+        G = loc + decay * G
     # From here on G carries a_T gh_T, T = the step after this segment (a_T = 1 at the end)
     T_end = c_hi.to(tl.int64) * BLOCK_T
     m_T = mask_d & ((T_end + offs_d * 0) < L)
@@ -110,6 +122,9 @@ def _scan_bwd_kernel(
                   mask=m_T, other=0.0).to(tl.float32)
     dlT = _delta_to_dt(dlT, bias, m_T, HAS_BIAS, SOFTPLUS)
     G = tl.exp2(dlT[None, :, None] * A) * G
+    if HAS_SEQ_IDX:  # a_T = 0 when step T starts a document
+        seq_b = seq_ptr + pid_b * s_q_b
+        G = tl.where(_doc_start(seq_b, T_end, 0, L, s_q_l), 0.0, G)
 
     # Addresses: scalar bases at the segment's last chunk, stepped one chunk back every
     # iteration, plus int32 in-chunk offset tiles computed once (64-bit pointer tiles for every
@@ -175,6 +190,8 @@ def _scan_bwd_kernel(
     if HAS_Z:
         z_n = tl.load(z_p + off_z, mask=mask_td, other=0.0)
         yq_n = tl.load(ypre_ptr + o_b + off_o, mask=mask_td, other=0.0)
+    if HAS_SEQ_IDX:  # the steps that start a document (a = 0 there)
+        new_n = _doc_start(seq_b, t0 + offs_t, 0, L, s_q_l)
     if CK_R == 1:  # a checkpoint at every chunk start: no recompute pass, no scratch
         h0_n = tl.load(ck_b + (c_hi - 1).to(tl.int64) * DIM * NSTATE + state_off, mask=mask_s,
                        other=0.0)
@@ -206,6 +223,9 @@ def _scan_bwd_kernel(
                                  + nb * s_B_n, mask=m_p, other=0.0).to(tl.float32)
                     dq = _delta_to_dt(dq, bias, m_td, HAS_BIAS, SOFTPLUS)
                     aq = tl.exp2(dq[:, None, :, None] * A[None])
+                    if HAS_SEQ_IDX:
+                        nq = _doc_start(seq_b, tq + offs_t, 0, L, s_q_l)
+                        aq = tl.where(nq[:, None, None, None], 0.0, aq)
                     bq = (dq * uq)[:, None, :, None] * Bq[:, :, None, :]
                     bq = tl.where(first, bq + aq * h[None], bq)
                     _, hq = tl.associative_scan((aq, bq), 0, _linrec_combine)
@@ -225,6 +245,8 @@ def _scan_bwd_kernel(
         if HAS_Z:
             zz = z_n.to(tl.float32)
             y = yq_n.to(tl.float32)  # y before the gate, saved by the forward
+        if HAS_SEQ_IDX:
+            new_doc = new_n
 
         # prefetch chunk k + 1 (= the previous time chunk; all masked after the segment's first)
         u_p -= BLOCK_T * s_u_l
@@ -244,6 +266,8 @@ def _scan_bwd_kernel(
             z_p -= BLOCK_T * s_z_l
             z_n = tl.load(z_p + off_z, mask=pre_td, other=0.0)
             yq_n = tl.load(ypre_ptr + (o_b - BLOCK_T * DIM) + off_o, mask=pre_td, other=0.0)
+        if HAS_SEQ_IDX:
+            new_n = _doc_start(seq_b, t0 - BLOCK_T + offs_t, T_lo, L, s_q_l)
         if CK_R == 1:
             h0_n = tl.load(ck_b + (c - 1).to(tl.int64) * DIM * NSTATE + state_off,
                            mask=mask_s & ((d3 * 0 + c) > c_lo), other=0.0)
@@ -263,6 +287,8 @@ def _scan_bwd_kernel(
         # recompute the states of this chunk
         dtu = dt * u
         a = tl.exp2(dt[:, None, :, None] * A[None])
+        if HAS_SEQ_IDX:  # a document starts: a = 0 cuts the state and the adjoint there
+            a = tl.where(new_doc[:, None, None, None], 0.0, a)
         bx = dtu[:, None, :, None] * Bt
         _, hs = tl.associative_scan((a, tl.where(first, bx + a * h0[None], bx)), 0,
                                     _linrec_combine)

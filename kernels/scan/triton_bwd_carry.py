@@ -16,6 +16,11 @@ blocks, (S - 1) M). It reads only delta, z, C and the output gradient: no state 
 gradient outputs. The main backward kernel then folds the pieces after its segment, last first,
 into the adjoint entering its segment from its end, so every segment runs in parallel.
 
+Packed documents (HAS_SEQ_IDX): a_k = 0 at the steps k that start a document, so the adjoint
+does not cross them: loc stops at the first document start after lo, and P = 0 when a document
+starts at any k in [lo + 1, hi] (inside the piece after its first step, or at the step after
+it). The kernel writes that as a flag per (batch, piece), ``rst`` (batch, (S - 1) M) int32.
+
 Each program walks its piece's chunks in reverse with the main kernel's reverse
 ``tl.associative_scan`` over (a_{t+1}, gy_t C_t), the carry folded into the chunk's last step;
 rows past the piece end get gy = 0 and a = 1, so they pass the (zero) carry through.
@@ -25,20 +30,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import (_carry_piece, _delta_to_dt, _linrec_combine, _load_params,
-                                        _tile_index)
+from .triton_fwd import (_carry_piece, _delta_to_dt, _doc_start, _linrec_combine,
+                         _load_params, _tile_index)
 
 
 # the split sizes vary with S: no recompile for each value
 @triton.jit(do_not_specialize=["SEG_LEN", "SUB_LEN", "M"])
 def _scan_bwd_carry_kernel(
-    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, loc_ptr, dtsum_ptr,
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, seq_ptr, loc_ptr, dtsum_ptr, rst_ptr,
     L, DIM, NSTATE, DPG_C, SEG_LEN, SUB_LEN, M,
     s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
     s_C_b, s_C_l, s_C_g, s_C_n,
     s_g_b, s_g_l, s_g_d,
+    s_q_b, s_q_l,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -72,6 +79,12 @@ def _scan_bwd_carry_kernel(
     C_n = tl.load(C_p, mask=m_p, other=0.0)
     if HAS_Z:
         z_n = tl.load(z_p, mask=m_td, other=0.0)
+    # document starts at the steps t + 1 of rows t in [lo, hi) (a_{t+1} = 0 there)
+    if HAS_SEQ_IDX:
+        seq_b = seq_ptr + pid_b * s_q_b
+        q_hi = tl.minimum(hi + 1, L)
+        new_n = _doc_start(seq_b, t_last + 1 + offs_t, lo + 1, q_hi, s_q_l)
+        new_acc = tl.zeros((BLOCK_T,), dtype=tl.int32)  # any document start, per row
 
     for k in range(0, n_ch):
         t0 = t_last - k * BLOCK_T
@@ -83,6 +96,8 @@ def _scan_bwd_carry_kernel(
         Ct = C_n.to(tl.float32)[:, :, None, :]
         if HAS_Z:
             zz = z_n.to(tl.float32)
+        if HAS_SEQ_IDX:
+            new_doc = new_n
         # prefetch the previous chunk (all masked before the piece start)
         dt_p -= BLOCK_T * s_dt_l
         g_p -= BLOCK_T * s_g_l
@@ -95,6 +110,8 @@ def _scan_bwd_carry_kernel(
         if HAS_Z:
             z_p -= BLOCK_T * s_z_l
             z_n = tl.load(z_p, mask=pre_td, other=0.0)
+        if HAS_SEQ_IDX:
+            new_n = _doc_start(seq_b, rows - BLOCK_T + 1, lo + 1, q_hi, s_q_l)
 
         if HAS_Z:
             gy = gout * zz / (1.0 + tl.exp(-zz))
@@ -104,6 +121,9 @@ def _scan_bwd_carry_kernel(
         dtn = _delta_to_dt(dln, bias, m_t1d, HAS_BIAS, SOFTPLUS)
         dts_acc += dtn
         an = tl.exp2(dtn[:, None, :, None] * A[None])
+        if HAS_SEQ_IDX:  # a document starts at t + 1: the adjoint stops there
+            an = tl.where(new_doc[:, None, None, None], 0.0, an)
+            new_acc = tl.maximum(new_acc, new_doc.to(tl.int32))
         cc = gy[:, None, :, None] * Ct  # 0 past the piece end (masked loads)
         _, gh = tl.associative_scan((an, tl.where(last, cc + an * G[None], cc)), 0,
                                     _linrec_combine, reverse=True)
@@ -112,3 +132,5 @@ def _scan_bwd_carry_kernel(
     base = pid_b * n_slot + slot
     tl.store(loc_ptr + base * DIM * NSTATE + state_off, G, mask=mask_s)
     tl.store(dtsum_ptr + base * DIM + offs_d, tl.sum(dts_acc, axis=0), mask=mask_d)
+    if HAS_SEQ_IDX:  # the same flag in every dim block: the first one writes it
+        tl.store(rst_ptr + base, tl.max(new_acc, axis=0), mask=pid_d == 0)

@@ -25,6 +25,12 @@ folded into the first step (b_0 += a_0 h), so only the b half of the scan is use
 carry is the last row. Steps past the sequence end get a = 1, b = 0 (the carry passes through);
 padded states (n >= dstate) and channels (d >= dim) stay zero.
 
+Packed documents (HAS_SEQ_IDX, seq_idx (batch, seqlen) integer): at a step t that starts a
+document (t > 0, seq_idx[t] != seq_idx[t-1]) a_t = 0, so h_t = b_t: the state restarts from zero
+there and the carry, initial_state included, does not cross it. A carry-pass piece that contains
+such a step has total decay 0 (its flag in ``rst``): the state before the piece does not enter.
+Without seq_idx none of this is compiled in.
+
 When gradients are needed the kernel also writes the state entering every CK_R-th chunk,
 ``ckpt`` (batch, n_seg, dim, dstate) float32, from which the backward kernel recomputes the
 states (the host picks CK_R so that this stays within a few floats per (b, l, d) element,
@@ -100,6 +106,17 @@ def _carry_piece(seg, slot, M, SEG_LEN, SUB_LEN, L, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _doc_start(seq_base, t, lo, hi, s_q_l):
+    """Packed documents: True at the steps t (any int tensor) in [lo, hi) that start a document,
+    t > 0 with seq_idx[t] != seq_idx[t-1] (seq_base: this batch row of seq_idx); False elsewhere.
+    There the decay a_t is 0."""
+    m = (t >= lo) & (t >= 1) & (t < hi)
+    cur = tl.load(seq_base + t * s_q_l, mask=m, other=0)
+    prev = tl.load(seq_base + (t - 1) * s_q_l, mask=m, other=0)
+    return m & (cur != prev)
+
+
+@triton.jit
 def _delta_to_dt(delta, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """dt = softplus(delta + bias) (each step optional; bias (dim,) broadcasts along time), 0 off
     mask: there a = 1, b = 0, so the carry passes through."""
@@ -114,7 +131,7 @@ def _delta_to_dt(delta, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constex
 @triton.jit(do_not_specialize=["SEG_CH", "M"])
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, loc_ptr, dtsum_ptr,
-    y_ptr, hlast_ptr, ckpt_ptr, ypre_ptr,
+    seq_ptr, rst_ptr, y_ptr, hlast_ptr, ckpt_ptr, ypre_ptr,
     L, DIM, NSTATE, DPG_B, DPG_C, n_chunks, n_seg, SEG_CH, M,
     s_u_b, s_u_l, s_u_d,
     s_dt_b, s_dt_l, s_dt_d,
@@ -122,9 +139,11 @@ def _scan_fwd_kernel(
     s_B_b, s_B_l, s_B_g, s_B_n,
     s_C_b, s_C_l, s_C_g, s_C_n,
     s_y_b, s_y_l, s_y_d,
+    s_q_b, s_q_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STORE_HLAST: tl.constexpr,
     STORE_CKPT: tl.constexpr, CK_R: tl.constexpr, STORE_YPRE: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -150,12 +169,16 @@ def _scan_fwd_kernel(
         h = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     # the state entering this segment: fold the earlier segments' M pieces each, first to last
     # (selective_scan_triton_fwd_carry.py): h at a piece end = loc + exp(A sum dt) * h before it
+    # (+ loc alone when a document starts inside the piece)
     n_slot = (n_split - 1) * M
     for k in range(0, pid_s * M):
         slot = pid_b * n_slot + k
         loc = tl.load(loc_ptr + slot * DIM * NSTATE + state_off, mask=mask_s, other=0.0)
         dts = tl.load(dtsum_ptr + slot * DIM + offs_d, mask=mask_d, other=0.0)
-        h = loc + tl.exp2(dts[None, :, None] * A) * h
+        decay = tl.exp2(dts[None, :, None] * A)
+        if HAS_SEQ_IDX:
+            decay = tl.where(tl.load(rst_ptr + slot) != 0, 0.0, decay)
+        h = loc + decay * h
 
     tt = T_lo + offs_t[:, None]
     u_p = u_ptr + pid_b * s_u_b + tt * s_u_l + offs_d[None, :] * s_u_d
@@ -177,6 +200,9 @@ def _scan_fwd_kernel(
     C_n = tl.load(C_p, mask=mask_tn, other=0.0)
     if HAS_Z:
         z_n = tl.load(z_p, mask=mask_td, other=0.0)
+    if HAS_SEQ_IDX:  # the steps that start a document (a = 0 there)
+        seq_b = seq_ptr + pid_b * s_q_b
+        new_n = _doc_start(seq_b, T_lo + offs_t, 0, L, s_q_l)
     for c in range(c_lo, c_hi):
         if STORE_CKPT:  # the state entering every CK_R-th chunk (a segment start); a
             # predicated store rather than a branch keeps the loop body straight-line
@@ -190,6 +216,8 @@ def _scan_fwd_kernel(
         Ct = C_n.to(tl.float32)[:, :, None, :]
         if HAS_Z:
             zz = z_n.to(tl.float32)
+        if HAS_SEQ_IDX:
+            new_doc = new_n
         # prefetch chunk c + 1 (fully masked after the last chunk: no memory traffic)
         u_p += BLOCK_T * s_u_l
         dt_p += BLOCK_T * s_dt_l
@@ -204,10 +232,14 @@ def _scan_fwd_kernel(
         if HAS_Z:
             z_p += BLOCK_T * s_z_l
             z_n = tl.load(z_p, mask=mask_nd, other=0.0)
+        if HAS_SEQ_IDX:
+            new_n = _doc_start(seq_b, t0 + BLOCK_T + offs_t, 0, T_hi, s_q_l)
 
         dt = _delta_to_dt(dt, bias, mask_td, HAS_BIAS, SOFTPLUS)  # 0 past the end
         dt4 = dt[:, None, :, None]
         a = tl.exp2(dt4 * A[None])
+        if HAS_SEQ_IDX:  # a document starts: the state before it does not enter
+            a = tl.where(new_doc[:, None, None, None], 0.0, a)
         bx = (dt * u)[:, None, :, None] * Bt
         bx = tl.where(first, bx + a * h[None], bx)  # fold the carry into the first step
         _, hs = tl.associative_scan((a, bx), 0, _linrec_combine)

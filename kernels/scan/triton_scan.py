@@ -12,6 +12,12 @@ or (batch, seqlen, ngroups, dstate) with dim % ngroups == 0; A (dim, dstate); D,
 Returns y (u's dtype), or (y, h_last (batch, dim, dstate) float32) with ``return_final_state``.
 Every tensor input gets a gradient, h_last's included.
 
+Packed documents: ``seq_idx`` (batch, seqlen) integer, non-decreasing along each row; where it
+changes a document starts and the decay exp(dt_t A) there is 0 (the kernels' HAS_SEQ_IDX; the
+carry passes also flag the pieces that contain a document start, whose total decay is then 0).
+The kernels read seq_idx as given (int32 or int64, any strides); without it nothing of this is
+compiled in.
+
 Saved for backward (only when a gradient is wanted): the inputs, y before the silu(z) gate
 (batch, seqlen, dim) in u's dtype, and the float32 state every CK steps, (batch, seqlen / CK,
 dim, dstate), with CK chosen by ``_plan`` so that this is at most about 4 floats per (b, l, d)
@@ -155,9 +161,18 @@ def _resident_warps(kind, cfg):
 
 
 def _empty(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if POISON_OUTPUTS:  # NaN, or for integer buffers a nonzero value
+        fill = float("nan") if dtype.is_floating_point else 7
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _seq_args(seq_idx, dummy):
+    """The kernels' (seq_ptr, s_q_b, s_q_l) arguments: seq_idx and its strides, or a dummy
+    pointer (never read) and zeros."""
+    if seq_idx is None:
+        return dummy, 0, 0
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
 
 
 def _bc_strides(X: torch.Tensor):
@@ -196,7 +211,8 @@ def _plan(l, d, n, dpg_b, dpg_c, for_grad=True):
     return fwd, bwd, ck
 
 
-def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlast, want_ckpt):
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlast, want_ckpt,
+         seq_idx=None):
     b, l, d = u.shape
     n = A.shape[1]
     dpg_b, dpg_c = _groups(B, d), _groups(C, d)
@@ -213,21 +229,24 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlas
     zz = z if z is not None else u
     n_split, seg_ch = _split("fwd", b, l, d, n, dpg_b, dpg_c, dev, for_grad=want_ckpt)
     if n_split > 1:
-        m, loc, dtsum = _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_ch * bt)
+        m, loc, dtsum, rst = _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split,
+                                          seg_ch * bt, seq_idx)
     else:  # float32 stand-ins: the kernel compiled for S = 1 serves every S
         m, loc = 1, torch.empty(1, dtype=torch.float32, device=dev)
-        dtsum = loc
+        dtsum = rst = loc
     grid = (b, triton_cdiv(d, bd), n_split)
+    q, s_q_b, s_q_l = _seq_args(seq_idx, u)
     launch(_scan_fwd_kernel, grid, (
         u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, h0, loc, dtsum,
-        y, hlast, ckpt, ypre,
+        q, rst, y, hlast, ckpt, ypre,
         l, d, n, dpg_b, dpg_c, n_chunks, n_seg, seg_ch, m,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
-        *y.stride()), dict(
+        *y.stride(), s_q_b, s_q_l), dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_H0=initial_state is not None, STORE_HLAST=want_hlast,
         STORE_CKPT=want_ckpt, CK_R=ck // bt, STORE_YPRE=want_ckpt and z is not None,
+        HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no), num_warps=nw)
     return (y, (hlast if want_hlast else None), (ckpt if want_ckpt else None),
             (ypre if want_ckpt and z is not None else None))
@@ -345,53 +364,61 @@ def _carry_pieces(b, n_dblocks, nw, n_split, seg_len, device):
     return m
 
 
-def _carry_setup(kind, x, n, dpg, n_split, seg_len):
+def _carry_setup(kind, x, n, dpg, n_split, seg_len, seq_idx):
     """A carry pass's block shape (kind "fwd_carry" / "carry"), dim blocks, pieces per segment M
-    and its float32 outputs loc (b, (S - 1) M, d, n) and dtsum (b, (S - 1) M, d); x (b, l, d)."""
+    and its outputs: float32 loc (b, (S - 1) M, d, n) and dtsum (b, (S - 1) M, d), and with
+    seq_idx the int32 flags rst (b, (S - 1) M) of the pieces that contain a document start
+    (else loc, a stand-in never written); x (b, l, d)."""
     b, l, d = x.shape
     cfg = _config(kind, l, d, n, dpg, dpg)
     n_db = triton_cdiv(d, cfg[1])
     m = _carry_pieces(b, n_db, cfg[4], n_split, seg_len, x.device)
     loc = _empty((b, (n_split - 1) * m, d, n), torch.float32, x.device)
     dtsum = _empty((b, (n_split - 1) * m, d), torch.float32, x.device)
-    return cfg, n_db, m, loc, dtsum
+    rst = (_empty((b, (n_split - 1) * m), torch.int32, x.device) if seq_idx is not None
+           else loc)
+    return cfg, n_db, m, loc, dtsum, rst
 
 
-def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len):
-    """Carry pass of the split forward: M (pieces per segment) and float32 (loc (b, (S - 1) M,
-    d, n), dtsum (b, (S - 1) M, d)) for the M pieces of each segment 0 .. S - 2
-    (selective_scan_triton_fwd_carry.py)."""
+def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len, seq_idx=None):
+    """Carry pass of the split forward: M (pieces per segment), float32 (loc (b, (S - 1) M,
+    d, n), dtsum (b, (S - 1) M, d)) and the document-start flags rst (see _carry_setup) for
+    the M pieces of each segment 0 .. S - 2 (selective_scan_triton_fwd_carry.py)."""
     b, l, d = u.shape
     n = A.shape[1]
     dpg_b = _groups(B, d)
-    (bt, bd, ni, no, nw), n_db, m, loc, dtsum = _carry_setup("fwd_carry", u, n, dpg_b, n_split,
-                                                               seg_len)
+    (bt, bd, ni, no, nw), n_db, m, loc, dtsum, rst = _carry_setup(
+        "fwd_carry", u, n, dpg_b, n_split, seg_len, seq_idx)
+    q, s_q_b, s_q_l = _seq_args(seq_idx, u)
     launch(_scan_fwd_carry_kernel, (b, n_db, (n_split - 1) * m), (
-        u, delta, A, B, delta_bias if delta_bias is not None else u, loc, dtsum,
+        u, delta, A, B, delta_bias if delta_bias is not None else u, q, loc, dtsum, rst,
         l, d, n, dpg_b, seg_len, triton_cdiv(seg_len, m), m,
-        *u.stride(), *delta.stride(), *_bc_strides(B)), dict(
+        *u.stride(), *delta.stride(), *_bc_strides(B), s_q_b, s_q_l), dict(
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no), num_warps=nw)
-    return m, loc, dtsum
+    return m, loc, dtsum, rst
 
 
-def _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_len):
-    """Carry pass of the split backward: M (pieces per segment) and float32 (loc (b, (S - 1) M,
-    d, n), dtsum (b, (S - 1) M, d)), for the M pieces of each segment 1 .. S - 1
-    (selective_scan_triton_bwd_carry.py)."""
+def _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_len, seq_idx=None):
+    """Carry pass of the split backward: M (pieces per segment), float32 (loc (b, (S - 1) M,
+    d, n), dtsum (b, (S - 1) M, d)) and the document-start flags rst (see _carry_setup), for
+    the M pieces of each segment 1 .. S - 1 (selective_scan_triton_bwd_carry.py)."""
     b, l, d = delta.shape
     n = A.shape[1]
     dpg_c = _groups(C, d)
-    (bt, bd, ni, no, nw), n_db, m, loc, dtsum = _carry_setup("carry", delta, n, dpg_c, n_split,
-                                                               seg_len)
+    (bt, bd, ni, no, nw), n_db, m, loc, dtsum, rst = _carry_setup(
+        "carry", delta, n, dpg_c, n_split, seg_len, seq_idx)
     zz = z if z is not None else delta
+    q, s_q_b, s_q_l = _seq_args(seq_idx, delta)
     launch(_scan_bwd_carry_kernel, (b, n_db, (n_split - 1) * m), (
-        delta, A, C, zz, delta_bias if delta_bias is not None else delta, dout, loc, dtsum,
-        l, d, n, dpg_c, seg_len, triton_cdiv(seg_len, m), m,
-        *delta.stride(), *zz.stride(), *_bc_strides(C), *dout.stride()), dict(
+        delta, A, C, zz, delta_bias if delta_bias is not None else delta, dout, q, loc, dtsum,
+        rst, l, d, n, dpg_c, seg_len, triton_cdiv(seg_len, m), m,
+        *delta.stride(), *zz.stride(), *_bc_strides(C), *dout.stride(), s_q_b, s_q_l), dict(
         HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no), num_warps=nw)
-    return m, loc, dtsum
+    return m, loc, dtsum, rst
 
 
 def _dz_buffer(z, du):
@@ -411,7 +438,7 @@ def _dz_buffer(z, du):
 
 
 def _bwd(saved, softplus, has_h0, dout, dhlast):
-    u, delta, A, B, C, D, z, delta_bias, ckpt, ypre = saved
+    u, delta, A, B, C, D, z, delta_bias, ckpt, ypre, seq_idx = saved
     b, l, d = u.shape
     n = A.shape[1]
     dpg_b, dpg_c = _groups(B, d), _groups(C, d)
@@ -420,9 +447,10 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
     dev = u.device
     n_dblocks = triton_cdiv(d, bd)
     n_split, seg_ch = _bwd_split(b, l, d, n, dpg_b, dpg_c, dev)
-    m, loc, dtsum = 1, None, None
+    m, loc, dtsum, rst = 1, None, None, None
     if n_split > 1:
-        m, loc, dtsum = _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_ch * bt)
+        m, loc, dtsum, rst = _carries(delta, A, C, z, delta_bias, softplus, dout, n_split,
+                                      seg_ch * bt, seq_idx)
     du = _empty((b, l, d), u.dtype, dev)
     ddelta = _empty((b, l, d), delta.dtype, dev)
     dz, dz_like_z = _dz_buffer(z, du)
@@ -443,21 +471,24 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
     scratch = (torch.empty((b, n_dblocks, n_split, ck // bt, bd * ni * no), dtype=torch.float32,
                            device=dev) if ck > bt else dAp)
     zz = z if z is not None else u
+    q, s_q_b, s_q_l = _seq_args(seq_idx, u)
     launch(_scan_bwd_kernel, (b, n_dblocks, n_split), (
         u, delta, A, B, C, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, ckpt, dout,
         dhlast.float().contiguous() if dhlast is not None else dAp,
         ypre if ypre is not None else du,
         loc if n_split > 1 else dAp, dtsum if n_split > 1 else dAp,
+        q, rst if n_split > 1 else dAp,
         du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
         l, d, n, dpg_b, dpg_c, n_chunks, ckpt.shape[1], seg_ch, m,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
-        *dout.stride()), dict(
+        *dout.stride(), s_q_b, s_q_l), dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(softplus), HAS_DHLAST=dhlast is not None, STORE_DH0=has_h0,
         BLOCK_T=bt, BLOCK_D=bd, NI=ni, NO=no, CK_R=ck // bt, BC_ATOMIC=atomic,
         UNIT_LD=all(x.stride()[1:] == (d, 1) for x in (u, delta, dout)),
-        UNIT_Z=zz.stride()[1:] == (d, 1), DZ_LIKE_Z=dz_like_z),
+        UNIT_Z=zz.stride()[1:] == (d, 1), DZ_LIKE_Z=dz_like_z,
+        HAS_SEQ_IDX=seq_idx is not None),
         num_warps=nw, **_launch_opts("bwd"))
     dB = _reduce_bc(dBp, B, d, bd, atomic)
     dC = _reduce_bc(dCp, C, d, bd, atomic)
@@ -471,14 +502,14 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                return_final_state, need_grad):
+                return_final_state, need_grad, seq_idx):
         A = A.contiguous()
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         y, hlast, ckpt, ypre = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                    initial_state, return_final_state, need_grad)
+                                    initial_state, return_final_state, need_grad, seq_idx)
         if need_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, ypre)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, ypre, seq_idx)
             ctx.softplus = bool(delta_softplus)
             ctx.has_h0 = initial_state is not None
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
@@ -495,20 +526,22 @@ class _SelectiveScanTriton(torch.autograd.Function):
             saved, ctx.softplus, ctx.has_h0, dy.contiguous() if dy.stride(-1) != 1 else dy, dhlast)
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None, None, None
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                          delta_softplus=False, initial_state=None, return_final_state=False):
+                          delta_softplus=False, initial_state=None, return_final_state=False,
+                          seq_idx=None):
     """Selective scan on Triton (module docstring: contract, outputs, what backward saves)."""
     dims = check_selective_scan_args("selective_scan_triton", u, delta, A, B, C, D, z,
-                                     delta_bias, initial_state)
+                                     delta_bias, initial_state, seq_idx)
     return run_selective_scan_triton(dims, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                     initial_state, return_final_state)
+                                     initial_state, return_final_state, seq_idx)
 
 
 def run_selective_scan_triton(dims, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                              delta_softplus=False, initial_state=None, return_final_state=False):
+                              delta_softplus=False, initial_state=None, return_final_state=False,
+                              seq_idx=None):
     """``selective_scan_triton`` on arguments already checked (``dims``: what
     ``check_selective_scan_args`` returned for them); ``kernels.selective_scan`` calls this so
     that a call checks its arguments once."""
@@ -525,4 +558,4 @@ def run_selective_scan_triton(dims, u, delta, A, B, C, D=None, z=None, delta_bia
         t is not None and t.requires_grad
         for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                      initial_state, return_final_state, need_grad)
+                                      initial_state, return_final_state, need_grad, seq_idx)

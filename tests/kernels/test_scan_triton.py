@@ -310,12 +310,15 @@ from hybridseq.kernels.scan import (triton_bwd as bwd, triton_fwd as fwd,
                                triton_fwd_carry as fc)
 
 def build(kernel, bf16_ptrs, consts, num_warps=1):
-    sig = {}
-    for p in inspect.signature(kernel.fn).parameters:
-        sig[p] = ("constexpr" if p in consts else
-                  ("*bf16" if p in bf16_ptrs else "*fp32") if p.endswith("_ptr") else "i32")
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    for seq in (False, True):  # without and with packed documents (seq_idx int32)
+        c = dict(consts, HAS_SEQ_IDX=seq)
+        sig = {}
+        for p in inspect.signature(kernel.fn).parameters:
+            ptr = ("*i32" if p in ("seq_ptr", "rst_ptr") else
+                   "*bf16" if p in bf16_ptrs else "*fp32")
+            sig[p] = "constexpr" if p in c else (ptr if p.endswith("_ptr") else "i32")
+        src = ASTSource(fn=kernel, signature=sig, constexprs=c)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "ypre_ptr", "y_ptr", "du_ptr",
       "ddelta_ptr", "dz_ptr")

@@ -43,6 +43,7 @@ requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA device")
 # with QK-norm, moe and mlp, at d_model 16.
 MIXED_BLOCKS = {
     "M": {"kind": "mamba", "d_state": 4, "impl": "torch"},
+    "S": {"kind": "mamba2", "d_state": 4, "headdim": 8, "ngroups": 2, "chunk_size": 16, "impl": "torch"},
     "A": {"kind": "attention", "n_heads": 4},                                  # full, RoPE
     "W": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 5},   # sliding GQA
     "N": {"kind": "attention", "n_heads": 2, "window": 4, "rope_theta": None, "qk_norm": True},

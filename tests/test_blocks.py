@@ -24,8 +24,12 @@ SPECS = [
     ("attention", {"n_heads": 6, "n_kv_heads": 2, "head_dim": 6, "qk_norm": True, "bias": True,
                    "rope_theta": None}),
     ("attention", {"n_heads": 4, "n_kv_heads": 1, "window": 4}),
+    ("mamba2", {"d_state": 8, "headdim": 8, "chunk_size": 16, "impl": "torch"}),
+    ("mamba2", {"d_state": 4, "headdim": 6, "ngroups": 2, "rmsnorm": False, "impl": "torch",
+                "chunk_size": 16}),
     ("mlp", {}),
     ("mlp", {"activation": "gelu", "d_ff": 40, "bias": True}),
+    ("mlp", {"activation": "relu2", "d_ff": 40}),
     ("moe", {"n_experts": 4, "top_k": 2, "d_ff": 16}),
     ("moe", {"n_experts": 4, "top_k": 1, "d_ff": 16, "shared_experts": 1, "activation": "gelu"}),
 ]
@@ -307,7 +311,7 @@ def test_norms():
 
 
 def test_registry():
-    assert set(KINDS) == {"mamba", "attention", "moe", "mlp"}
+    assert set(KINDS) == {"mamba", "mamba2", "attention", "moe", "mlp"}
     for kind, cls in KINDS.items():
         assert cls.kind == kind
     blk = build_block("mlp", 8, {"kind": "mlp"}, layer_idx=2, n_layers=5)

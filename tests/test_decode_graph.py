@@ -52,7 +52,7 @@ def teacher_forced(model, ids, prompt_len, step_obj, max_seq_len=None):
 
 # windows 5 (W) and 4 (N): prompts shorter (1, 3) and longer (8, 11); 14 tokens wrap the rings
 @pytest.mark.parametrize("layout,prompt_len", [("M A W E F", 1), ("M A W E F", 8), ("W M N", 3),
-                                               ("W M N", 11)])
+                                               ("W M N", 11), ("S W A S", 1), ("S W A S", 9)])
 def test_one_token_steps_equal_full_forward(layout, prompt_len):
     model = make_model(layout)
     ids = torch.randint(0, V, (2, 14))
@@ -285,7 +285,7 @@ def test_memory_estimate_350m_suite_at_8192x64():
 @pytest.mark.gpu
 @torch.no_grad()
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "M A W N F M"),
-                                          (torch.bfloat16, "M A W N E F M")])
+                                          (torch.bfloat16, "M S A W N E F M")])
 def test_cuda_graph_equals_ordinary_decode(dtype, layout):
     model = make_model(layout).cuda().to(dtype)
     for layer in model.layers:

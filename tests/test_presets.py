@@ -16,7 +16,8 @@ from hybridseq.train.trainer import lm_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "layouts", "*.yaml")))
-NAMES = ["mamba", "transformer", "moe-mamba", "blackmamba", "jamba", "samba", "nemotron-h"]
+NAMES = ["mamba", "mamba2", "transformer", "moe-mamba", "blackmamba", "jamba", "samba", "nemotron-h",
+         "granite-4-h"]
 
 # Published (total, active) parameters for the commands in each file's comments, in order.
 PUBLISHED = {
@@ -26,6 +27,7 @@ PUBLISHED = {
     "jamba": [(52e9, 12e9)],
     "samba": [(421e6, 421e6), (1.3e9, 1.3e9)],
     "nemotron-h": [(8e9, 8e9)],
+    "mamba2": [(130e6, 130e6)],
 }
 
 

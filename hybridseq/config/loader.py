@@ -155,9 +155,13 @@ def _normalise(raw: dict, file) -> None:
             if symbol not in blocks:
                 blocks[symbol] = {"kind": kind}
             elif isinstance(blocks[symbol], Mapping) and blocks[symbol].get("kind") != kind:
-                fail(file, f"blocks.{symbol}.kind",
-                     f"{describe(blocks[symbol].get('kind'))} conflicts with the Megatron pattern",
-                     f"layout.megatron puts {kind} blocks under the symbol {symbol}")
+                # a declared kind may stand for the character if it claims it (M: mamba or mamba2)
+                declared = blocks[symbol].get("kind")
+                char = KINDS[kind].megatron
+                if not (isinstance(declared, str) and declared in KINDS and KINDS[declared].megatron == char):
+                    fail(file, f"blocks.{symbol}.kind",
+                         f"{describe(declared)} conflicts with the Megatron pattern",
+                         f"layout.megatron puts {kind} blocks under the symbol {symbol}")
         raw["blocks"] = blocks
 
 

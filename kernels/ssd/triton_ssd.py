@@ -76,12 +76,16 @@ from .triton_state import _ssd_state_bwd_kernel, _ssd_state_fwd_kernel
 # padded to a power of two (at least 16: the smallest tensor-core tile).
 TUNING: dict = {"state_fwd": None, "state_bwd": None, "scan_fwd": None, "col_bwd": None,
                 "row_bwd": None, "dt_bwd": None, "head_split": None, "fp32_dot": "ieee"}
-# Defaults: not yet swept on the GPU (see the module docstring of the benchmark).
+# Defaults: chosen from the sm_90 compiler's resource report at P64 N128 bf16 (triton 3.9: no
+# register spills in the forward and state kernels; the backward chunk kernels are the
+# register-heaviest: col (32, 8 warps) spills 136 bytes a thread against 424 for (64, 8) and
+# 1968 for (64, 4); row (64, 64, 8 warps) 80 bytes); not yet swept for time on the GPU
+# (scripts/bench_ssd_triton.py --sweep KEY does that).
 _DEFAULTS = {
     "state_fwd": (64, 64, 64, 4, 2),
     "state_bwd": (64, 64, 64, 4, 2),
     "scan_fwd": (64, 64, 64, 4, 2),
-    "col_bwd": (64, 8, 1),
+    "col_bwd": (32, 8, 1),
     "row_bwd": (64, 64, 8, 1),
     "dt_bwd": (16, 4),
 }

@@ -178,20 +178,51 @@ class HybridCache:
                 f"{path}: this cache was computed with other weights (same config, fingerprint "
                 f"{meta.get('weights_fingerprint')} vs {model.weights_fingerprint()}); pass "
                 "check_weights=False to load it anyway")
-        dtype = getattr(torch, meta["dtype"])
+        batch, max_len, offset, dtype = _checked_metadata(path, meta)
         device = device if device is not None else next(model.parameters()).device
-        cache = model.new_cache(int(meta["batch_size"]), int(meta["max_seq_len"]), device=device,
-                                dtype=dtype)
-        expected = cache.tensors()
-        if set(expected) != set(tensors):
-            missing = sorted(set(expected) - set(tensors))
-            extra = sorted(set(tensors) - set(expected))
+        # the shapes the metadata implies, on the meta device (nothing allocated), against the
+        # file's tensors: an edited max_seq_len or batch size is refused before any allocation
+        shapes = model.new_cache(batch, max_len, device="meta", dtype=dtype).tensors()
+        if set(shapes) != set(tensors):
+            missing = sorted(set(shapes) - set(tensors))
+            extra = sorted(set(tensors) - set(shapes))
             raise HybridSeqError(f"{path}: cache tensors do not match the model "
                                  f"(missing {missing[:4]}, unexpected {extra[:4]})")
         for name, t in tensors.items():
-            if tuple(t.shape) != tuple(expected[name].shape):
+            if tuple(t.shape) != tuple(shapes[name].shape):
                 raise HybridSeqError(f"{path}: {name} has shape {tuple(t.shape)}, the model "
-                                     f"expects {tuple(expected[name].shape)}")
+                                     f"expects {tuple(shapes[name].shape)} for the batch "
+                                     f"{batch} and max_seq_len {max_len} of its metadata")
+        cache = model.new_cache(batch, max_len, device=device, dtype=dtype)
+        expected = cache.tensors()
+        for name, t in tensors.items():
             expected[name].copy_(t)  # into the fresh cache's own buffers (dtype/device cast)
-        cache.seqlen_offset = int(meta["seqlen_offset"])
+        cache.seqlen_offset = offset
         return cache
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+MAX_SEQ_LEN = 1 << 24  # positions a cartridge may declare (16M tokens)
+
+
+def _checked_metadata(path: str, meta: dict) -> tuple[int, int, int, torch.dtype]:
+    """(batch_size, max_seq_len, seqlen_offset, dtype) from a cartridge's metadata, each checked:
+    the metadata is data from a file, never trusted to size an allocation unchecked."""
+    def integer(key: str, lo: int, hi: int) -> int:
+        raw = meta.get(key)
+        try:
+            v = int(str(raw), 10)
+        except (TypeError, ValueError):
+            raise HybridSeqError(f"{path}: metadata {key}={raw!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise HybridSeqError(f"{path}: metadata {key}={v} is out of range ({lo}..{hi})")
+        return v
+
+    batch = integer("batch_size", 1, 1 << 20)
+    max_len = integer("max_seq_len", 1, MAX_SEQ_LEN)
+    offset = integer("seqlen_offset", 0, 1 << 40)  # recurrent and ring caches decode past max_seq_len
+    name = meta.get("dtype")
+    if name not in _DTYPES:
+        raise HybridSeqError(f"{path}: metadata dtype={name!r} is not one of {', '.join(_DTYPES)}")
+    return batch, max_len, offset, _DTYPES[name]

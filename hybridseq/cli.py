@@ -192,17 +192,33 @@ def cmd_generate(args) -> int:
     if as_bytes:
         ids = list(args.prompt.encode("utf-8"))
     else:
-        try:
-            ids = [int(t) for t in args.prompt.replace(",", " ").split()]
-        except ValueError:
-            raise UsageError("hybridseq generate: this model is not byte-level: give --prompt as token ids, "
-                             "e.g. --prompt '3 1 4 1 5' (or --tokens bytes)") from None
+        words = args.prompt.replace(",", " ").split()
+        if not all(w.isascii() and w.isdigit() for w in words):
+            raise UsageError("hybridseq generate: this model is not byte-level: give --prompt as token ids "
+                             "(integers >= 0), e.g. --prompt '3 1 4 1 5' (or --tokens bytes)")
+        ids = [int(w) for w in words]
     if not ids:
         raise UsageError("hybridseq generate: --prompt is empty")
     vocab = getattr(model, "vocab_size_unpadded", None)  # padding rows are not tokens
     if vocab is not None and max(ids) >= vocab:
         raise UsageError(f"hybridseq generate: token id {max(ids)} is outside the vocabulary ({vocab})")
+    from .generate import check_sampling
+    from .model import memory_bytes
+
+    try:
+        check_sampling(args.temperature, args.top_k or None, args.top_p)
+    except HybridSeqError as e:
+        raise UsageError(f"hybridseq generate: {e}") from None
+    if args.max_new_tokens < 0:
+        raise UsageError(f"hybridseq generate: --max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = resolve_device(args.device)
+    # the cache for prompt + new tokens, by the closed form, before anything is allocated
+    need = model.state_bytes(len(ids) + args.max_new_tokens, dtype_bytes=4)
+    have = memory_bytes(device)
+    if have is not None and need > have // 2:
+        raise UsageError(f"hybridseq generate: --max-new-tokens {args.max_new_tokens} needs an inference "
+                         f"cache of {need / 2**30:,.1f} GiB, more than half of {device}'s "
+                         f"{have / 2**30:,.1f} GiB: ask for fewer tokens")
     model.to(device).eval()
     torch.manual_seed(args.seed)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)

@@ -25,6 +25,8 @@ runs outside the graph.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import HybridSeqError
@@ -35,8 +37,8 @@ AUTO_GRAPH_MIN_TOKENS = 8
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from logits (B, V). Returns (B,) int64."""
-    if temperature < 0:
-        raise HybridSeqError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise HybridSeqError(f"temperature must be a finite number >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -47,7 +49,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
+        if not 0 < top_p <= 1:  # (False for NaN as well)
             raise HybridSeqError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -57,6 +59,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
+    """The sampling arguments, checked before anything is computed (``sample_next``'s rules)."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise HybridSeqError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise HybridSeqError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise HybridSeqError(f"top_p must be in (0, 1], got {top_p}")
 
 
 @torch.no_grad()
@@ -73,6 +85,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
         raise HybridSeqError(f"prompt_ids must be (batch, length >= 1), got {tuple(prompt_ids.shape)}")
     if max_new_tokens < 0:
         raise HybridSeqError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     if cuda_graph not in (True, False, "auto", "static"):
         raise HybridSeqError(f"cuda_graph must be True, False, 'auto' or 'static', got {cuda_graph!r}")
     B, P = prompt_ids.shape

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,35 @@ def state_bytes(cfg, max_seq_len: int, dtype_bytes: int = 2) -> int:
     return int(sum(spec.state_bytes(c.model.d_model, max_seq_len, dtype_bytes) for _, spec in c.layers()))
 
 
+def memory_bytes(device=None) -> int | None:
+    """The memory of ``device`` in bytes (a CUDA device's total; the machine's RAM for the CPU),
+    or None when it cannot be read."""
+    device = torch.device(device) if device is not None else torch.empty(0).device
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[1])
+        except RuntimeError:
+            return None
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(cfg, device=None) -> None:
+    """Refuse, before anything is allocated, a model whose float32 weights alone exceed the
+    memory of the device it is built on (a typo such as ``d_model: 1000000``), naming the
+    sizes that drive it."""
+    c = _typed(cfg)
+    total, _ = param_counts(c)
+    need, have = 4 * total, memory_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(f"this model has {total:,} parameters: {need / 2**30:,.1f} GiB in float32, more "
+                          f"than this machine's {have / 2**30:,.1f} GiB (model.d_model={c.model.d_model}, "
+                          f"{len(c.stack)} sublayers, vocab {c.model.vocab_size}; check the sizes)",
+                          file=c.source, key="model.d_model")
+
+
 # ----------------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +197,7 @@ class HybridLM(nn.Module):
             raise ConfigError("the layout has no sublayers", key="layout")
         self.checkpointing = set(m.checkpointing)
         self.config_hash = _config_hash(cfg)
+        check_fits_in_memory(cfg)
 
         self.embed = nn.Embedding(self.vocab_size, d)
         self.layers = nn.ModuleList(

@@ -54,7 +54,7 @@ CASES = {
     "model key typo": ({"model": {"d_modle": 32}}, "model.d_modle", ["unknown key 'd_modle'", "did you mean 'd_model'?"]),
     "block key typo": ({"blocks": {"M": {"d_stat": 8}}}, "blocks.M.d_stat", ["unknown mamba key 'd_stat'", "did you mean 'd_state'?"]),
     "block key of other kind": ({"blocks": {"M": {"top_k": 2}}}, "blocks.M.top_k", ["unknown mamba key 'top_k'", "allowed: kind, d_state"]),
-    "block without kind": ({"blocks": {"M": {"kind": DELETE, "d_state": 8}}}, "blocks.M", ["missing 'kind'", "one of: mamba, attention, moe, mlp"]),
+    "block without kind": ({"blocks": {"M": {"kind": DELETE, "d_state": 8}}}, "blocks.M", ["missing 'kind'", "one of: mamba, mamba2, attention, moe, mlp"]),
     "kind typo": ({"blocks": {"M": {"kind": "mamab"}}}, "blocks.M.kind", ["unknown block kind 'mamab'", "did you mean 'mamba'?"]),
     "kind is a list": ({"blocks": {"M": {"kind": ["mamba"]}}}, "blocks.M.kind", ["unknown block kind ['mamba']"]),
     "block not a mapping": ({"blocks": {"M": "mamba"}}, "blocks.M", ["expected a mapping, got 'mamba'"]),

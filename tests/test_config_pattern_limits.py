@@ -4,6 +4,7 @@ and through `hybridseq show` (exit status 2, no traceback). Valid patterns at th
 parse."""
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+
+from hybridseq.config.loader import MAX_FILE_BYTES
 
 from hybridseq.cli import main
 from hybridseq.config.pattern import (MAX_COUNT_DIGITS, MAX_DEPTH, MAX_PATTERN_CHARS, MAX_SUBLAYERS,
@@ -49,6 +52,7 @@ HOSTILE = {
     "line break after '*'": ("M*\nE", "'*' needs a repeat count", 3),
     "10 MB pattern": ("M" * 10_000_000, "pattern too long (10000000 characters)", MAX_PATTERN_CHARS + 1),
     "10 MB of spaces": (" " * 10_000_000, "pattern too long", MAX_PATTERN_CHARS + 1),
+    "500 KB pattern": ("M" * 500_000, "pattern too long (500000 characters)", MAX_PATTERN_CHARS + 1),
     "one character too long": ("M" + " " * MAX_PATTERN_CHARS, "pattern too long", MAX_PATTERN_CHARS + 1),
     "100,000-letter word": ("x" * (MAX_PATTERN_CHARS - 1), "unknown symbol 'xxx", 1),
     "marks repeated (before)": ("(" + "|" * 90_000 + "M)*9999", "before the first block", 2),
@@ -126,6 +130,9 @@ def test_hostile_pattern_through_show(tmp_path, case):
     assert rc == 2, err[:500]
     assert "Traceback" not in err
     lines = err.splitlines()
+    if os.path.getsize(path) > MAX_FILE_BYTES:  # the file itself is refused before parsing
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: is ") and "MiB" in lines[0], err[:500]
+        return
     # one error line naming file, key and column; under it the pattern and the caret
     assert lines[0].startswith(f"error: {path}: key 'layout': "), err[:500]
     assert fragment in lines[0] and f" at column {column}" in lines[0], err[:500]
@@ -138,12 +145,18 @@ def test_hostile_pattern_through_show(tmp_path, case):
     (["M" + " " * 59_999, "E" + " " * 59_999], "layout[1]", "layout list too long", MAX_PATTERN_CHARS - 60_000 + 1),
     ({"megatron": "M-" * 5_000_000}, "layout.megatron", "pattern too long (10000000 characters)",
      MAX_PATTERN_CHARS + 1),
+    ({"megatron": "M-" * 150_000}, "layout.megatron", "pattern too long (300000 characters)",
+     MAX_PATTERN_CHARS + 1),
     ({"megatron": "M-\x1b*"}, "layout.megatron", "unexpected character U+001B in a Megatron pattern", 3),
 ])
 def test_hostile_list_and_megatron_through_show(tmp_path, layout, key, fragment, column):
-    rc, err, seconds = show(yaml_file(tmp_path, layout))
+    path = yaml_file(tmp_path, layout)
+    rc, err, seconds = show(path)
     assert seconds < FAST and rc == 2 and "Traceback" not in err, err[:500]
     lines = err.splitlines()
+    if os.path.getsize(path) > MAX_FILE_BYTES:  # the file itself is refused before parsing
+        assert len(lines) == 1 and "MiB" in lines[0], err[:500]
+        return
     assert lines[0].startswith(f"error: {tmp_path / 'hostile.yaml'}: key '{key}': "), err[:500]
     assert fragment in lines[0] and f" at column {column}" in lines[0], err[:500]
     element = layout["megatron"] if isinstance(layout, dict) else layout[int(key[-2])]

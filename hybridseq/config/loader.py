@@ -32,7 +32,8 @@ from .pattern import megatron_symbols_used, parse_layout, parse_layout_list, par
 from .schema import BLOCK_DEFAULTS, MODEL_DEFAULTS, TASK_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_DEFAULTS
 from .sections import Blocks, HybridConfig, ModelSpec, TrainSpec
 
-_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch: ASCII names only
+MAX_FILE_BYTES = 1 << 20  # a layout file is a few KB: anything past 1 MiB is not one
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +114,10 @@ def _read_source(source) -> tuple[dict, str | None, str]:
         raise ConfigError("no such file (give the path of a layout YAML file, e.g. layouts/mamba.yaml)", file=file)
     if path.is_dir():
         raise ConfigError("is a folder, not a YAML file", file=file)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(f"is {size / 2**20:.1f} MiB; a layout file is at most {MAX_FILE_BYTES >> 20} MiB "
+                          "(is this the right file?)", file=file)
     try:
         conf = OmegaConf.load(path)
     except yaml.YAMLError as e:
@@ -124,6 +129,8 @@ def _read_source(source) -> tuple[dict, str | None, str]:
         raise _interpolation_error(e, file, {}) from None
     except UnicodeDecodeError:
         raise ConfigError("not a text file (YAML must be UTF-8)", file=file) from None
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply (a layout file is a few levels deep)", file=file) from None
     if isinstance(conf, ListConfig):
         raise ConfigError("the top level is a list (a layout file is a mapping: name, model, blocks, layout, ...)", file=file)
     return OmegaConf.to_container(conf, resolve=False), file, path.stem
@@ -310,7 +317,7 @@ def _merge_defaults(raw: dict, file, default_name: str) -> dict:
 
 
 def _merge_block(symbol, spec, file) -> dict:
-    if not isinstance(symbol, str) or not _SYMBOL.match(symbol):
+    if not isinstance(symbol, str) or not _SYMBOL.fullmatch(symbol):
         fail(file, f"blocks.{symbol}", f"block symbol {describe(symbol)} is not a name",
              "letters, digits and '_', starting with a letter; quote YAML words such as on/off/yes/no")
     key = f"blocks.{symbol}"
@@ -428,4 +435,4 @@ def _finish(cfg: dict, file) -> HybridConfig:
     return HybridConfig(name=name, description=description, model=model, blocks=blocks,
                         layout=layout, train=train, stack=list(stack),
                         stage_starts=list(stage_starts), deepspeed=as_node(deepspeed),
-                        compare=as_node(compare), has_compare="compare" in cfg)
+                        compare=as_node(compare), has_compare="compare" in cfg, source=file)

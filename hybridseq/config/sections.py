@@ -128,6 +128,7 @@ class HybridConfig:
     deepspeed: Any = None
     compare: Any = field(default=None)
     has_compare: bool = field(default=False, repr=False)
+    source: str | None = field(default=None, repr=False, compare=False)  # the file it came from
 
     # --- reading -------------------------------------------------------------------------------
     @property

@@ -58,6 +58,13 @@ class TextTask(Task):
         if bins:
             if dtype not in DTYPES:
                 raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}", key="train.task.dtype")
+            item = np.dtype(DTYPES[dtype]).itemsize
+            for f in bins:
+                size = os.path.getsize(f)
+                if size == 0 or size % item:
+                    raise ConfigError(f"{f}: {size} bytes is not a whole number of {dtype} tokens "
+                                      f"({item} bytes each): set train.task.dtype to the file's, or "
+                                      "prepare the data again", key="train.task.dtype")
             arrays = [np.memmap(f, dtype=DTYPES[dtype], mode="r") for f in bins]
             self.vocab_size = int(max(self._max_id(a) for a in arrays if len(a))) + 1
             self.kind, names = "tokens", bins

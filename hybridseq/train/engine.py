@@ -62,6 +62,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise HybridSeqError(f"train.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HybridSeqError(f"train.device: {name!r} requested but CUDA is not available (use cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HybridSeqError(f"train.device: {name!r} requested but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise HybridSeqError(f"train.device: {name!r} requested but Apple's MPS backend is not available here "
+                             "(use cpu or auto)")
     return dev
 
 

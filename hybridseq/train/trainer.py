@@ -57,6 +57,18 @@ class NonFiniteError(HybridSeqError):
     """A non-finite loss or gradient stopped training (``train.on_nan``)."""
 
 
+@torch.no_grad()
+def _first_nonfinite_param(model) -> str | None:
+    """The first parameter holding a NaN or an inf (one host synchronisation for all of them)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.numel()]
+    if not params:
+        return None
+    flags = torch.stack([torch.isfinite(p).all() for _, p in params])
+    if bool(flags.all()):
+        return None
+    return params[int((~flags).nonzero()[0])][0]
+
+
 def _param_place(name: str | None) -> str | None:
     """'layers.3.block.in_proj.weight' -> 'layer 3 (block.in_proj.weight)'."""
     if not name:
@@ -124,6 +136,42 @@ def _to_dict(section) -> dict:
     return OmegaConf.to_container(section, resolve=True)
 
 
+def check_writable(folder: str) -> None:
+    """Make ``folder`` and write a probe file in it, before anything is built: an unwritable
+    ``--out`` is one line, not a traceback after minutes of setup."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise HybridSeqError(f"cannot write to the run folder {folder}: {e.strerror or e} "
+                             "(choose another with --out or train.out_dir)") from None
+
+
+def check_training_memory(cfg, batch_size: int, seq_len: int, device) -> None:
+    """Refuse, before the model is allocated, a run whose weights, gradients, AdamW states and
+    activations (``hybridseq plan``'s closed forms for one device) exceed the device's memory."""
+    from ..model import memory_bytes
+    from .plan import GIB, plan
+
+    have = memory_bytes(device)
+    if have is None:
+        return
+    prec = "bf16" if device.type == "cuda" else "fp32"
+    p = plan(cfg, gpus=1, zero=0, micro_batch=batch_size, seq_len=seq_len, precision=prec)
+    if p["total_gib"] * GIB > have:
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"this run needs about {p['total_gib']:,.1f} GiB on {device} (weights {p['params_gib']:,.1f}, "
+            f"gradients {p['grads_gib']:,.1f}, AdamW {p['optimizer_gib']:,.1f}, activations "
+            f"{p['activations_gib']:,.1f} at batch {batch_size} x {seq_len}); it has "
+            f"{have / GIB:,.1f} GiB: lower train.batch_size or the model's sizes (hybridseq plan shows "
+            "the split)", file=getattr(cfg, "source", None), key="model.d_model")
+
+
 def default_out_dir(name: str | None) -> str:
     return os.path.join("runs", f"{name or 'run'}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
@@ -183,14 +231,17 @@ class Trainer:
             raise HybridSeqError(f"{self.out_dir} already holds checkpoints: continue it with --resume, "
                                  "or choose another output folder (--out)")
 
+        device = resolve_device(tc.get("device", "auto"))
         seed_everything(self.seed)
         # Data: one task per process, seeded per rank so ranks see different batches.
         self.task = make_task(tc["task"], seed=self.seed + 1000 * rank)
         if model is None:
+            check_training_memory(cfg, self.batch_size, int(self.task.seq_len), device)
+        check_writable(self.out_dir)
+        if model is None:
             from ..api import build_model
 
             model = build_model(cfg)
-        device = resolve_device(tc.get("device", "auto"))
         model.to(device)
         model.train()
         self.engine = (engine_factory or LocalEngine)(model, tc, cfg=cfg, device=device)
@@ -233,8 +284,24 @@ class Trainer:
         self.last_eval = dict(state.get("last_eval") or {})
 
     def save(self) -> str:
-        return self.engine.save_checkpoint(self.ckpt_root, self.step, self.client_state(),
-                                           keep_last=int(self.tc.get("keep_last") or 0))
+        """A checkpoint of this step. The weights are checked to be finite first (a non-finite
+        weight is never saved), and a full disk is named as such (the previous checkpoint stays
+        intact: saves are atomic)."""
+        import errno
+
+        bad = _first_nonfinite_param(self.model)
+        if bad is not None:
+            raise NonFiniteError(f"parameter {bad} is not finite at step {self.step}: not saving a "
+                                 "checkpoint (the last one stays the newest)")
+        try:
+            return self.engine.save_checkpoint(self.ckpt_root, self.step, self.client_state(),
+                                               keep_last=int(self.tc.get("keep_last") or 0))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HybridSeqError(f"no space left on the device of {self.ckpt_root} while saving step "
+                                     f"{self.step} (the previous checkpoint is intact): free space, lower "
+                                     "train.keep_last or train.save_every, or choose another --out") from None
+            raise
 
     def _write_config(self) -> None:
         if not self.engine.is_main:
@@ -293,17 +360,17 @@ class Trainer:
         # every rank agrees whether the loss is finite before anything is applied
         loss_ok = self.engine.all_finite(math.isfinite(loss) and math.isfinite(aux_sum))
         info = self.engine.step() if loss_ok else self.engine.skip_step()
-        self.step += 1
-        self.tokens_seen += tokens * self.engine.world_size
         if not loss_ok or info.get("skipped") or not math.isfinite(info.get("grad_norm", 0.0)):
-            self._non_finite(loss, info, inputs)
+            self._non_finite(loss, info, inputs, self.step + 1)
         else:
             self._nan_skips = 0
+        self.step += 1
+        self.tokens_seen += tokens * self.engine.world_size
         return {"step": self.step, "loss": loss, "aux_loss": aux_sum / self.grad_accum,
                 "acc": correct / max(1, scored), "correct": correct, "scored": scored,
                 "tokens": tokens * self.engine.world_size, **info}
 
-    def _non_finite(self, loss: float, info: dict, inputs) -> None:
+    def _non_finite(self, loss: float, info: dict, inputs, step: int) -> None:
         """A step whose loss or gradients were not finite: its update was not applied (the engines
         skip it), so the weights stay finite. ``train.on_nan: stop`` (default) raises here, before
         anything is saved, naming the first layer whose output (or gradient) went non-finite;
@@ -318,21 +385,21 @@ class Trainer:
         place = f": first non-finite at {where}" if where else ""
         on_nan, limit = self.tc.get("on_nan", "stop"), int(self.tc.get("nan_skip_limit") or 10)
         if info.get("cannot_skip"):
-            raise NonFiniteError(f"{what} at step {self.step}{place}; the update was not applied, and "
+            raise NonFiniteError(f"{what} at step {step}{place}; the update was not applied, and "
                                  "DeepSpeed cannot drop its accumulated gradients, so the run stops without "
                                  "saving (resume from the last checkpoint with a lower train.lr)")
         if applied:  # an engine that cannot skip (DeepSpeed) already applied it: stop now
-            raise NonFiniteError(f"{what} at step {self.step}{place}; the update was applied by DeepSpeed, "
+            raise NonFiniteError(f"{what} at step {step}{place}; the update was applied by DeepSpeed, "
                                  "so the run stops without saving (resume from the last checkpoint with a "
                                  "lower train.lr)")
         if on_nan == "stop" or self._nan_skips > limit:
             why = (f"{self._nan_skips} non-finite steps in a row (train.nan_skip_limit={limit})"
                    if on_nan == "skip" else "train.on_nan: stop")
-            raise NonFiniteError(f"{what} at step {self.step}{place}; the update was not applied and "
+            raise NonFiniteError(f"{what} at step {step}{place}; the update was not applied and "
                                  f"nothing was saved ({why}; lower train.lr, check the data, or set "
                                  "train.on_nan: skip)")
         if self.engine.is_main:
-            print(f"step {self.step}: {what}{place}; update skipped (train.on_nan: skip)", file=sys.stderr)
+            print(f"step {step}: {what}{place}; update skipped (train.on_nan: skip)", file=sys.stderr)
 
     # --- the loop -----------------------------------------------------------------------------
     STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")

@@ -9,25 +9,25 @@
 #    graph mode on CUDA);
 # 2. speed: `bench decode --suite 350m` (transformer-354M vs jamba-358M-total) at prompt 8192,
 #    batch 64, bf16: one prefill per layout (chunks of 1024, inference_mode, last logits only),
-#    then 4 + 32 greedy steps per mode: off (ordinary eager decode), graph[sdpa], graph[matmul]
-#    (the two decode-attention methods of the graphed step). The bench prints its memory
+#    then 4 + 32 greedy steps per mode: off (eager one-token forward) and graph (the same
+#    forward captured in a CUDA graph). The bench prints its memory
 #    estimate first and lowers the batch for both layouts if 64 would not fit.
 # Timeouts 28 (GPU tests) + 62 (bench) + 22 (other tests) s; a cut step says "timeout" and
 # the table still prints (rows that finished are read back from the bench's --progress lines).
 # CPU dry run of the plumbing: DECODE_SKIP_PYTEST=1 DECODE_BENCH_ARGS="layouts/transformer.yaml
 #   layouts/jamba.yaml --prompt 16 --batch 2 --new-tokens 2 --vocab 64 --cuda-graph static
-#   --decode-attn sdpa,matmul" bash scripts/final_decode.sh
+# " bash scripts/final_decode.sh
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_steps.sh"  # start_log, say, step
 start_log decode
 
-bench_args=${DECODE_BENCH_ARGS:---suite 350m --prompt 8192 --batch 64 --new-tokens 32 --warmup 4 --cuda-graph both --decode-attn sdpa,matmul}
+bench_args=${DECODE_BENCH_ARGS:---suite 350m --prompt 8192 --batch 64 --new-tokens 32 --warmup 4 --cuda-graph both}
 test_rc=skipped
 gpu_rc=skipped
 if [ -z "${DECODE_SKIP_PYTEST:-}" ]; then
   # the CUDA tests first: captured graph vs ordinary decode (fp32, bf16 + MoE), Triton kernels
   step pytest_gpu 28 python -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_decode_graph.py tests/test_generate.py tests/test_cache.py
+    tests/test_decode_graph.py tests/test_generate.py tests/test_cache.py tests/test_mamba2_block.py
   gpu_rc=$?
 fi
 
@@ -39,7 +39,7 @@ if [ -z "${DECODE_SKIP_PYTEST:-}" ]; then
   # then the rest (on this machine its bench tests run the graph mode on CUDA); last, so that a
   # slow compile here cannot cost the bench its time
   step pytest_rest 22 python -m pytest -q -p no:cacheprovider -m "not gpu" \
-    tests/test_decode_graph.py tests/test_generate.py tests/test_cache.py
+    tests/test_decode_graph.py tests/test_generate.py tests/test_cache.py tests/test_mamba2_block.py
   test_rc="gpu $gpu_rc, rest $?"
 fi
 test_summary=$(grep -E "[0-9]+ (passed|failed|skipped|error|errors|deselected).* in [0-9.]+s" "$log" \

@@ -4,7 +4,7 @@
 on every call (type, 16-byte alignment of each pointer, divisibility of each integer), builds a
 string key from it and looks the compiled kernel up. For our kernels of 40-60 arguments that
 costs about 37 us of host time per launch on the H100 machine's CPU, against 8 us for the
-compiled kernel's own launcher (measured 2026-11-22, triton 3.6). The Mamba block launches
+compiled kernel's own launcher (measured with triton 3.6). The Mamba block launches
 four such kernels per forward+backward, and a lone call waits on the host.
 
 ``launch(kernel, grid, args, constexprs, **options)`` keys a cache on what decides the

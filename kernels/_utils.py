@@ -69,7 +69,7 @@ class ScanDims:
 def check_selective_scan_args(
     fn, u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, seq_idx=None
 ) -> ScanDims:
-    """Validate the selective-scan arguments of DESIGN.md; return the sizes."""
+    """Validate the selective-scan arguments (the contract in docs/kernels.md); return the sizes."""
     check_tensor(fn, "u", u, (None, None, None), "(batch, seqlen, dim)")
     b, l, d = u.shape
     check_tensor(fn, "delta", delta, (b, l, d), f"(batch, seqlen, dim) = ({b}, {l}, {d}) like u")

@@ -1,6 +1,6 @@
 """Attention backends: TFLOP/s forward and forward+backward, per backend available here.
 
-Default shape: batch 4, 16 heads, seqlen 4096, head_dim 128, causal, bf16 (the issue's table).
+Default shape: batch 4, 16 heads, seqlen 4096, head_dim 128, causal, bf16 (the shape of BENCHMARKS.md's attention rows).
 Rows: ``auto`` (what an attention block with ``impl: auto`` runs, and which backend that is),
 ``sdpa`` (our priority: cuDNN first), the single SDPA kernels ``sdpa[cudnn]``,
 ``sdpa[flash]``, ``sdpa[efficient]``, ``flex`` (compiled), ``flash_attn`` (when installed), and

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import HybridSeqError
 
-DEFAULT_CONV = ["8x4096x2048x4"]  # batch x dim x seqlen x width (issue 3's anchor shape)
+DEFAULT_CONV = ["8x4096x2048x4"]  # batch x dim x seqlen x width (the anchor shape of BENCHMARKS.md)
 DEFAULT_DECODE = ["64x4096x16"]  # batch x dim x dstate
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -27,7 +27,7 @@ bench says so and measures every layout at the largest batch (a multiple of 8, o
 that fits all of them (``--no-fit-batch``: run anyway).
 
     hybridseq bench decode layouts/transformer.yaml layouts/jamba.yaml --prompt 8192 --batch 64
-    hybridseq bench decode --suite 350m      # the issue's comparison: ~350M transformer vs Jamba
+    hybridseq bench decode --suite 350m      # ~350M transformer vs Jamba-style hybrid
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ _JAMBA_TOTAL = ("jamba-358M-total", "layouts/jamba.yaml",
 _JAMBA_ACTIVE = ("jamba-358M-active", "layouts/jamba.yaml",
                  _JAMBA_350M + ["blocks.E.n_experts=4", "blocks.E.top_k=2"])
 SUITES = {
-    # the issue's pair: the same total parameter count (354M vs 358M)
+    # a pair with the same total parameter count (354M vs 358M)
     "350m": [_TRANSFORMER_350M, _JAMBA_TOTAL],
     # plus a hybrid with the same *active* parameters (496M total)
     "350m-all": [_TRANSFORMER_350M, _JAMBA_TOTAL, _JAMBA_ACTIVE],

@@ -21,8 +21,7 @@ falls from about 1.9 to 1.3-1.56 GHz, so a timing depends on what ran before it;
 timings see the same state as the row, and ``--preheat`` seconds of dense fwd+bwd (default 30 on
 CUDA: ``PREHEAT_S``) bring the GPU to its steady state before the first timing (after only a few
 seconds it is still heating, and the first row reads about 2% low). ``--no-bracket``: the mean
-of the first and last dense timings of the run instead (the method before 2026-11-22's fifth
-session). Forced routings keep
+of the first and last dense timings of the run instead. Forced routings keep
 the router's cost (its logits, softmax, losses) and replace only the chosen experts (weights =
 renormalised router probabilities).
 ``--variants`` times the grouped backend with other knobs (``mlp``/``act``/``layout``/``gemm``/
@@ -214,7 +213,7 @@ def _profile(fn, title, device) -> None:
 
 
 DENSE_ACTS = ("torch", "fused", "block", "block_fused")
-# default --preheat on CUDA. Measured on an H100 (2026-11-22, 8x2 rows, --back-to-back 8): after
+# default --preheat on CUDA. Measured on an H100 (8x2 rows, --back-to-back 8): after
 # 3 s the dense anchor still drifted from 10.55 to 10.9 ms over the first half minute and the first
 # MoE row read about 2% low (0.897-0.900 against 0.911-0.925 for the same code later in the run);
 # after 30 s the dense anchor stayed at 11.04-11.09 ms and every row read 0.920-0.933
@@ -224,8 +223,8 @@ PREHEAT_S = 30.0
 def _dense_fn(x, active_ff, act="torch"):
     """(dense forward closure, its parameters) of the dense SwiGLU anchor. act: ``torch`` one
     fused gate|up GEMM, F.silu(g) * u (autograd); ``fused`` the same GEMM, ``kernels.swiglu``
-    (Triton); ``block`` the shipped ``MLPBlock`` (since the fourth session the same math as
-    ``fused``: one gate|up ``nn.Linear``); ``block_fused`` the MLPBlock of the third session:
+    (Triton); ``block`` the shipped ``MLPBlock`` (the same math as ``fused``: one gate|up
+    ``nn.Linear``); ``block_fused`` an MLP with two projections on the same weights:
     separate gate and up GEMMs (on the two halves of the block's weight) and
     ``kernels.swiglu.silu_mul`` (Triton)."""
     from hybridseq.blocks.mlp import MLPBlock

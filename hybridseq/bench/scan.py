@@ -14,7 +14,7 @@ The backward is ``torch.autograd.grad`` of the output with respect to every inpu
 tensors, as inside a model, where u, delta and z come from other ops); ``--accumulate`` times
 ``out.backward()`` into the leaves' ``.grad`` instead, which adds one elementwise add per (b, l, d)
 gradient from the second call on (about 0.2 ms at B8 D2048 L2048 on an H100) to every
-implementation alike (the benches before 2026-11-22 17:40 UTC timed that way).
+implementation alike.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-DEFAULT_SHAPES = ["8x2048x2048x16", "2x4096x8192x16"]  # batch x dim x seqlen x dstate (issue 3)
+DEFAULT_SHAPES = ["8x2048x2048x16", "2x4096x8192x16"]  # batch x dim x seqlen x dstate (BENCHMARKS.md's scan shapes)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Sweep candidates: (BLOCK_T, BLOCK_D, NO, num_warps); lanes*warps cover BLOCK_D * NO / 32
 _SWEEP_FWD = [(8, 32, 2, 2), (4, 8, 4, 1), (4, 32, 2, 2), (8, 64, 2, 4), (16, 32, 4, 4),
@@ -37,7 +37,7 @@ _SWEEP_BWD = [(4, 16, 4, 1), (2, 16, 4, 1), (4, 8, 4, 1), (2, 16, 2, 1), (8, 8, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
-                        help="BxDxLxN (batch x dim x seqlen x dstate); default: the issue's table")
+                        help="BxDxLxN (batch x dim x seqlen x dstate); default: BENCHMARKS.md's two scan shapes")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     parser.add_argument("--impls", default="triton,torch,mamba_ssm",
                         help="comma list of triton, torch (chunked PyTorch), mamba_ssm")

@@ -16,7 +16,7 @@ For h (..., 2F), gate g = h[..., :F], up u = h[..., F:], s = sigmoid(g):
   projection: what ``blocks/mlp.py`` and the MoE's shared experts use.
 - ``silu_mul(g, u, impl)``: the same on separate gate and up tensors (saves g and u; the
   backward returns dg and du without a cat), for an MLP with two projections (``bench moe``'s
-  ``block_fused`` anchor, the MLP block before the fourth session).
+  ``block_fused`` anchor).
   ``silu_mul_ref(g, u)`` = F.silu(g) * u.
 """
 from __future__ import annotations

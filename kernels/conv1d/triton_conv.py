@@ -1,6 +1,6 @@
 """Triton causal depthwise conv1d (forward + backward) and its one-token decoding update.
 
-Same contract as ``causal_conv1d_ref.py`` (channel-last x (b, l, d), weight (d, w), bias (d,),
+Same contract as ``ref.py`` (channel-last x (b, l, d), weight (d, w), bias (d,),
 states (b, w-1, d) = the previous w-1 inputs, oldest first). Let ``xc`` be the state followed by x
 along time (index i = 0 .. l+w-2; ``xc[i] = initial_state[i]`` for i < w-1, else
 ``x[i - (w-1)]``). Then
@@ -26,14 +26,14 @@ PyTorch ops. Without seq_idx none of this is compiled in.
 
 Tiles are (rows of time) x (channels); channels are the contiguous axis, so every load is a
 coalesced row. The w shifted loads of one tile overlap and are served by L1/L2. Measured on an
-H100 (2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU, CUDA graphs): forward 0.0986 ms, a device copy of
-the same bytes 0.0909 (see ``_conv_fwd_kernel`` for what took it from 0.1036).
-An unmasked interior-tile path was tried and measured 5% slower (see ``_conv_fwd_kernel``); the
-forward tile can be pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS (``hybridseq bench conv --sweep``
-times candidates; none beat the autotuned default on the H100, 2026-11-22).
-A variant that walked a program's rows in order with the last w-1 input rows in registers (each
-input row loaded once instead of w times) measured slower on the H100 (0.129-0.149 ms against
-0.110 for the tile kernel, 2026-11-22) and was removed.
+H100 (bf16 B8 D4096 L2048 W4 + SiLU, CUDA graphs): forward 0.0986 ms, a device copy of
+the same bytes 0.0909 (``_conv_fwd_kernel`` gives what each of its choices is worth).
+There is no separate unmasked interior-tile path: one measured 5% slower (see
+``_conv_fwd_kernel``). The forward tile can be pinned with HYBRIDSEQ_CONV_FWD=BL,BD,WARPS
+(``hybridseq bench conv --sweep`` times candidates; none beat the autotuned default on the H100).
+The tiles load each input row w times rather than walking a program's rows in order with the
+last w-1 input rows in registers (each input row loaded once): that order measured slower on the
+H100 (0.129-0.149 ms against 0.110 for the tile kernel).
 
 ``causal_conv1d_fwd`` / ``causal_conv1d_bwd``: the kernels without autograd, for fused callers
 (the Mamba block's conv + projections node); the backward can write dx into a given strided
@@ -45,9 +45,8 @@ across the tile's rows with ``tl.gather`` (tiles overlap by w-1 rows), or, in th
 autotuned variant and for w > 4, recomputed at each of the w shifts. dweight/dbias are
 accumulated element-wise in registers over the whole chunk and reduced across rows once per
 program into fp32 partials (b * n_chunks, w, d), summed in PyTorch: deterministic, no atomics.
-Measured on an H100 (2026-11-22, same shape, no state): backward kernel 0.354 ms (the previous
-kernel, which recomputed pre w*w times per tile and reduced dweight across warps on every
-tile: 0.885 ms); the byte floor (x, dy read, dx written) is 1.5 device copies, about 0.16 ms.
+Measured on an H100 (same shape, no state): backward kernel 0.354 ms; the byte floor (x, dy
+read, dx written) is 1.5 device copies, about 0.16 ms.
 """
 from __future__ import annotations
 
@@ -126,11 +125,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, q_ptr, y_ptr,
     32 bits (0.0996 against 0.1020 ms in one H100 run, equal in another). The
     output goes out with evict_first (streamed, not re-read), and the SiLU is
     acc / (1 + 2^(-acc log2 e)) with the approximate division (div.full.f32, 2 ulp).
-    Measured on an H100 (2026-11-22, B8 D4096 L2048 W4 bf16 + SiLU, CUDA graphs, three
-    alternating rounds): these together 0.0986 ms against 0.1036 for the previous kernel (IEEE
-    division, all masks), a copy of the same bytes 0.0909; the lower-edge-only row mask alone
-    was worth about 2%, the division about 2.5%. (An unmasked interior-tile branch measured 5%
-    slower in an earlier run; the SiLU through inline-PTX ex2/rcp 10% slower.)
+    Measured on an H100 (B8 D4096 L2048 W4 bf16 + SiLU, CUDA graphs, three alternating
+    rounds): these together 0.0986 ms against 0.1036 with IEEE division and every mask, a copy
+    of the same bytes 0.0909; the lower-edge-only row mask alone was worth about 2%, the
+    division about 2.5%. (An unmasked interior-tile branch measured 5% slower; the SiLU through
+    inline-PTX ex2/rcp 10% slower.)
     HAS_SEQ_IDX: each tap's loads also skip the rows whose input lies in an earlier document than
     the row's output token (the state's rows count as token 0's document)."""
     pid_l = tl.program_id(0)
@@ -480,7 +479,7 @@ def _conv_update_kernel(x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, ns_ptr,
 
 
 # Candidate block shapes, autotuned per _TUNE_KEY (below) on the first call. The forward
-# list is the best five of a sweep on an H100 (bf16 B8 D4096 L2048 W4 + SiLU, 2026-11-22:
+# list is the best five of a sweep on an H100 (bf16 B8 D4096 L2048 W4 + SiLU:
 # BL32 BD128 w4 0.104 ms, BL16 BD256 0.109, BL64 BD128 0.117, BL32 BD256 0.117, BL64 BD64 w2 0.120;
 # taller tiles and 8 warps were slower, 0.13-0.18 ms). ``hybridseq bench conv --sweep`` redoes it.
 FWD_CONFIGS = [
@@ -490,9 +489,9 @@ FWD_CONFIGS = [
 # Backward, two variants (for w <= 4; wider kernels always recompute), both autotuned:
 # GATHER=1 computes g once per row and shifts it with tl.gather, on tiles that overlap by w-1
 # rows; GATHER=0 recomputes g at the w shifts (fewer registers per row, more arithmetic).
-# Measured on an H100 (triton 3.6, 2026-11-22, bf16 B8 D4096 L2048 W4 + SiLU, autotuner's
+# Measured on an H100 (triton 3.6, bf16 B8 D4096 L2048 W4 + SiLU, autotuner's
 # kernel times): without a state GATHER=0 wins (BL16 BD64 w4 0.354 ms, BL8 BD128 w4 0.356;
-# GATHER=1 0.387 to 0.489 here, 0.58 to 0.65 for the two dropped shapes BL32 BD64 w8/w16);
+# GATHER=1 0.387 to 0.489 here, 0.58 to 0.65 for BL32 BD64 w8/w16, left out of the list);
 # with an initial state the autotuner picked GATHER=1 BL16 BD64 w4.
 BWD_CONFIGS = [
     triton.Config({"BL": bl, "BD": bd, "GATHER": gather}, num_warps=nw)

@@ -31,7 +31,7 @@ them). The MoE layer keeps its weights contiguous (DeepSpeed's ZeRO flattens and
 parameters as contiguous buffers; a K-contiguous ``w_in`` failed there), so it runs "n.k".
 An explicit "FWD.DGRAD" makes one transposed copy of a weight for each GEMM that needs the other
 layout (counted in the timings). Measured on an H100
-(2026-11-22, bf16, 8 groups of 4096 rows, ``bench moe --gemm-layouts``): the forward gate|up GEMM
+(bf16, 8 groups of 4096 rows, ``bench moe --gemm-layouts``): the forward gate|up GEMM
 (32768, 2048) x (8, 2048, 11264) takes 2.186 ms with ``k`` against 2.259 with ``n``; its dgrad
 2.083 with ``n`` against 2.099 with ``k``; the down projection's GEMMs take the same time either
 way (a K-contiguous w_in would save about 0.09 ms of a 11.8 ms MoE fwd+bwd).

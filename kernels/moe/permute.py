@@ -16,10 +16,10 @@ Two implementations (``impl``): ``torch``: gathers in both directions: since ``o
 permutation, the backward of a gather by ``order`` is a gather by ``inv`` (plus a sum over the k
 slots of a token), so no pass needs a scatter with atomics (``index_add``); the weighted sum over
 the k slots is an elementwise product and a sum (a batched (N,1,k) x (N,k,d) bmm was several times
-slower on CPU). ``triton`` (``moe_permute_triton.py``, the ``auto`` choice on CUDA): the
+slower on CPU). ``triton`` (``permute_triton.py``, the ``auto`` choice on CUDA): the
 permutation (a row gather), the un-permute forward, its backward and the permute backward are each
 one fused pass that reads and writes every row once, without materialising the (N, k, d) slot
-tensor; the sort is a counting sort (``moe_sort_triton.py``, three launches). ``permute_ref`` /
+tensor; the sort is a counting sort (``sort_triton.py``, three launches). ``permute_ref`` /
 ``unpermute_ref`` are the plain definitions (fancy indexing, index_add) for the tests.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def argsort_experts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
 def sort_by_expert(indices: torch.Tensor, n_experts: int, impl: str = "auto"):
     """(order, counts, inv) of the token-slots of ``indices`` (N, k); see the module docstring.
     impl: ``torch`` (a radix argsort, a histogram, an index_put), ``triton``
-    (``moe_sort_triton``: a counting sort in three launches; up to 511 experts) or ``auto``
+    (``sort_triton``: a counting sort in three launches; up to 511 experts) or ``auto``
     (triton on CUDA when Triton imports and the expert count fits)."""
     flat = indices.reshape(-1)
     if _use_triton(flat, impl) and flat.numel() < 2 ** 31:
@@ -91,7 +91,7 @@ class _GatherRows(torch.autograd.Function):
 
 class _PermuteTriton(torch.autograd.Function):
     """x_perm = x[order // k] (a Triton row gather: ``gather_sum`` with one slot per row; 83.4 us
-    against 87.3 for index_select, H100, 32768 rows of 2048 bf16, 2026-11-22); backward
+    against 87.3 for index_select, H100, 32768 rows of 2048 bf16); backward
     grad_x[n] = sum_j grad[inv[n*k + j]] in one Triton pass."""
 
     @staticmethod

@@ -13,7 +13,7 @@ With K slots per token and ``idx`` (N*K,) the row of each slot in the permuted l
 One program per token (and, for ``gather_sum``, per block of columns); accumulation in fp32.
 Compared with PyTorch (an index_select materialising (N, K, d), a product, a sum, and their
 backwards), each pass reads and writes every row once. Strides: rows may be strided, columns must
-be contiguous. ``permute``/``unpermute`` in ``moe_permute.py`` choose these kernels on CUDA.
+be contiguous. ``permute``/``unpermute`` in ``permute.py`` choose these kernels on CUDA.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ router weight W (E, D) fp32.
   view) for x's other consumers (the experts). With the Triton impl the backward then adds the
   gradient x_tap receives into the router's dx inside the dx kernel: no separate (N, D) add of
   the two gradients of x, which autograd would otherwise launch (61 us a step for a d_model 2048,
-  16384-token layer on an H100, 2026-11-22).
+  16384-token layer on an H100).
 """
 from __future__ import annotations
 

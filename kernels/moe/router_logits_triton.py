@@ -7,7 +7,7 @@ The same fp32 math as ``F.linear(x.float(), W)`` (products and sums in fp32: ``t
 input_precision "ieee", so no TF32; for bf16 x the forward splits W into three bf16 parts whose
 products with x are exact, three tensor-core dots with fp32 accumulation), without materialising
 the fp32 copy of x (N, D) in the forward, its gradient in fp32 and the cast back in the
-backward. dW is summed over token chunks (``N_SPLIT`` partial sums, then one torch sum). ``kernels/router_logits.py`` holds the reference
+backward. dW is summed over token chunks (``N_SPLIT`` partial sums, then one torch sum). ``router_logits.py`` holds the reference
 and the autograd op.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _logits_dw_kernel(g_ptr, x_ptr, part_ptr, N, D, E, rows_per_split, stride_g,
                       SPLIT_G: tl.constexpr, BF16_DOT: tl.constexpr):
     """Partial dW = g^T @ x over one split of the rows. SPLIT_G (bf16 x): g in three bf16 parts
     (``_bf16_parts``), as W in the forward (the ieee fp32 dot ran about 2.5x the time of reading
-    x, H100, 2026-11-22)."""
+    x, H100)."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     split = tl.program_id(1)
     es = tl.arange(0, BLOCK_E)
@@ -115,7 +115,7 @@ def _logits_dw_kernel(g_ptr, x_ptr, part_ptr, N, D, E, rows_per_split, stride_g,
     tl.store(out, acc, mask=(es[:, None] < E) & (cols[None, :] < D))
 
 
-# dx and dW tiles: 32 x 128 (H100, 2026-11-22, d_model 2048, 16384 tokens, CUDA graphs: dx with the
+# dx and dW tiles: 32 x 128 (H100, d_model 2048, 16384 tokens, CUDA graphs: dx with the
 # add 55.7 us against 59.6 for 32 x 64 (a copy of the same bytes 47.3); dW with its split sum
 # 32.5 against 42.1; 64- and 128-row tiles were slower)
 BLOCK_N, BLOCK_D = 32, 128

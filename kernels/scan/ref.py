@@ -1,6 +1,6 @@
 """The selective scan, by its definition: a plain loop over time (the reference for every fast path).
 
-Contract (DESIGN.md). u, delta, z: (batch, seqlen, dim); B, C: (batch, seqlen, dstate) or
+Contract (docs/kernels.md). u, delta, z: (batch, seqlen, dim); B, C: (batch, seqlen, dstate) or
 (batch, seqlen, ngroups, dstate) where channel i uses group i // (dim // ngroups); A: (dim, dstate);
 D, delta_bias: (dim,); initial_state: (batch, dim, dstate); seq_idx: (batch, seqlen) integer,
 non-decreasing along each row (packed documents).

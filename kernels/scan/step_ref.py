@@ -10,7 +10,7 @@ channel d and state index n:
 B and C are (b, n), or grouped (b, g, n) with d % g == 0, channel c using group c // (dim // g)
 (B and C may have different g).
 State is float32 (b, d, n); arithmetic in float32 (float64 when any input is float64).
-This is exactly one step of the selective scan contract in DESIGN.md.
+This is exactly one step of the selective scan contract in docs/kernels.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Triton backward kernel of the selective scan (see selective_scan_triton_fwd.py for the math and
+"""Triton backward kernel of the selective scan (see triton_fwd.py for the math and
 the tile layout).
 
 With g_t the gradient of the gated output, the adjoint of the recurrence runs backwards in time:
@@ -16,7 +16,7 @@ is cut into S segments of SEG_CH chunks (S = 1: one segment, the whole sequence)
 walks its segment's chunks in reverse. A segment's states come from the forward's checkpoints
 (segments start on checkpoint boundaries), and the adjoint entering it from its end is folded from
 the later segments' carries, computed beforehand by the carry pass
-(selective_scan_triton_bwd_carry.py: gh at a segment start = loc + exp(A sum dt) * gh at the
+(triton_bwd_carry.py: gh at a segment start = loc + exp(A sum dt) * gh at the
 next segment's start), so the segments run in parallel.
 
 Per chunk it reloads the inputs, recomputes h_t from the chunk-start state that the forward saved
@@ -103,7 +103,7 @@ def _scan_bwd_kernel(
     else:
         G = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     # The adjoint entering this segment from its end: fold the carries of the later segments'
-    # M pieces each (selective_scan_triton_bwd_carry.py), last first:
+    # M pieces each (triton_bwd_carry.py), last first:
     # gh at a piece start = loc + exp(A sum dt) * gh at the next piece's start
     # (+ loc alone when a document starts inside the piece or at the next piece's start)
     n_slot = (n_split - 1) * M
@@ -313,7 +313,7 @@ def _scan_bwd_kernel(
         # adjoint: gh_t = gy_t C_t + a_{t+1} gh_{t+1}, a reverse scan, carry G folded in
         cc = gy4 * Ct
         # a_{t+1} comes from a_t through the combine: no second exp2 (measured 5-8% faster
-        # fwd+bwd than exp(dt_{t+1} A) from a shifted load of delta, H100, 2026-11-22)
+        # fwd+bwd than exp(dt_{t+1} A) from a shifted load of delta, H100)
         _, _, gh = tl.associative_scan((a, tl.full(a.shape, 1.0, tl.float32),
                                         tl.where(last, cc + G[None], cc)), 0,
                                        _shifted_combine, reverse=True)

@@ -1,5 +1,5 @@
 """Triton carry pass of the sequence-split selective-scan backward (the math of the backward is in
-selective_scan_triton_bwd.py; the tile layout in selective_scan_triton_fwd.py).
+triton_bwd.py; the tile layout in triton_fwd.py).
 
 The adjoint recurrence gh_t = gy_t C_t + a_{t+1} gh_{t+1} is linear in its carry. For any
 stretch of steps [lo, hi), the adjoint at its start is

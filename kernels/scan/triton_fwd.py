@@ -1,6 +1,6 @@
 """Triton forward kernel of the selective scan (Mamba-1 S6), channel-last layout.
 
-Math (DESIGN.md), per batch b, channel d, state index n, time t:
+Math (docs/kernels.md), per batch b, channel d, state index n, time t:
 
     dt_t = softplus(delta_t + delta_bias)          (or delta_t + delta_bias)
     a_t  = exp(dt_t * A[d, n])                     b_t = dt_t * u_t * B_t[n]
@@ -9,7 +9,7 @@ Math (DESIGN.md), per batch b, channel d, state index n, time t:
 
 Kernel design. The grid is (batch, dim blocks, segments): with S > 1 segments of SEG_CH chunks
 (whole checkpoint segments) each program starts from the state entering its segment, folded from
-the carry pass's per-piece end states (selective_scan_triton_fwd_carry.py); S = 1 is the plain
+the carry pass's per-piece end states (triton_fwd_carry.py); S = 1 is the plain
 scan. One program owns BLOCK_D channels x BLOCK_N
 states of h in registers and walks time in chunks of BLOCK_T steps. Each chunk loads
 (BLOCK_T, BLOCK_D) tiles of u / delta / z (contiguous along dim: coalesced in our (b, l, d)
@@ -168,7 +168,7 @@ def _scan_fwd_kernel(
     else:
         h = tl.zeros((NI, BLOCK_D, NO), dtype=tl.float32)
     # the state entering this segment: fold the earlier segments' M pieces each, first to last
-    # (selective_scan_triton_fwd_carry.py): h at a piece end = loc + exp(A sum dt) * h before it
+    # (triton_fwd_carry.py): h at a piece end = loc + exp(A sum dt) * h before it
     # (+ loc alone when a document starts inside the piece)
     n_slot = (n_split - 1) * M
     for k in range(0, pid_s * M):

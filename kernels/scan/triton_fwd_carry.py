@@ -1,5 +1,5 @@
 """Triton carry pass of the sequence-split selective-scan forward (math and tile layout in
-selective_scan_triton_fwd.py).
+triton_fwd.py).
 
 The recurrence h_t = a_t h_{t-1} + b_t is linear in its carry. Cut the sequence into S segments
 of SEG_LEN steps, each into M pieces [lo, hi) of SUB_LEN steps (the last ones may be short or

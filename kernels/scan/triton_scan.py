@@ -1,9 +1,9 @@
 """Selective scan on Triton: ``selective_scan_triton``, an autograd.Function over the forward
-kernel (selective_scan_triton_fwd.py) and the backward kernel (selective_scan_triton_bwd.py).
+kernel (triton_fwd.py) and the backward kernel (triton_bwd.py).
 
-Contract (DESIGN.md): u, delta, z (batch, seqlen, dim), any strides; B, C (batch, seqlen, dstate)
-or (batch, seqlen, ngroups, dstate) with dim % ngroups == 0; A (dim, dstate); D, delta_bias
-(dim,); initial_state (batch, dim, dstate).
+Contract (docs/kernels.md): u, delta, z (batch, seqlen, dim), any strides; B, C
+(batch, seqlen, dstate) or (batch, seqlen, ngroups, dstate) with dim % ngroups == 0;
+A (dim, dstate); D, delta_bias (dim,); initial_state (batch, dim, dstate).
 
     dt = softplus(delta + delta_bias) (or delta + delta_bias),
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t   (float32, h_{-1} = initial_state or 0),
@@ -26,7 +26,7 @@ element: O(batch * seqlen * dim), never (b, l, d, n).
 Sequence split: when (batch x dim blocks) programs would leave the GPU's SMs idle, the backward
 (and, when enabled, the forward) cuts the sequence into S segments (``_split``; ``TUNING`` or
 the environment variables HYBRIDSEQ_SCAN_BWD_SPLIT / HYBRIDSEQ_SCAN_FWD_SPLIT override it). A
-light carry pass (selective_scan_triton_bwd_carry.py / _fwd_carry.py) first computes, for pieces
+light carry pass (triton_bwd_carry.py / _fwd_carry.py) first computes, for pieces
 of the other segments, the zero-carry adjoint at the piece start (backward) or state at the piece
 end (forward) and the piece's total decay; the main kernel then runs every (batch, dim block,
 segment) in parallel, each folding those carries into the adjoint / state entering it. Linear
@@ -63,19 +63,19 @@ from .triton_fwd_carry import _scan_fwd_carry_kernel
 # pieces per segment M (None: ``_carry_pieces``).
 TUNING: dict = {"fwd": None, "bwd": None, "ckpt": None, "carry": None, "split": None,
                 "carry_pieces": None, "fwd_carry": None, "fwd_split": None}
-# Defaults: the fastest in the H100 sweeps of 2026-11-22 at B8 D2048 L2048 N16 bf16 (the carry
-# passes: the main kernels' shapes, not swept yet)
+# Defaults: the fastest in H100 sweeps at B8 D2048 L2048 N16 bf16 (the carry passes take the
+# main kernels' shapes; they are not swept on their own)
 _DEFAULTS = {"fwd": (4, 8, 4, 1), "bwd": (4, 16, 4, 1), "carry": (4, 16, 4, 1),
              "fwd_carry": (4, 8, 4, 1)}
 SPLIT_ENV = "HYBRIDSEQ_SCAN_BWD_SPLIT"
 FWD_SPLIT_ENV = "HYBRIDSEQ_SCAN_FWD_SPLIT"
 # Split heuristic (``_split``), per direction. fill = (batch x dim blocks programs x warps) /
 # (SMs x resident warps per SM of the main kernel: the backward's is register-limited, see
-# _resident_warps (8 with the default blocks, as Nsight saw on the H100, 2026-11-22: 1.94 per
+# _resident_warps (8 with the default blocks, as Nsight reports on the H100: 1.94 per
 # scheduler, 4 schedulers); the forward's (115 registers: 16 or 17) is fixed here). S = 1 when
 # fill >= "below"; else the smallest power of two with fill * S >= "target"; at most _SPLIT_MAX
 # segments of at least _SPLIT_MIN_STEPS steps. (H100, default blocks: backward fill 0.97 at
-# B8 D2048 -> S = 1, 0.48 at B2 D4096 -> S = 2.) Measured on an H100 (2026-11-22, bf16, same run,
+# B8 D2048 -> S = 1, 0.48 at B2 D4096 -> S = 2.) Measured on an H100 (bf16, same run,
 # scripts/final_scan.sh): B2 D4096 L8192 N16 backward S = 1/2/4/8: fwd+bwd 9.31/7.61/7.99/8.23 ms;
 # forward S = 1/2/4: fwd 1.47/1.22/1.42 ms; B8 D2048 L2048 N16 stays fastest at S = 1 both ways.
 _SPLIT = {"bwd": {"below": 0.9, "target": 0.9},
@@ -146,8 +146,8 @@ def _launch_opts(kind: str) -> dict:
 
 def _resident_warps(kind, cfg):
     """Warps of this kernel that fit on one SM, from its registers per thread: the register cap
-    when set, else the ptxas count measured for its per-thread tile size (sm_90, triton 3.9,
-    2026-11-22: the backward uses 249-251 registers at 32 tile elements per thread (BLOCK_T 4,
+    when set, else the ptxas count measured for its per-thread tile size (sm_90, triton 3.9:
+    the backward uses 249-251 registers at 32 tile elements per thread (BLOCK_T 4,
     BLOCK_D 16, NO 4, 1 warp), 163-168 at 16; the forward 115 at 16); 65536 registers per SM,
     allocated per warp in steps of 8 per thread."""
     if kind == "fwd":
@@ -383,7 +383,7 @@ def _carry_setup(kind, x, n, dpg, n_split, seg_len, seq_idx):
 def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len, seq_idx=None):
     """Carry pass of the split forward: M (pieces per segment), float32 (loc (b, (S - 1) M,
     d, n), dtsum (b, (S - 1) M, d)) and the document-start flags rst (see _carry_setup) for
-    the M pieces of each segment 0 .. S - 2 (selective_scan_triton_fwd_carry.py)."""
+    the M pieces of each segment 0 .. S - 2 (triton_fwd_carry.py)."""
     b, l, d = u.shape
     n = A.shape[1]
     dpg_b = _groups(B, d)
@@ -403,7 +403,7 @@ def _fwd_carries(u, delta, A, B, delta_bias, softplus, n_split, seg_len, seq_idx
 def _carries(delta, A, C, z, delta_bias, softplus, dout, n_split, seg_len, seq_idx=None):
     """Carry pass of the split backward: M (pieces per segment), float32 (loc (b, (S - 1) M,
     d, n), dtsum (b, (S - 1) M, d)) and the document-start flags rst (see _carry_setup), for
-    the M pieces of each segment 1 .. S - 1 (selective_scan_triton_bwd_carry.py)."""
+    the M pieces of each segment 1 .. S - 1 (triton_bwd_carry.py)."""
     b, l, d = delta.shape
     n = A.shape[1]
     dpg_c = _groups(C, d)

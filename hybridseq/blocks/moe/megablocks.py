@@ -15,9 +15,9 @@ without its dependencies and build ``grouped_gemm`` against the torch you have::
     pip install --no-build-isolation grouped_gemm    # needs nvcc and CUTLASS (fetched by its build)
 
 (``stanford-stk`` is only needed by MegaBlocks' block-sparse path, which this backend does not
-use.) Seen 2026-11-22: megablocks' own CUDA extension did not compile with CUDA 13, and neither
-package has wheels; the backend is then absent (``impl: megablocks`` is a ConfigError) and
-``impl: auto`` never picks it. It is dropless only (capacity_factor must be null).
+use.) megablocks' own CUDA extension does not compile with CUDA 13, and neither package has
+wheels; where either is not importable the backend is absent (``impl: megablocks`` is a
+ConfigError) and ``impl: auto`` never picks it. It is dropless only (capacity_factor must be null).
 """
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ class Router(nn.Module):
         # same fp32 math read straight from x, dx written in x's dtype (CPU only under
         # TRITON_INTERPRET=1); auto = triton on CUDA. On the H100 the torch path's fp32 copy of x,
         # SIMT fp32 GEMMs and the fp32 dx cast cost ~0.47 ms of GPU time per fwd+bwd at 16384
-        # tokens x d_model 2048 (2026-11-22 profile), most of the MoE layer's non-GEMM time.
+        # tokens x d_model 2048 (profiled), most of the MoE layer's non-GEMM time.
         self.logits_impl = logits_impl
         # softmax routers: softmax, top-k, renormalisation and logsumexp as one op
         # (``kernels.router_topk``): auto = one Triton kernel each way on CUDA, torch elsewhere

@@ -370,3 +370,23 @@ def check_decode_attention_args(fn, q, k_cache, v_cache, pos, ring=False, scale=
         raise TypeError(f"{fn}: pos must be an int or an integer tensor, got {type(pos).__name__}")
     check_same_device(fn, "q", q, k_cache=k_cache, v_cache=v_cache)
     return b, h, hkv, cap, d
+
+
+def check_add_rmsnorm_args(fn, x, residual, weight, eps=1e-5, out_dtype=None) -> int:
+    """Validate add_rmsnorm arguments: x (..., d); residual None or x's shape; weight (d,);
+    eps >= 0; out_dtype None or a float dtype. Returns d."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must have shape (..., d), got a 0-d tensor")
+    check_tensor(fn, "x", x, (None,) * x.dim(), "(..., d)")
+    d = x.shape[-1]
+    if residual is not None:
+        check_tensor(fn, "residual", residual, tuple(x.shape), f"{_shape(x)} like x")
+    check_tensor(fn, "weight", weight, (d,), f"(d,) = ({d},)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{fn}: eps must be a number >= 0, got {eps!r}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: out_dtype must be None or a float dtype, got {out_dtype!r}")
+    check_same_device(fn, "x", x, residual=residual, weight=weight)
+    return d

@@ -114,7 +114,7 @@ def main():
                 T.TUNING[args.sweep] = cfg
                 try:
                     grad = args.sweep not in ("scan_fwd", "state_fwd")
-                    ms = timer(lambda t: ours(t, grad), sets)
+                    ms = timer(lambda t, grad=grad: ours(t, grad), sets)
                 except Exception as e:  # a shape that does not compile (shared memory)
                     print(f"row {shp} {args.sweep}={cfg}: {type(e).__name__}: {str(e)[:120]}",
                           flush=True)

@@ -40,7 +40,14 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
     """
     check_ssd_args("ssd_scan", x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, seq_idx)
     check_chunk_size("ssd_scan", chunk_size)
-    which = resolve("ssd_scan", impl, x)
+    import torch
+
+    # the Triton kernels take 16/32-bit floats and headdim, dstate up to 256 (triton_ssd.py's
+    # MAX_HEADDIM / MAX_DSTATE, repeated here so that choosing does not import Triton)
+    fits = (x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x.shape[-1] <= 256 and B.shape[-1] <= 256)
+    which = resolve("ssd_scan", impl, x, fits=fits, choices=("auto", "torch", "triton", "ref"),
+                    limits="float16/bfloat16/float32 inputs, headdim and dstate up to 256")
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
               initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state)
     if which == "triton":

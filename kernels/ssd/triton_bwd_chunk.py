@@ -83,7 +83,7 @@ def _ssd_bwd_col_kernel(
     h_hi = tl.minimum(h_lo + HPS, (grp + 1) * HPG)
     if s0 >= L:  # a block past the end of the last chunk: its dD partials are 0
         if HAS_D:
-            for h in tl.range(h_lo, h_hi, disable_licm=True):
+            for h in range(h_lo, h_hi):
                 tl.store(dDp_ptr + (((b * NC + c) * NSB + pid_k) * H + h) * P + offs_p,
                          tl.zeros((BLOCK_P,), dtype=tl.float32), mask=mask_p)
         return

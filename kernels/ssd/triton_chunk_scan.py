@@ -87,7 +87,7 @@ def _ssd_chunk_scan_fwd_kernel(
     x_base = x_ptr + b * s_x_b + h * s_x_h
     B_base = B_ptr + b * s_B_b + grp * s_B_g
     s_hi = tl.minimum(t_start + BLOCK_M, L)
-    for s0 in range(c0, s_hi, BLOCK_K):
+    for s0 in tl.range(c0, s_hi, BLOCK_K, disable_licm=True):
         offs_s = s0 + offs_k
         ms = offs_s < s_hi
         cs_s = tl.load(cs_ptr + row_base + offs_s, mask=ms, other=0.0)

@@ -366,7 +366,6 @@ class _SSDTriton(torch.autograd.Function):
             ctx.dt_limit = dt_limit
             ctx.chunk_size = chunk_size
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
-        ctx.mark_non_differentiable(*(t for t in (seq_idx,) if t is not None))
         if return_final_state:
             return y, hlast
         return y

@@ -111,7 +111,7 @@ def _ssd_state_fwd_kernel(
 
     seq_prev = _seq_at(seq_base, 0, HAS_SEQ)  # document of the incoming state
     cs_pre = tl.full((), 0.0, tl.float32)  # chunk-local cumulative sum of a before the sub-block
-    for k in tl.range(0, tl.cdiv(L, BLOCK_L), disable_licm=True):
+    for k in tl.range(0, (L + BLOCK_L - 1) // BLOCK_L, disable_licm=True):
         t0 = k * BLOCK_L
         offs_t = t0 + offs_l
         mt = offs_t < L
@@ -127,8 +127,9 @@ def _ssd_state_fwd_kernel(
             tl.store(cs_ptr + row_base + offs_t, cs, mask=mt)
         doc_end = _seq_at(seq_base, (t1 - 1) * s_seq_l, HAS_SEQ)
         seq_t = _seq_vec(seq_base, offs_t * s_seq_l, mt, HAS_SEQ)
-        w = tl.where(mt & (seq_t == doc_end), tl.exp(tl.where(mt, cs_end - cs, float("-inf"))) * dtv,
-                     0.0)
+        # w_s = exp(cs_end - cs_s) dt_s for the steps of the document the sub-block ends in
+        keep = mt & (seq_t == doc_end)
+        w = tl.exp(tl.where(keep, cs_end - cs, float("-inf"))) * dtv
         xt = tl.load(x_base + offs_t[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                      mask=mt[:, None] & (offs_p[None, :] < P), other=0.0)
         Bt = tl.load(B_base + offs_t[:, None] * s_B_l + offs_n[None, :] * s_B_n,
@@ -182,8 +183,8 @@ def _ssd_state_bwd_kernel(
     C_base = C_ptr + b * s_C_b + grp * s_C_g
     seq_base = seq_ptr + b * s_seq_b
     row_base = (b * H + h) * LP
-    n_blk = tl.cdiv(L, BLOCK_L)
-    for kk in range(0, n_blk):
+    n_blk = (L + BLOCK_L - 1) // BLOCK_L
+    for kk in tl.range(0, n_blk, disable_licm=True):
         k = n_blk - 1 - kk
         t0 = k * BLOCK_L
         offs_t = t0 + offs_l

@@ -222,15 +222,16 @@ def test_strided_views_of_one_projection(tuning):
     assert rel(y, yr) < 1e-4 and rel(hl, hr) < 1e-4 and rel(gp, gr) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_inputs(dtype, tuning):
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)])
+def test_16bit_inputs(dtype, tol, tuning):
     """16-bit x, dt, B, C, z: tensor-core products of that type with float32 accumulation; the
-    reference sees the same rounded inputs in float64."""
+    reference sees the same rounded inputs in float64 (measured here: bfloat16 errors 1e-3 to
+    9e-3, float16 2e-4 to 4e-3)."""
     t = make(2, 37, 4, 16, 2, 16, dtype=dtype, D="hp")
     res = run_both(t, chunk_size=32)
     assert res["y"][0].dtype == dtype and res["dx"][0].dtype == dtype
     assert res["h_last"][0].dtype == torch.float32
-    check(res, 3e-2)
+    check(res, tol)
 
 
 def test_chunk_size_changes_nothing(tuning):
@@ -255,8 +256,8 @@ def test_no_grad_and_empty(tuning):
         yr = ssd_scan_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], z=t["z"])
     assert rel(y, yr) < 1e-4
     e = make(1, 0, 2, 8, 1, 8)
-    y, h = ssd_scan_triton(e["x"], e["dt"], e["A"], e["B"], e["C"], initial_state=e["initial_state"],
-                           return_final_state=True)
+    y, h = ssd_scan_triton(e["x"], e["dt"], e["A"], e["B"], e["C"],
+                           initial_state=e["initial_state"], return_final_state=True)
     assert y.shape == (1, 0, 2, 8) and torch.equal(h, e["initial_state"].float())
 
 
@@ -285,7 +286,7 @@ def test_slow_cases(case, tuning, poison):
     else:
         t = make(2, 48, 2, 16, 1, 16, dtype=torch.bfloat16)
         seq = _seq([[0] * 16 + [1] * 32, [0] * 3 + [1] * 29 + [2] * 16])
-        check(run_both(t, chunk_size=32, seq_idx=seq), 3e-2)
+        check(run_both(t, chunk_size=32, seq_idx=seq), 2e-2)
 
 
 # ------------------------------------------------------------------------------ compiler
@@ -295,7 +296,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hybridseq.kernels.ssd import (triton_state as st, triton_chunk_scan as cs,
-                                   triton_bwd_chunk as bc, triton_bwd_dt as bd)
+                                   triton_bwd_chunk as bc, triton_bwd_dt as bd,
+                                   triton_ssd as T)
 
 LOWP = ("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "dy_ptr", "y_ptr", "ypre_ptr", "dx_ptr",
         "dz_ptr", "ddt_out_ptr")
@@ -317,29 +319,38 @@ def build(kernel, consts, num_warps=4, num_stages=2):
     triton.compile(src, target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages})
 
-for dot in (1, 0):
-    o = dict(HAS_SEQ=True, DOT=dot, CHUNK=256)
-    build(st._ssd_state_fwd_kernel, dict(HAS_BIAS=True, SOFTPLUS=True, HAS_LIMIT=True,
-          HAS_H0=True, BLOCK_L=64, BLOCK_P=64, BLOCK_N=64, **o))
-    build(st._ssd_state_bwd_kernel, dict(HAS_Z=True, HAS_DHLAST=True, STORE_DH0=True,
-          BLOCK_L=64, BLOCK_P=64, BLOCK_N=64, **o))
+D = T._DEFAULTS  # the block shapes that run by default, at P64 N128 chunk 256
+for dot in map(int, sys.argv[1:]):
+    o = dict(HAS_SEQ=dot == 1, DOT=dot, CHUNK=256)
+    for kern, kind, opts in ((st._ssd_state_fwd_kernel, "state_fwd", dict(HAS_BIAS=True,
+                              SOFTPLUS=True, HAS_LIMIT=True, HAS_H0=True)),
+                             (st._ssd_state_bwd_kernel, "state_bwd", dict(HAS_Z=True,
+                              HAS_DHLAST=True, STORE_DH0=True))):
+        bl, bp, bn, nw, ns = D[kind]
+        build(kern, dict(BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn, **opts, **o), nw, ns)
+    bm, bk, bp, nw, ns = D["scan_fwd"]
     build(cs._ssd_chunk_scan_fwd_kernel, dict(HAS_D=True, D_PER_P=False, HAS_Z=True,
-          STORE_YPRE=True, BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128, **o))
-    build(bc._ssd_bwd_col_kernel, dict(HAS_D=True, D_PER_P=True, HAS_Z=True, BLOCK_S=64,
-          BLOCK_P=64, BLOCK_N=128, **o), num_warps=8, num_stages=1)
-    build(bc._ssd_bwd_row_kernel, dict(HAS_Z=True, BLOCK_M=64, BLOCK_K=64, BLOCK_P=64,
-          BLOCK_N=128, **o), num_warps=8, num_stages=1)
+          STORE_YPRE=True, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=bp, BLOCK_N=128, **o), nw, ns)
+    bs, nw, ns = D["col_bwd"]
+    build(bc._ssd_bwd_col_kernel, dict(HAS_D=True, D_PER_P=True, HAS_Z=True, BLOCK_S=bs,
+          BLOCK_P=64, BLOCK_N=128, **o), nw, ns)
+    bm, bk, nw, ns = D["row_bwd"]
+    build(bc._ssd_bwd_row_kernel, dict(HAS_Z=True, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=64,
+          BLOCK_N=128, **o), nw, ns)
+bh, nw = D["dt_bwd"]
 build(bd._ssd_bwd_dt_kernel, dict(HAS_BIAS=True, SOFTPLUS=True, HAS_LIMIT=True, CHUNK=256,
-      NSB=4, BLOCK_H=16))
+      NSB=256 // D["col_bwd"][0], BLOCK_H=bh), nw)
 print("compiled")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels")
-def test_kernels_compile_for_sm90():
-    """Every SSD kernel through Triton's real compiler (frontend, LLVM, ptxas) for an H100, bf16
-    and float32 products, in a subprocess without TRITON_INTERPRET; skipped where Triton has no
-    CUDA backend."""
+@pytest.mark.parametrize("dot", [pytest.param(1, id="bf16"),
+                                 pytest.param(0, id="fp32", marks=pytest.mark.slow)])
+def test_kernels_compile_for_sm90(dot):
+    """Every SSD kernel through Triton's real compiler (frontend, LLVM, ptxas) for an H100, with
+    bfloat16 products (and seq_idx) or IEEE float32 products (the slow case: about 30 s more),
+    in a subprocess without TRITON_INTERPRET; skipped where Triton has no CUDA backend."""
     import os
     import subprocess
     import sys
@@ -353,7 +364,7 @@ def test_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90, str(dot)], env=env, cwd=root,
                          capture_output=True, text=True, timeout=500)
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing")

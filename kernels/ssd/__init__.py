@@ -15,6 +15,7 @@ path, "triton" the Triton kernels.
 """
 from __future__ import annotations
 
+from .._ops import profile_scope
 from .._utils import check_chunk_size, check_ssd_args, check_ssd_state_update_args
 from ..backend import resolve
 from .chunked import ssd_scan_chunked
@@ -50,13 +51,14 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
                     limits="float16/bfloat16/float32 inputs, headdim and dstate up to 256")
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
               initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state)
-    if which == "triton":
-        from .triton_ssd import ssd_scan_triton
+    with profile_scope("ssd_scan"):
+        if which == "triton":
+            from .triton_ssd import ssd_scan_triton
 
-        return ssd_scan_triton(x, dt, A, B, C, **kw, chunk_size=chunk_size)
-    if which == "ref":
-        return ssd_scan_ref(x, dt, A, B, C, **kw)
-    return ssd_scan_chunked(x, dt, A, B, C, **kw, chunk_size=chunk_size)
+            return ssd_scan_triton(x, dt, A, B, C, **kw, chunk_size=chunk_size)
+        if which == "ref":
+            return ssd_scan_ref(x, dt, A, B, C, **kw)
+        return ssd_scan_chunked(x, dt, A, B, C, **kw, chunk_size=chunk_size)
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

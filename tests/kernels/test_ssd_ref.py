@@ -208,7 +208,7 @@ def test_triton_dispatch_passes_every_argument(monkeypatch):
     fake = types.ModuleType("hybridseq.kernels.ssd.triton_ssd")
     fake.ssd_scan_triton = lambda *a, **k: calls.append((a, k)) or "T"
     monkeypatch.setitem(sys.modules, "hybridseq.kernels.ssd.triton_ssd", fake)
-    kw = make()
+    kw = make(dtype=torch.float32)  # the kernels take 16/32-bit floats (float64 stays on torch)
     seq_idx = torch.zeros(2, 9, dtype=torch.int32)
     out = ssd_scan(**kw, dt_softplus=True, dt_limit=(0.1, 2.0), seq_idx=seq_idx,
                    return_final_state=True, chunk_size=64, impl="triton")
@@ -220,6 +220,18 @@ def test_triton_dispatch_passes_every_argument(monkeypatch):
     assert k["D"] is kw["D"] and k["z"] is kw["z"] and k["initial_state"] is kw["initial_state"]
     assert k["seq_idx"] is seq_idx and k["dt_limit"] == (0.1, 2.0) and k["chunk_size"] == 64
     assert k["dt_softplus"] is True and k["return_final_state"] is True
+
+
+def test_auto_keeps_float64_on_torch_and_triton_refuses_it(monkeypatch):
+    from hybridseq.kernels import backend
+
+    monkeypatch.setattr(backend, "_is_cuda", lambda where: True)  # as if on a GPU
+    with pytest.raises(ValueError, match="outside the Triton kernel's limits"):
+        ssd_scan(**make(), impl="triton")
+    monkeypatch.setattr(backend, "_STATUS", [(True, "")])
+    kw = make()
+    y = ssd_scan(**kw, impl="auto")  # float64: the chunked path, not the kernels
+    torch.testing.assert_close(y, ssd_scan(**kw, impl="torch"))
 
 
 def test_bad_impl_and_triton_without_interpreter(monkeypatch):

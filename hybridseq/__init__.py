@@ -23,6 +23,8 @@ _LAZY = {
     "load_cache": ("hybridseq.api", "load_cache"),
     "load_pretrained": ("hybridseq.api", "load_pretrained"),
     "save_pretrained": ("hybridseq.api", "save_pretrained"),
+    "from_hf": ("hybridseq.interop.hf", "from_hf"),
+    "to_hf": ("hybridseq.interop.hf", "to_hf"),
 }
 
 

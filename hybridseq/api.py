@@ -2,7 +2,7 @@
 
     cfg = hs.load_config("layouts/jamba.yaml")
     model = hs.build_model(cfg)                       # vocab "auto" -> the task's vocabulary
-    hs.save_pretrained(model, cfg, "out/jamba")       # model.safetensors + config.yaml
+    hs.save_pretrained(model, cfg, "out/jamba")       # model.safetensors + config.yaml (+ tokenizer.json)
     model = hs.load_pretrained("out/jamba")
     cache = hs.load_cache("prompt.cartridge", model)  # a cache saved with cache.save(path)
 """
@@ -23,6 +23,7 @@ from .model import HybridLM
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+TOKENIZER_NAME = "tokenizer.json"  # a Hugging Face tokenizers file, kept beside the weights
 _DERIVED_KEYS = ("stack", "stage_starts")
 
 
@@ -57,10 +58,14 @@ def _source_config(cfg) -> dict:
     return {k: v for k, v in c.items() if k not in _DERIVED_KEYS}
 
 
-def save_pretrained(model: HybridLM, cfg=None, folder: str | os.PathLike = "model") -> Path:
+def save_pretrained(model: HybridLM, cfg=None, folder: str | os.PathLike = "model",
+                    tokenizer: str | os.PathLike | None = None) -> Path:
     """Write ``folder/model.safetensors`` (the state dict; a tied head is not stored twice: it is
-    the embedding) and ``folder/config.yaml`` (the resolved config, vocab as an int). Atomic: the
-    files go to a temporary sibling folder that is then renamed over ``folder``.
+    the embedding) and ``folder/config.yaml`` (the resolved config, vocab as an int), and
+    ``folder/tokenizer.json`` when the model has one: the file ``tokenizer``, else
+    ``model.tokenizer_json`` (the bytes ``load_pretrained`` read from beside the weights, or the
+    trainer set from its data). Atomic: the files go to a temporary sibling folder that is then
+    renamed over ``folder``.
 
     ``cfg`` defaults to ``model.cfg``; a given ``cfg`` (e.g. with its ``train`` section) must
     describe the same model (same ``config_hash`` once its vocab is resolved)."""
@@ -75,6 +80,12 @@ def save_pretrained(model: HybridLM, cfg=None, folder: str | os.PathLike = "mode
     if config_hash({**c, "stack": list(model.stack)}) != model.config_hash:
         raise HybridSeqError("save_pretrained: cfg does not describe this model (its config hash "
                              "differs from the model's)")
+    tokenizer_json = getattr(model, "tokenizer_json", None)
+    if tokenizer is not None:
+        try:
+            tokenizer_json = Path(tokenizer).read_bytes()
+        except OSError as e:
+            raise HybridSeqError(f"save_pretrained: cannot read the tokenizer {tokenizer}: {e.strerror or e}") from None
     folder = Path(folder)
     parent = folder.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +97,8 @@ def save_pretrained(model: HybridLM, cfg=None, folder: str | os.PathLike = "mode
             "config_hash": model.config_hash,
             "config_payload": canonical_json(config_payload({**c, "stack": list(model.stack)}))})
         save_config(c, tmp / CONFIG_NAME)
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_NAME).write_bytes(tokenizer_json)
         _readable_by_others(tmp)
         old = None
         if folder.exists():
@@ -116,7 +129,9 @@ def load_pretrained(folder: str | os.PathLike, device=None) -> HybridLM:
     (strict: every key and shape must match). The config must describe the weights: its hash
     must equal the one stored with them (an edited ``config.yaml`` is refused, naming the keys
     that changed). Floating tensors keep the dtype they were saved in (float32-tagged parameters
-    stay float32). Returned in eval mode."""
+    stay float32). A ``tokenizer.json`` beside the weights is kept as ``model.tokenizer_json``
+    (bytes; None without one), so that ``save_pretrained`` carries it along. Returned in eval
+    mode."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -148,6 +163,8 @@ def load_pretrained(folder: str | os.PathLike, device=None) -> HybridLM:
             raise HybridSeqError(f"{wpath}: {k} has shape {tuple(v.shape)}, the config gives "
                                  f"{tuple(own[k].shape)}")
     model.load_state_dict(state, strict=True)
+    tpath = folder / TOKENIZER_NAME
+    model.tokenizer_json = tpath.read_bytes() if tpath.is_file() else None
     if device is not None:
         model.to(device)
     return model.eval()

@@ -3,6 +3,7 @@
     hybridseq show LAYOUT [key=value ...] [--seq-len N] [--json]
     hybridseq train LAYOUT [key=value ...] [--out DIR] [--resume] [--no-progress]
     hybridseq generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+    hybridseq prepare SRC... --out DIR (--tokenizer FILE | --train-tokenizer VOCAB) [--workers N] [--resume]
     hybridseq doctor [--json]
     hybridseq bench WHAT [options] [--json]        (WHAT: the modules of hybridseq.bench)
     hybridseq compare ... / hybridseq plan ...      (when those modules are in this build)
@@ -32,6 +33,9 @@ PLUGIN_COMMANDS = {
     "compare": ("hybridseq.compare.cli", "train several layouts on equal terms and write a report"),
     "plan": ("hybridseq.train.plan", "memory per GPU of a distributed run"),
     "export": ("hybridseq.train.export", "one model folder (model.safetensors + config.yaml) from a run or checkpoint"),
+    "import-hf": ("hybridseq.interop.import_cli", "a transformers checkpoint folder -> a hybridseq model folder"),
+    "export-hf": ("hybridseq.interop.export_cli", "a hybridseq model -> a transformers checkpoint folder"),
+    "eval": ("hybridseq.interop.lm_eval", "evaluate a model on lm-evaluation-harness tasks"),
 }
 
 
@@ -188,8 +192,20 @@ def cmd_generate(args) -> int:
         from .config import load_config
 
         cfg = load_config(os.path.join(folder, "config.yaml"))
-    as_bytes = _uses_bytes(cfg) if args.tokens == "auto" else args.tokens == "bytes"
-    if as_bytes:
+    tokenizer = None  # the checkpoint's tokenizer.json: text in, text out
+    if args.tokens == "auto" and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        from .data.tokenizer import find_eos, load_tokenizer
+
+        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
+        if args.eos is None:  # stop at the end of the document
+            try:
+                args.eos = find_eos(tokenizer)[0]
+            except HybridSeqError:
+                pass
+    as_bytes = tokenizer is None and (_uses_bytes(cfg) if args.tokens == "auto" else args.tokens == "bytes")
+    if tokenizer is not None:
+        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    elif as_bytes:
         ids = list(args.prompt.encode("utf-8"))
     else:
         words = args.prompt.replace(",", " ").split()
@@ -233,7 +249,9 @@ def cmd_generate(args) -> int:
     with torch.no_grad():
         out = model.generate(prompt, **kwargs)
     new = out[0, len(ids):].tolist() if out.shape[1] > len(ids) else out[0].tolist()
-    if as_bytes:
+    if tokenizer is not None:
+        sys.stdout.write(args.prompt + tokenizer.decode(new, skip_special_tokens=True) + "\n")
+    elif as_bytes:
         sys.stdout.write(args.prompt + bytes(t % 256 for t in new).decode("utf-8", errors="replace") + "\n")
     else:
         print(" ".join(str(t) for t in ids) + " | " + " ".join(str(t) for t in new))
@@ -314,29 +332,46 @@ def _args_train(t):
 
 def _args_generate(g):
     g.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    g.add_argument("--prompt", required=True, help="text (byte-level models) or token ids '3 1 4'")
+    g.add_argument("--prompt", required=True, help="text (models with a tokenizer.json, byte-level models) "
+                   "or token ids '3 1 4'")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    g.add_argument("--eos", type=int, default=None, help="stop a row at this token id")
+    g.add_argument("--eos", type=int, default=None, help="stop a row at this token id (default with a "
+                   "tokenizer.json: its end-of-document token)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--cuda-graph", nargs="?", const="on", choices=("auto", "on", "off"),
                    default="auto", help="decode steps in one CUDA graph (auto: on CUDA when every "
                    "block can be captured; --cuda-graph alone: on)")
     g.add_argument("--tokens", choices=("auto", "bytes", "ids"), default="auto",
-                   help="how to read --prompt (auto: bytes for byte-level text models)")
+                   help="how to read --prompt (auto: through the checkpoint's tokenizer.json when it has "
+                   "one, else bytes for byte-level text models, else ids)")
 
 
 def _args_doctor(d):
     d.add_argument("--json", action="store_true")
 
 
+def _args_prepare(p):
+    from .data.prepare import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_prepare(args) -> int:
+    from .data.prepare import run
+
+    return run(args)
+
+
 COMMANDS.update({
     "show": ("the resolved stack: one row per sublayer, parameters, FLOPs, state", _args_show, cmd_show),
     "train": ("train a layout (one process: CPU or one GPU)", _args_train, cmd_train),
     "generate": ("sample from a checkpoint", _args_generate, cmd_generate),
+    "prepare": ("tokenize text files, .jsonl or a saved HF dataset into token shards for training",
+                _args_prepare, cmd_prepare),
     "doctor": ("versions, devices, and the backend each block kind will use", _args_doctor, cmd_doctor),
 })
 

@@ -13,6 +13,7 @@ EXTRAS = {
     "tensorboard": "tensorboard",
     "flash_attn": "flash",
     "megablocks": "megablocks",
+    "datasets": "hf-datasets",
 }
 
 

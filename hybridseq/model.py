@@ -5,9 +5,12 @@
     logits = lm_head(norm_f(h_n))                      lm_head = embed.weight^T when tied
 
 ``forward(input_ids, cache=None, labels=None, doc_ids=None) -> ModelOutput``: ``labels`` (B, L)
-are aligned with ``input_ids`` (``labels[:, t]`` scores ``logits[:, t]``; the data tasks shift for
-language modelling), ``-100`` is ignored; ``loss = cross_entropy + aux_loss``, where ``aux_loss``
-is the sum of the MoE blocks' auxiliary losses (zero without MoE). ``doc_ids`` (B, L) integer:
+follow the transformers convention: the model shifts them, so ``logits[:, t]`` is scored against
+``labels[:, t + 1]`` (``model(ids, labels=ids)`` is next-token prediction; the last position
+scores nothing), and ``-100`` is ignored; ``loss = cross_entropy + aux_loss``, where ``aux_loss``
+is the sum of the MoE blocks' auxiliary losses (zero without MoE). (The trainer's data tasks
+yield targets already aligned with the logits and score ``logits`` themselves, outside this
+argument.) ``doc_ids`` (B, L) integer:
 packed sequences; a document is a maximal run of equal ids, and no block lets state or attention
 cross a document boundary (each kind's ``documents`` says how it takes them).
 
@@ -20,6 +23,10 @@ parameters tagged ``_no_reinit`` (Mamba's A_log, D, dt projection and conv) keep
 own init. With ``model.rescale_residual`` the output projection of every sublayer
 (``residual_out_params``) is then multiplied by 1 / sqrt(n_sublayers): one factor per residual
 branch, as GPT-2 (whose 2 per layer give 1/sqrt(2 n_layer)) and mamba_ssm (1 per Mamba layer).
+
+``model.embedding_multiplier``, ``model.residual_multiplier`` and ``model.logits_scaling``
+(Granite's constants; 1 by default) scale the embedding output, each sublayer's update
+(``h_i = h_{i-1} + m * block_i(norm_i(h_{i-1}))``) and divide the logits.
 
 The vocabulary is ``model.vocab_size`` rounded up to ``model.pad_vocab_multiple``.
 Parameter counts, FLOPs and state sizes have closed forms (``param_counts``,
@@ -160,20 +167,26 @@ def check_fits_in_memory(cfg, device=None) -> None:
 # the model
 # ----------------------------------------------------------------------------------------------
 class Sublayer(nn.Module):
-    """``x + block(norm(x))``."""
+    """``x + block(norm(x))`` (``x + residual_multiplier * block(norm(x))`` when it is not 1)."""
 
-    def __init__(self, norm: nn.Module, block: nn.Module, symbol: str):
+    def __init__(self, norm: nn.Module, block: nn.Module, symbol: str, residual_multiplier: float = 1.0):
         super().__init__()
         self.norm = norm
         self.block = block
         self.symbol = symbol
         self.kind = block.kind
+        self.residual_multiplier = float(residual_multiplier)
+
+    def _add(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if self.residual_multiplier != 1.0:
+            return x + update * self.residual_multiplier
+        return x + update
 
     def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids=None) -> torch.Tensor:
-        return x + self.block(self.norm(x), state, offset, doc_ids)
+        return self._add(x, self.block(self.norm(x), state, offset, doc_ids))
 
     def step(self, x: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:
-        return x + self.block.step(self.norm(x), state, pos)
+        return self._add(x, self.block.step(self.norm(x), state, pos))
 
 
 class HybridLM(nn.Module):
@@ -201,9 +214,12 @@ class HybridLM(nn.Module):
 
         self.embed = nn.Embedding(self.vocab_size, d)
         self.layers = nn.ModuleList(
-            Sublayer(make_norm(m.norm, d, m.norm_eps), spec.build(d, layer_idx=i, n_layers=n), sym)
+            Sublayer(make_norm(m.norm, d, m.norm_eps), spec.build(d, layer_idx=i, n_layers=n), sym,
+                     m.residual_multiplier)
             for i, (sym, spec) in enumerate(layers)
         )
+        self.embedding_multiplier = float(m.embedding_multiplier)
+        self.logits_scaling = float(m.logits_scaling)
         self.norm_f = make_norm(m.norm, d, m.norm_eps)
         self.lm_head = None if self.tie_embeddings else nn.Linear(d, self.vocab_size, bias=False)
         self.reset_parameters(float(m.init_std), bool(m.rescale_residual))
@@ -237,6 +253,8 @@ class HybridLM(nn.Module):
         if doc_ids is not None:
             self._check_doc_ids(doc_ids, input_ids, cache)
         x = self.embed(input_ids)
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         aux = torch.zeros((), device=x.device, dtype=torch.float32)
         metrics: dict[str, Any] = {}
         if cache is not None:
@@ -261,10 +279,16 @@ class HybridLM(nn.Module):
             x = x[:, -int(logits_to_keep):]
         h = self.norm_f(x)
         logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
         loss = None
         if labels is not None:
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX)
+            if tuple(labels.shape) != (B, L):
+                raise HybridSeqError(f"labels must have the shape of input_ids {(B, L)}, got "
+                                     f"{tuple(labels.shape)}")
+            # transformers' convention: position t predicts token t + 1
+            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                 labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
             loss = ce + aux
             metrics["ce_loss"] = ce.detach()
         return ModelOutput(logits=logits, aux_loss=aux, loss=loss, metrics=metrics)

@@ -46,6 +46,7 @@ CASES = [
     ("vocab huge", patched(**{"model.vocab_size": 10 ** 12}), "model.d_model"),
     ("vocab float", patched(**{"model.vocab_size": 1e12}), "model.vocab_size"),
     ("vocab one", patched(**{"model.vocab_size": 1}), "model.vocab_size"),
+    ("vocab below task", patched(**{"model.vocab_size": 8}), "model.vocab_size"),
     ("norm_eps nan", patched(**{"model.norm_eps": NAN}), "model.norm_eps"),
     ("norm_eps inf", patched(**{"model.norm_eps": INF}), "model.norm_eps"),
     ("norm_eps negative", patched(**{"model.norm_eps": -1e-5}), "model.norm_eps"),
@@ -139,8 +140,9 @@ def test_the_corpus_is_large():
     assert len(CASES) >= 60
 
 
-# sizes that are valid to look at (show counts them) but cannot be allocated here (train refuses)
-TRAIN_ONLY = {"d_model huge", "vocab huge", "experts huge"}
+# sizes that are valid to look at (show counts them) but cannot be allocated here, or a vocabulary
+# smaller than the task's token ids (train refuses)
+TRAIN_ONLY = {"d_model huge", "vocab huge", "experts huge", "vocab below task"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -32,6 +32,15 @@ SPECS = [
     ("mlp", {"activation": "relu2", "d_ff": 40}),
     ("moe", {"n_experts": 4, "top_k": 2, "d_ff": 16}),
     ("moe", {"n_experts": 4, "top_k": 1, "d_ff": 16, "shared_experts": 1, "activation": "gelu"}),
+    ("mamba", {"d_state": 4, "dt_rank": 3, "inner_norms": "rms"}),
+    ("mamba", {"d_state": 4, "inner_norms": "rms_weightless", "inner_norm_eps": 1e-5}),
+    ("attention", {"n_heads": 4, "n_kv_heads": 2, "qk_norm": "full", "clip_qkv": 0.5, "bias": "qkv"}),
+    ("attention", {"n_heads": 2, "head_dim": 8, "partial_rotary": 0.5, "softmax_scale": 0.2,
+                   "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}}),
+    ("moe", {"n_experts": 4, "top_k": 2, "d_ff": 16, "shared_experts": 1, "shared_d_ff": 8,
+             "shared_expert_gate": True, "routed_scale": 2.0}),
+    ("moe", {"n_experts": 4, "top_k": 2, "d_ff": 16, "activation": "relu2", "router": "sigmoid",
+             "shared_experts": 1}),
 ]
 IDS = [f"{k}{i}" for i, (k, _) in enumerate(SPECS)]
 

@@ -100,7 +100,8 @@ def test_loss_is_ce_plus_aux_and_ignores_minus_100():
     labels = torch.randint(0, 37, (2, 9))
     labels[:, :4] = -100
     out = model(ids, labels=labels)
-    ce = F.cross_entropy(out.logits[:, 4:].reshape(-1, 37), labels[:, 4:].reshape(-1))
+    # labels are shifted inside (transformers' convention): logits[t] is scored against labels[t + 1]
+    ce = F.cross_entropy(out.logits[:, 3:-1].reshape(-1, 37), labels[:, 4:].reshape(-1))
     assert out.aux_loss.dim() == 0 and out.aux_loss.item() > 0
     torch.testing.assert_close(out.loss, ce + out.aux_loss)
     assert any(k.startswith("1.") for k in out.metrics)  # the MoE layer's metrics

@@ -17,7 +17,7 @@ from hybridseq.train.trainer import lm_loss
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "layouts", "*.yaml")))
 NAMES = ["mamba", "mamba2", "transformer", "moe-mamba", "blackmamba", "jamba", "samba", "nemotron-h",
-         "granite-4-h"]
+         "granite-4-h", "text-hybrid"]
 
 # Published (total, active) parameters for the commands in each file's comments, in order.
 PUBLISHED = {
@@ -52,9 +52,13 @@ def test_preset_builds_counts_and_trains_a_step(path):
     assert totals["params"] == real == model.num_params()
     assert totals["active_params"] == model.num_params(active=True) <= real
     assert real < 2_000_000  # tiny by default: trains on a CPU in minutes
-    task = make_task(cfg.train.task, seed=0)
-    assert task.name == "selective_copy"
-    x, y = task.next_batch(2)
+    if cfg.train.task.name == "text":  # its data is a prepared folder (scripts/text_example.sh)
+        x = torch.randint(0, model.vocab_size_unpadded, (2, 33))
+        x, y = x[:, :-1], x[:, 1:]
+    else:
+        task = make_task(cfg.train.task, seed=0)
+        assert task.name == "selective_copy"
+        x, y = task.next_batch(2)
     out = model(x)
     loss = lm_loss(out.logits, y) + out.aux_loss
     loss.backward()

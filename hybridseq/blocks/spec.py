@@ -19,7 +19,9 @@ subclass: keys and defaults, validation, closed forms and texts; no torch) and a
 
 Class attributes: ``kind`` (the YAML name), ``megatron`` (its character in Megatron-LM hybrid
 patterns, or None), ``documents`` (how it takes packed-document boundaries: ``tokenwise``,
-``mask`` or ``state``), ``hash_exclude`` (keys that do not change what the weights mean).
+``mask`` or ``state``), ``hash_exclude`` (keys that do not change what the weights mean) and
+``hash_optional`` (``{key: default}``: keys left out of the hash while they hold their default,
+so that a config that does not use such a key hashes as if the key did not exist).
 """
 from __future__ import annotations
 
@@ -51,6 +53,21 @@ def round8(x: float) -> int:
     return max(8, int(round(x / 8.0)) * 8)
 
 
+def drop_defaults(values: dict, optional: dict) -> dict:
+    """Remove, in place, the keys of ``optional`` whose value in ``values`` equals their default
+    there (``hash_optional``: a key added later hashes only when it is set to something else)."""
+    for k, default in optional.items():
+        if k in values and _same(values[k], default):
+            del values[k]
+    return values
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
 class BlockSpec(Spec):
     """Base of the kinds' specs (module docstring)."""
 
@@ -58,6 +75,7 @@ class BlockSpec(Spec):
     megatron: ClassVar[str | None] = None
     documents: ClassVar[str] = "tokenwise"
     hash_exclude: ClassVar[tuple] = ("impl",)
+    hash_optional: ClassVar[dict] = {}
 
     # --- reading -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -99,11 +117,12 @@ class BlockSpec(Spec):
         return self.to_dict()
 
     def canonical(self, d_model: int) -> dict:
-        """``resolved`` less ``hash_exclude``, keys sorted, floats as floats: what
-        ``config_hash`` hashes for one sublayer."""
+        """``resolved`` less ``hash_exclude`` and less the ``hash_optional`` keys that hold their
+        default, keys sorted, floats as floats: what ``config_hash`` hashes for one sublayer."""
         s = self.resolved(d_model)
         for k in self.hash_exclude:
             s.pop(k, None)
+        drop_defaults(s, self.hash_optional)
         return {k: (float(v) if isinstance(v, float) else v) for k, v in sorted(s.items())}
 
     def rescaled(self, d_old: int, d_new: int, ffn_scale: float = 1.0) -> dict[str, Any] | None:
@@ -121,4 +140,4 @@ class BlockSpec(Spec):
         raise NotImplementedError
 
 
-__all__ = ["BlockSpec", "ffn_dim", "norm_param_count", "round8"]
+__all__ = ["BlockSpec", "drop_defaults", "ffn_dim", "norm_param_count", "round8"]

@@ -16,7 +16,8 @@ def block_kinds(cfg) -> list[str]:
 
 def config_hash(cfg) -> str:
     """sha256 (hex) of a canonical JSON of what defines the model's weights and computation
-    (``config_payload``): ``model`` (less ``ModelSpec.hash_exclude``) and, per sublayer, its block
+    (``config_payload``): ``model`` (less ``ModelSpec.hash_exclude``, and less the
+    ``ModelSpec.hash_optional`` keys at their default) and, per sublayer, its block
     spec's ``canonical`` form (derived sizes resolved, ``impl``, init and training-only keys left
     out). Symbol names, pipeline stages, ``train`` and ``deepspeed`` do not count. ``cfg``: a
     ``HybridConfig`` or its ``to_dict()`` form (``"auto"`` vocabularies hash as the string)."""
@@ -47,11 +48,13 @@ def payload_differences(saved: dict, current: dict) -> list[str]:
 def config_payload(cfg) -> dict:
     """What ``config_hash`` hashes (see there)."""
     from ..blocks import kind_spec
+    from ..blocks.spec import drop_defaults
     from .sections import ModelSpec
 
     if not isinstance(cfg, Mapping) and hasattr(cfg, "to_dict"):
         cfg = cfg.to_dict()
     model = {k: v for k, v in dict(cfg["model"]).items() if k not in ModelSpec.hash_exclude}
+    drop_defaults(model, ModelSpec.hash_optional)
     d_model = int(model["d_model"])
     specs = {}
     for s in set(cfg["stack"]):

@@ -32,9 +32,18 @@ class ModelSpec(Spec):
     rescale_residual: bool = True      # output projections scaled by 1/sqrt(n_sublayers) at init
     pad_vocab_multiple: int = option(1, ge=1)  # round vocab_size up (64 helps tensor cores)
     checkpointing: list[str] = option([])      # block kinds whose sublayers recompute in backward
+    # constant factors of some checkpoint families (Granite): the embedding output is multiplied
+    # by embedding_multiplier, every sublayer's update by residual_multiplier before it is added,
+    # and the logits are divided by logits_scaling
+    embedding_multiplier: float = option(1.0, gt=0)
+    residual_multiplier: float = option(1.0, gt=0)
+    logits_scaling: float = option(1.0, gt=0)
 
     # keys that do not change what the weights mean: left out of ``config_hash``
     hash_exclude: ClassVar[tuple] = ("init_std", "rescale_residual", "checkpointing")
+    # keys left out of ``config_hash`` while they hold these defaults
+    hash_optional: ClassVar[dict] = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+                                     "logits_scaling": 1.0}
 
     def check(self, *, file=None, key: str = "model", **context) -> None:
         vs = self.vocab_size

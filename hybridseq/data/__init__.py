@@ -6,8 +6,10 @@
     inputs, targets = task.next_batch(16)                              # (B, L) int64 each
 
 ``specs.py`` holds each task's keys and checks (no torch: ``hybridseq show`` reads them);
-``base.Task`` the batch contract; ``synthetic`` / ``text`` the token layouts. The modules with
-torch load on first use.
+``base.Task`` the batch contract (``base.Batch``: a batch with ``doc_ids`` and ``n_bytes``);
+``synthetic`` / ``text`` the token layouts; ``prepare`` / ``tokenizer`` / ``packed`` real text
+(``hybridseq prepare`` and the windows of its folders). The modules with torch load on first
+use.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .specs import TaskSpec
 
 _CLASSES = {"selective_copy": (".synthetic", "SelectiveCopy"), "induction_heads": (".synthetic", "InductionHeads"),
             "mqar": (".synthetic", "MQAR"), "text": (".text", "TextTask")}
-_LAZY = {"IGNORE": ".base", "Task": ".base", "accuracy": ".base", "score": ".base",
+_LAZY = {"IGNORE": ".base", "Task": ".base", "Batch": ".base", "accuracy": ".base", "score": ".base",
          "SelectiveCopy": ".synthetic", "InductionHeads": ".synthetic", "MQAR": ".synthetic",
          "TextTask": ".text"}
 
@@ -84,6 +86,6 @@ def task_seq_len(task_cfg: Any) -> int:
     return as_task_spec(task_cfg).batch_len()
 
 
-__all__ = ["IGNORE", "TASKS", "TASK_SPECS", "Task", "TaskSpec", "accuracy", "as_task_spec", "make_task",
+__all__ = ["IGNORE", "TASKS", "TASK_SPECS", "Batch", "Task", "TaskSpec", "accuracy", "as_task_spec", "make_task",
            "score", "task_seq_len", "task_spec", "task_vocab_size", "SelectiveCopy", "InductionHeads",
            "MQAR", "TextTask"]

@@ -14,6 +14,13 @@ the answer positions are scored.
 Training batches come from one ``torch.Generator`` seeded with ``seed``; evaluation batches from a
 separate generator seeded with ``seed + EVAL_SEED_OFFSET`` (and, for ``text``, from held-out data),
 so evaluation never depends on how far training went.
+
+A batch may carry more than the pair: a ``Batch`` unpacks as ``(inputs, targets)`` like a plain
+tuple, and has ``doc_ids`` (B, L) int64 when its rows pack several documents (the model takes
+them as ``model(inputs, doc_ids=...)``, so no state or attention crosses a document boundary) and
+``n_bytes`` (B,) float64, the text bytes its scored targets stand for (bits per byte). Both are
+None when the task has no such thing; code that reads batches uses ``getattr(batch, "doc_ids",
+None)``, so plain tuples stay valid batches.
 """
 from __future__ import annotations
 
@@ -23,6 +30,21 @@ import torch
 
 IGNORE = -100
 EVAL_SEED_OFFSET = 1_000_003
+
+
+class Batch(tuple):
+    """``(inputs, targets)`` with optional ``doc_ids`` (B, L) and ``n_bytes`` (B,) (module doc)."""
+
+    def __new__(cls, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                n_bytes: torch.Tensor | None = None):
+        batch = super().__new__(cls, (inputs, targets))
+        batch.doc_ids, batch.n_bytes = doc_ids, n_bytes
+        return batch
+
+    def rows(self, lo: int, hi: int) -> "Batch":
+        """Rows ``lo:hi`` of every part (a rank's slice of a global batch)."""
+        cut = (lambda t: None if t is None else t[lo:hi])  # noqa: E731
+        return Batch(self[0][lo:hi], self[1][lo:hi], cut(self.doc_ids), cut(self.n_bytes))
 
 
 class Task:
@@ -35,6 +57,8 @@ class Task:
     seq_len: int = 0
     #: whether per-sequence accuracy (every scored position right) is meaningful for this task
     has_seq_acc: bool = True
+    #: language modelling (every next token scored): evaluation also reports perplexity
+    language_model: bool = False
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)

@@ -88,8 +88,13 @@ class MQARSpec(TaskSpec):
 
 @dataclass(eq=False)
 class TextSpec(TaskSpec):
-    """Language modelling on a local text file or folder (bytes) or memmapped ``.bin`` token
-    files."""
+    """Language modelling on a folder written by ``hybridseq prepare`` (packed documents), a local
+    text file or folder (bytes), or memmapped ``.bin`` token files.
+
+    ``tokenizer``: ``bytes`` (text files), ``tokenizer.json`` (a prepared folder's own), ``ids``
+    (``.bin`` files); the trainer records what the data is. ``dtype`` and ``val_fraction`` are for
+    text and ``.bin`` files (a prepared folder records its own). ``pack``: with a prepared folder,
+    batches carry ``doc_ids`` so that no block crosses a document boundary."""
 
     name: ClassVar[str] = "text"
     path: str | None = None
@@ -97,6 +102,7 @@ class TextSpec(TaskSpec):
     tokenizer: str = "bytes"
     dtype: Literal["uint16", "uint32"] = "uint16"
     val_fraction: float = option(0.05, ge=0)
+    pack: bool = True
 
     def check(self, *, file=None, key: str = "", **context) -> None:
         if self.path is None or not str(self.path).strip():
@@ -105,6 +111,20 @@ class TextSpec(TaskSpec):
         if not 0 <= self.val_fraction < 1:
             fail(file, f"{key}.val_fraction", f"{self.val_fraction} is out of range", "0 <= val_fraction < 1")
 
+    def vocab_size(self) -> int | None:
+        """A prepared folder's vocabulary, from its meta.json (no torch, no data read)."""
+        import json
+        import os
+
+        meta = os.path.join(os.path.expanduser(str(self.path)), "meta.json")
+        try:
+            with open(meta, encoding="utf-8") as fh:
+                data = json.load(fh)
+            if data.get("format") == "hybridseq-tokens" and isinstance(data.get("vocab_size"), int):
+                return int(data["vocab_size"])
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None  # text or .bin files: the task counts it
 
 
 TASKS: dict[str, type[TaskSpec]] = {cls.name: cls for cls in (

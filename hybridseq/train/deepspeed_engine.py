@@ -343,8 +343,8 @@ class DeepSpeedEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, inputs: torch.Tensor):
-        return self.ds(inputs)
+    def forward(self, inputs: torch.Tensor, **kwargs):
+        return self.ds(inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss`` is already divided by the accumulation steps (the trainer does it)."""
@@ -538,6 +538,7 @@ def write_pretrained(state: dict, model: nn.Module, cfg, folder: str, atomic: bo
     cfg = config_without_ep(cfg if cfg is not None else model.cfg)
     cpu = HybridLM(model_cfg)
     cpu.load_state_dict(state, strict=True)
+    cpu.tokenizer_json = getattr(model, "tokenizer_json", None)  # saved beside the weights when set
     if atomic:
         save_pretrained(cpu, cfg, folder)
         return

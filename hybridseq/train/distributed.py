@@ -12,7 +12,8 @@
   ``[rank * B, (rank + 1) * B)``. The ranks see disjoint data, the union of a step's batches is
   exactly what one process with ``batch_size = world * B`` sees, and the data position (the
   generator state) is identical on every rank, so a checkpoint resumes on any rank layout of the
-  same world size. Evaluation batches are the task's own (identical on every rank).
+  same world size. A batch's ``doc_ids`` and ``n_bytes`` (``data.base.Batch``) are sliced with
+  it. Evaluation batches are the task's own (identical on every rank).
 - ``DistributedTrainer``: ``Trainer`` with that sampler and with every step's logged numbers
   averaged (loss, aux loss) or summed (accuracy counts) over the ranks, so ``metrics.jsonl``
   (written by rank 0) describes the global batch.
@@ -26,7 +27,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from ..data.base import Task
+from ..data.base import Batch, Task
 from .trainer import Trainer
 
 
@@ -90,11 +91,15 @@ class ShardedTask(Task):
         self.inner, self.rank, self.world = task, int(rank), int(world_size)
         self.name, self.vocab_size, self.seq_len = task.name, task.vocab_size, task.seq_len
         self.has_seq_acc = task.has_seq_acc
+        self.language_model = getattr(task, "language_model", False)
         self.seed = task.seed
 
     def next_batch(self, batch_size: int):
-        inputs, targets = self.inner.next_batch(int(batch_size) * self.world)
+        batch = self.inner.next_batch(int(batch_size) * self.world)
         lo, hi = self.rank * int(batch_size), (self.rank + 1) * int(batch_size)
+        if isinstance(batch, Batch):
+            return batch.rows(lo, hi)
+        inputs, targets = batch
         return inputs[lo:hi], targets[lo:hi]
 
     def eval_batches(self, n: int, batch_size: int):

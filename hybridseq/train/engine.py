@@ -110,9 +110,10 @@ class LocalEngine:
             return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
         return contextlib.nullcontext()
 
-    def forward(self, inputs: torch.Tensor):
+    def forward(self, inputs: torch.Tensor, **kwargs):
+        """The model's forward under autocast; ``kwargs`` (e.g. ``doc_ids``) are passed on."""
         with self.autocast():
-            return self._forward(inputs)
+            return self._forward(inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

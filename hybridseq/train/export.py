@@ -1,4 +1,5 @@
-"""Export a training checkpoint to one model folder: ``model.safetensors`` + resolved ``config.yaml``.
+"""Export a training checkpoint to one model folder: ``model.safetensors`` + resolved ``config.yaml``
+(+ the checkpoint's ``tokenizer.json``, when it has one).
 
     hybridseq export RUN_DIR_OR_CHECKPOINT OUT [--from-shards]
     from hybridseq.train.export import export;  export("runs/bm", "models/bm")
@@ -73,6 +74,10 @@ def export(path: str, out: str, from_shards: bool = False) -> str:
         with torch.no_grad():
             model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items() if k in own}},
                                   strict=True)
+        tok = os.path.join(ck, "tokenizer.json")  # load_pretrained keeps it; here it is read by hand
+        if os.path.isfile(tok):
+            with open(tok, "rb") as fh:
+                model.tokenizer_json = fh.read()
     save_pretrained(model, None, out)
     return out
 

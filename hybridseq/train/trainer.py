@@ -7,7 +7,7 @@
 Engine interface (implemented by ``engine.LocalEngine``; a DeepSpeed engine in
 ``deepspeed_engine.py`` implements the same and is passed as ``engine_factory``)::
 
-    forward(inputs) -> ModelOutput      backward(loss)        step() -> {"lr", "grad_norm"}
+    forward(inputs, **kw) -> ModelOutput  backward(loss)      step() -> {"lr", "grad_norm"}
     state_dict() / load_state_dict()    autocast()            lr, model, device, is_main
     save_checkpoint(root, step, client_state, keep_last) -> folder
     load_checkpoint(folder) -> client_state
@@ -17,10 +17,18 @@ for each, ``loss = (CE(logits, targets) + aux_loss) / grad_accum`` is back-propa
 ``engine.step()`` clips, steps AdamW and the warmup+cosine schedule. Only the cross-entropy on
 scored positions is logged as ``loss``; the MoE auxiliary loss is logged as ``aux_loss``.
 
+A batch that carries ``doc_ids`` (packed documents, ``data.base.Batch``) is run as
+``forward(inputs, doc_ids=doc_ids)``, in training and in evaluation. Evaluation reports
+``eval_loss`` and ``eval_acc``; for language modelling also ``eval_ppl`` (exp of the loss) and,
+when the batches carry ``n_bytes``, ``eval_bpb``: the summed loss in nats over
+``ln 2 * bytes``.
+
 Output folder (``train.out_dir``, default ``runs/<name>-<YYYYmmdd-HHMMSS>``): ``config.yaml``
-(the resolved config), ``metrics.jsonl`` (see ``metrics.py``) and ``checkpoints/`` (see
-``checkpoint.py``). A checkpoint's ``trainer_state.pt`` holds, beside the engine state, the
-*client state*: step, tokens seen, the task's data position (its generator state), the RNG states
+(the resolved config; for token data its ``train.task.tokenizer`` says what the ids are),
+``tokenizer.json`` (when the task has one: a prepared folder's, also saved in every checkpoint),
+``metrics.jsonl`` (see ``metrics.py``) and ``checkpoints/`` (see ``checkpoint.py``). A
+checkpoint's ``trainer_state.pt`` holds, beside the engine state, the *client state*: step,
+tokens seen, the task's data position (its generator state), the RNG states
 of torch/CUDA/random/numpy and the running log accumulators, so that a resumed run reproduces
 the losses of an uninterrupted one exactly on CPU.
 
@@ -46,7 +54,7 @@ import torch.nn.functional as F
 
 from ..config.schema import TRAIN_DEFAULTS
 from ..data import IGNORE, make_task, score
-from ..errors import HybridSeqError
+from ..errors import ConfigError, HybridSeqError
 from . import checkpoint as ckpt
 from .engine import LocalEngine, resolve_device
 from .metrics import MetricsWriter, Progress, TensorBoardWriter
@@ -202,6 +210,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+
+def _check_vocab(cfg, task) -> None:
+    """A fixed ``model.vocab_size`` must hold every token id the task produces; otherwise the
+    embedding lookup would fail mid-step with an index error."""
+    model = cfg.get("model") or {}
+    v = model.get("vocab_size") if hasattr(model, "get") else getattr(model, "vocab_size", None)
+    need = int(getattr(task, "vocab_size", 0) or 0)
+    if isinstance(v, int) and not isinstance(v, bool) and need and v < need:
+        raise ConfigError(f"model.vocab_size is {v} but task {task.name!r} uses {need} token ids: "
+                          f"set it to at least {need}, or to auto",
+                          file=getattr(cfg, "source", None), key="model.vocab_size")
+
 class Trainer:
     """Builds (or receives) the model, the task and an engine, and runs ``fit()``.
 
@@ -235,6 +255,12 @@ class Trainer:
         seed_everything(self.seed)
         # Data: one task per process, seeded per rank so ranks see different batches.
         self.task = make_task(tc["task"], seed=self.seed + 1000 * rank)
+        self.cfg = cfg = _with_task_tokenizer(cfg, getattr(self.task, "tokenizer", None))
+        self.tokenizer_json = None  # a prepared folder's tokenizer.json, which travels with the model
+        if getattr(self.task, "tokenizer_file", None):
+            with open(self.task.tokenizer_file, "rb") as fh:
+                self.tokenizer_json = fh.read()
+        _check_vocab(cfg, self.task)
         if model is None:
             check_training_memory(cfg, self.batch_size, int(self.task.seq_len), device)
         check_writable(self.out_dir)
@@ -242,6 +268,8 @@ class Trainer:
             from ..api import build_model
 
             model = build_model(cfg)
+        if self.tokenizer_json is not None:  # saved beside the weights in every checkpoint (hs.save_pretrained)
+            model.tokenizer_json = self.tokenizer_json
         model.to(device)
         model.train()
         self.engine = (engine_factory or LocalEngine)(model, tc, cfg=cfg, device=device)
@@ -310,24 +338,33 @@ class Trainer:
 
         os.makedirs(self.out_dir, exist_ok=True)
         save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+        if self.tokenizer_json is not None:
+            ckpt.atomic_write_bytes(os.path.join(self.out_dir, "tokenizer.json"), self.tokenizer_json)
 
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, task=None, n_batches: int | None = None, batch_size: int | None = None) -> dict:
-        """Mean cross-entropy and accuracies over the task's fixed evaluation batches."""
+        """Mean cross-entropy and accuracies over the task's fixed evaluation batches (and, for
+        language modelling, perplexity and bits per byte: module docstring)."""
         task = task or self.task
         n = int(n_batches or self.tc.get("eval_batches") or 1)
         bs = int(batch_size or self.batch_size)
         was_training = self.model.training
         self.model.eval()
         total_loss, counts = 0.0, {"correct": 0, "scored": 0, "seq_correct": 0, "seqs": 0}
+        n_bytes = 0.0  # None once a batch does not say how many bytes it holds
         try:
-            for inputs, targets in task.eval_batches(n, bs):
+            for batch in task.eval_batches(n, bs):
+                inputs, targets = batch
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
+                doc_ids = getattr(batch, "doc_ids", None)
+                kwargs = {} if doc_ids is None else {"doc_ids": doc_ids.to(self.device)}
                 with self.engine.autocast():
-                    logits = self.model(inputs).logits
+                    logits = self.model(inputs, **kwargs).logits
                 total_loss += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                     targets.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+                b = getattr(batch, "n_bytes", None)
+                n_bytes = None if b is None or n_bytes is None else n_bytes + float(b.sum())
                 for k, v in score(logits, targets).items():
                     counts[k] += v
         finally:
@@ -336,6 +373,10 @@ class Trainer:
                "eval_acc": counts["correct"] / max(1, counts["scored"])}
         if task.has_seq_acc:
             out["eval_seq_acc"] = counts["seq_correct"] / max(1, counts["seqs"])
+        if getattr(task, "language_model", False):
+            out["eval_ppl"] = math.exp(min(out["eval_loss"], 700.0))
+            if n_bytes:
+                out["eval_bpb"] = total_loss / (n_bytes * math.log(2))
         return out
 
     # --- one optimizer step -------------------------------------------------------------------
@@ -343,9 +384,14 @@ class Trainer:
         loss_sum, aux_sum, tokens = 0.0, 0.0, 0
         correct = scored = 0
         for _ in range(self.grad_accum):
-            inputs, targets = self.task.next_batch(self.batch_size)
+            batch = self.task.next_batch(self.batch_size)
+            inputs, targets = batch
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            out = self.engine.forward(inputs)
+            doc_ids = getattr(batch, "doc_ids", None)
+            if doc_ids is None:
+                out = self.engine.forward(inputs)
+            else:
+                out = self.engine.forward(inputs, doc_ids=doc_ids.to(self.device, non_blocking=True))
             ce = lm_loss(out.logits, targets)
             aux = getattr(out, "aux_loss", None)
             loss = ce + aux if aux is not None else ce
@@ -531,7 +577,25 @@ def _eval_line(r: dict) -> str:
     parts = [f"step {r['step']}", f"eval_loss {r['eval_loss']:.4f}", f"eval_acc {r['eval_acc']:.3f}"]
     if "eval_seq_acc" in r:
         parts.append(f"eval_seq_acc {r['eval_seq_acc']:.3f}")
+    if "eval_ppl" in r:
+        parts.append(f"eval_ppl {r['eval_ppl']:.2f}")
+    if "eval_bpb" in r:
+        parts.append(f"eval_bpb {r['eval_bpb']:.3f}")
     return "  ".join(parts)
+
+
+def _with_task_tokenizer(cfg, tokenizer: str | None):
+    """``cfg`` with ``train.task.tokenizer`` set to what the task's data is (``bytes``,
+    ``tokenizer.json`` or ``ids``), so that a saved config never calls token data bytes."""
+    try:
+        spec = cfg.train.task
+        if tokenizer is None or getattr(spec, "tokenizer", tokenizer) == tokenizer:
+            return cfg
+        from dataclasses import replace
+
+        return replace(cfg, train=cfg.train.replace(task=spec.replace(tokenizer=tokenizer)))
+    except (AttributeError, TypeError):  # a plain mapping: kept as given
+        return cfg
 
 
 def train(cfg, out_dir: str | None = None, resume: bool = False, progress: bool = True, **kwargs) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._ops import compiling
 from ..backend import resolve
 
 SWIGLU_IMPLS = ("auto", "torch", "triton")
@@ -65,20 +66,22 @@ def swiglu_fwd(h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     _check(h)
     if not _use_triton(h, impl):
         return swiglu_fwd_ref(h)
-    from .swiglu_triton import swiglu_fwd_triton
+    from .swiglu_triton import swiglu_fwd_op, swiglu_fwd_triton
 
+    fn = swiglu_fwd_op if compiling() else swiglu_fwd_triton
     lead = h.shape[:-1]
-    return swiglu_fwd_triton(h.reshape(-1, h.shape[-1])).view(*lead, h.shape[-1] // 2)
+    return fn(h.reshape(-1, h.shape[-1])).view(*lead, h.shape[-1] // 2)
 
 
 def swiglu_bwd(h: torch.Tensor, da: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     _check(h)
     if not _use_triton(h, impl):
         return swiglu_bwd_ref(h, da)
-    from .swiglu_triton import swiglu_bwd_triton
+    from .swiglu_triton import swiglu_bwd_op, swiglu_bwd_triton
 
+    fn = swiglu_bwd_op if compiling() else swiglu_bwd_triton
     lead = h.shape[:-1]
-    return swiglu_bwd_triton(h.reshape(-1, h.shape[-1]), da.reshape(-1, da.shape[-1])).view(*lead, h.shape[-1])
+    return fn(h.reshape(-1, h.shape[-1]), da.reshape(-1, da.shape[-1])).view(*lead, h.shape[-1])
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -95,7 +98,15 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """silu(h[..., :F]) * h[..., F:] with the fused backward (saves only h)."""
+    """silu(h[..., :F]) * h[..., F:] with the fused backward (saves only h). Under
+    ``torch.compile`` with the Triton kernels: the custom op ``hybridseq::swiglu_fwd`` and its
+    registered backward."""
+    if compiling() and _use_triton(h, impl):
+        from .swiglu_triton import swiglu_fwd_op
+
+        _check(h)
+        lead = h.shape[:-1]
+        return swiglu_fwd_op(h.reshape(-1, h.shape[-1])).view(*lead, h.shape[-1] // 2)
     return _SwiGLU.apply(h, impl)
 
 
@@ -128,4 +139,9 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor, impl: str = "auto") -> torch.Tens
         raise ValueError(f"silu_mul: g and u must have one shape, got {tuple(g.shape)} and {tuple(u.shape)}")
     if not _use_triton(g, impl):
         return silu_mul_ref(g, u)
+    if compiling():
+        from .swiglu_triton import silu_mul_fwd_op
+
+        f = g.shape[-1]
+        return silu_mul_fwd_op(g.reshape(-1, f), u.reshape(-1, f)).view(g.shape)
     return _SiluMul.apply(g, u)

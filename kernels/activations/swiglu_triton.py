@@ -10,13 +10,16 @@ h (M, 2F): gate in columns [:F], up in [F:]; rows may be strided, columns contig
 All math in fp32, outputs in h's dtype. Compared with PyTorch (silu, mul; and in the backward mul,
 mul, silu_backward and the cat of the two halves) the forward reads h once and writes a once, and
 the backward reads h and da once and writes dh once. ``kernels/swiglu.py`` holds the plain
-PyTorch twins (``swiglu_fwd_ref``, ``swiglu_bwd_ref``) and the autograd entry point.
+PyTorch twins (``swiglu_fwd_ref``, ``swiglu_bwd_ref``) and the autograd entry point. Under
+``torch.compile`` the kernels run as the custom ops at the end of this file.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .._ops import custom_op
 
 
 @triton.jit
@@ -103,3 +106,73 @@ def swiglu_bwd_triton(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
     dh = torch.empty(h.shape[0], 2 * f, dtype=h.dtype, device=h.device)
     silu_mul_bwd_triton(h[:, :f], h[:, f:], da, dh[:, :f], dh[:, f:])
     return dh
+
+
+# ------------------------------------------------------------------ compiled: the custom ops
+# ``hybridseq::swiglu_fwd`` (with its autograd: the SwiGLU op ``swiglu`` traces to), and
+# ``swiglu_bwd``; ``silu_mul_fwd`` (with autograd) and ``silu_mul_bwd`` (``kernels._ops``). Rows
+# are 2-D (M, 2F) / (M, F); the entry points reshape outside the ops.
+@custom_op("swiglu_fwd")
+def swiglu_fwd_op(h: torch.Tensor) -> torch.Tensor:
+    return swiglu_fwd_triton(h)
+
+
+@swiglu_fwd_op.register_fake
+def _(h):
+    return h.new_empty((h.shape[0], h.shape[1] // 2))
+
+
+@custom_op("swiglu_bwd")
+def swiglu_bwd_op(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    return swiglu_bwd_triton(h, da)
+
+
+@swiglu_bwd_op.register_fake
+def _(h, da):
+    return h.new_empty((h.shape[0], h.shape[1]))
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, da):
+    (h,) = ctx.saved_tensors
+    return swiglu_bwd_op(h, da)
+
+
+swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+@custom_op("silu_mul_fwd")
+def silu_mul_fwd_op(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return silu_mul_fwd_triton(g, u)
+
+
+@silu_mul_fwd_op.register_fake
+def _(g, u):
+    return g.new_empty(g.shape)
+
+
+@custom_op("silu_mul_bwd")
+def silu_mul_bwd_op(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    dg, du = silu_mul_bwd_triton(g, u, da)
+    return dg.contiguous(), du.contiguous()
+
+
+@silu_mul_bwd_op.register_fake
+def _(g, u, da):
+    return g.new_empty(g.shape), u.new_empty(u.shape)
+
+
+def _silu_mul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_backward(ctx, da):
+    g, u = ctx.saved_tensors
+    return silu_mul_bwd_op(g, u, da)
+
+
+silu_mul_fwd_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch
+from .._ops import compiling, custom_op
 from .._utils import check_decode_attention_args
 from ..backend import interpreting
 
@@ -224,16 +225,23 @@ def run_decode_attention_triton(q, k_cache, v_cache, pos, scale=None, *, n_split
     """``decode_attention_triton`` without the argument checks (the caller made them).
     ``pos``: an int or an int32/int64 tensor of shape () or (batch,) on q's device."""
     b, h, d = q.shape
-    hkv, cap = k_cache.shape[1], k_cache.shape[2]
-    o = _alloc((b, h, d), q.dtype, q.device)
-    if b == 0 or h == 0:
-        return o
     if not isinstance(pos, torch.Tensor):
         # a fill kernel, not a host-to-device copy: no synchronisation (but a captured graph
         # keeps this value: pass a device tensor to replay one graph for every position)
         pos = torch.full((), int(pos), dtype=torch.int64, device=q.device)
-    s_pos = pos.stride(0) if pos.dim() == 1 else 0
     scale = d ** -0.5 if scale is None else float(scale)
+    if compiling():
+        return _decode_op(q, k_cache, v_cache, pos, scale, n_splits, block_n)
+    return _launch_decode(q, k_cache, v_cache, pos, scale, n_splits, block_n)
+
+
+def _launch_decode(q, k_cache, v_cache, pos, scale, n_splits, block_n):
+    b, h, d = q.shape
+    hkv, cap = k_cache.shape[1], k_cache.shape[2]
+    o = _alloc((b, h, d), q.dtype, q.device)
+    if b == 0 or h == 0:
+        return o
+    s_pos = pos.stride(0) if pos.dim() == 1 else 0
     plan = _plan(b, h, hkv, cap, d, k_cache.dtype, _num_sms(q.device), n_splits, block_n,
                  _tunables())
     ns, split_len = plan["n_splits"], plan["split_len"]
@@ -260,6 +268,19 @@ def run_decode_attention_triton(q, k_cache, v_cache, pos, scale=None, *, n_split
         consts = dict(S_PAD=s_pad, D_PAD=d_pad, BLOCK_S=max(1, min(s_pad, 2048 // d_pad)))
         launch(_decode_merge_kernel, (b * h,), args, consts, num_warps=1 if _INTERPRET else 2)
     return o
+
+
+@custom_op("decode_attention")
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+               scale: float, n_splits: int | None, block_n: int | None) -> torch.Tensor:
+    """o (b, h, d): the decode attention as the custom op ``hybridseq::decode_attention`` (what
+    ``torch.compile`` traces; ``kernels._ops``)."""
+    return _launch_decode(q, k_cache, v_cache, pos, scale, n_splits, block_n)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, pos, scale, n_splits, block_n):
+    return q.new_empty(q.shape)
 
 
 def decode_attention_triton(q, k_cache, v_cache, pos, *, ring=False, scale=None):

@@ -10,6 +10,7 @@ forward, backward and update kernels). ``impl`` is resolved by ``kernels.backend
 """
 from __future__ import annotations
 
+from .._ops import profile_scope
 from .._utils import check_causal_conv1d_args, check_causal_conv1d_update_args
 from ..backend import resolve
 from .ref import causal_conv1d_ref, causal_conv1d_update_ref
@@ -33,8 +34,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None,
         from .triton_conv import causal_conv1d_triton as fn
     else:
         fn = causal_conv1d_ref
-    return fn(x, weight, bias=bias, activation=activation, initial_state=initial_state,
-              return_final_state=return_final_state, seq_idx=seq_idx)
+    with profile_scope("causal_conv1d"):
+        return fn(x, weight, bias=bias, activation=activation, initial_state=initial_state,
+                  return_final_state=return_final_state, seq_idx=seq_idx)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, impl="auto"):

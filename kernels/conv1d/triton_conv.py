@@ -39,6 +39,10 @@ H100 (0.129-0.149 ms against 0.110 for the tile kernel).
 (the Mamba block's conv + projections node); the backward can write dx into a given strided
 buffer (the x half of the in_proj gradient).
 
+Under ``torch.compile`` the launches run as the custom ops ``hybridseq::causal_conv1d_fwd``
+(with its autograd), ``causal_conv1d_bwd``, ``causal_conv1d_bwd_into`` (dx written into a given
+buffer) and ``causal_conv1d_update`` (``kernels._ops``).
+
 Backward: one fused kernel, one pass over x and dy, one write of dx. A program owns a chunk of
 ``BWD_CHUNK_ROWS`` rows of xc and walks it in tiles. g is computed once per row and shifted
 across the tile's rows with ``tl.gather`` (tiles overlap by w-1 rows), or, in the other
@@ -57,6 +61,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch
+from .._ops import compiling, custom_op
 from ..backend import interpreting
 from .._utils import check_causal_conv1d_args, check_causal_conv1d_update_args
 
@@ -643,6 +648,8 @@ def causal_conv1d_fwd(x, weight, bias=None, silu=False, seq_idx=None):
     for speed); no initial state; ``seq_idx`` (b, l): packed documents."""
     if not _conv_args_plain(x, weight, bias, "silu" if silu else None, None, seq_idx):
         check_causal_conv1d_args("causal_conv1d_fwd", x, weight, bias, None, None, seq_idx)
+    if compiling():
+        return _fwd_op(x, weight, bias, None, bool(silu), seq_idx)
     return _launch_fwd(x, weight, bias, None, bool(silu), seq_idx)
 
 
@@ -663,6 +670,12 @@ def causal_conv1d_bwd(x, weight, bias, dy, silu=False, dx_out=None, seq_idx=None
     if b == 0 or l == 0 or d == 0:
         dx = dx_out if dx_out is not None else torch.zeros_like(x)
         return dx, torch.zeros_like(weight), (torch.zeros_like(bias) if bias is not None else None)
+    if compiling():
+        if dx_out is None:
+            dx, dweight, dbias, _ = _bwd_op(x, weight, bias, None, dy, bool(silu), seq_idx)
+            return dx, dweight, (dbias if bias is not None else None)
+        dweight, dbias = _bwd_into_op(x, weight, bias, dy, bool(silu), dx_out, seq_idx)
+        return dx_out, dweight, (dbias if bias is not None else None)
     dx, dweight, dbias, _ = _launch_bwd(x, weight, bias, None, dy, bool(silu), dx_out=dx_out,
                                         seq_idx=seq_idx)
     return dx, dweight, dbias
@@ -686,6 +699,91 @@ class _CausalConv1dFn(torch.autograd.Function):
         dx, dweight, dbias, ds = _launch_bwd(x, weight, bias, state, dy, ctx.silu,
                                              seq_idx=seq_idx)
         return dx, dweight, dbias, ds, None, None
+
+
+# ------------------------------------------------------------------ compiled: the custom ops
+def _zero_grads(x, weight, bias, state):
+    """Zero (dx, dweight, dbias, dstate), contiguous, the layout the ops return (stand-ins for
+    an absent bias or state)."""
+    z = lambda t: t.new_zeros(t.shape)  # noqa: E731
+    return (z(x), z(weight), z(bias) if bias is not None else x.new_empty(0),
+            z(state) if state is not None else x.new_empty(0))
+
+
+@custom_op("causal_conv1d_fwd")
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            state: torch.Tensor | None, silu: bool, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """y (b, l, d) contiguous, x's dtype."""
+    return _launch_fwd(x, weight, bias, state, silu, seq_idx)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, state, silu, seq_idx):
+    return x.new_empty(x.shape)
+
+
+@custom_op("causal_conv1d_bwd")
+def _bwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            state: torch.Tensor | None, dy: torch.Tensor, silu: bool,
+            seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """(dx, dweight, dbias, dstate); empty stand-ins for an absent bias or state."""
+    b, l, d = x.shape
+    if b == 0 or l == 0 or d == 0:
+        return _zero_grads(x, weight, bias, state)
+    dx, dw, db, ds = _launch_bwd(x, weight, bias, state, dy, silu, seq_idx=seq_idx)
+    return (dx, dw.contiguous(), db if db is not None else x.new_empty(0),
+            ds if ds is not None else x.new_empty(0))
+
+
+@_bwd_op.register_fake
+def _(x, weight, bias, state, dy, silu, seq_idx):
+    return _zero_grads(x, weight, bias, state)
+
+
+@custom_op("causal_conv1d_bwd_into", mutates_args=("dx_out",))
+def _bwd_into_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 dy: torch.Tensor, silu: bool, dx_out: torch.Tensor,
+                 seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight, dbias) with dx written into ``dx_out`` (any strides): ``causal_conv1d_bwd``'s
+    ``dx_out`` form, for the Mamba block's fused node. An empty stand-in without a bias."""
+    _, dw, db, _ = _launch_bwd(x, weight, bias, None, dy, silu, dx_out=dx_out, seq_idx=seq_idx)
+    return dw.contiguous(), (db if db is not None else x.new_empty(0))
+
+
+@_bwd_into_op.register_fake
+def _(x, weight, bias, dy, silu, dx_out, seq_idx):
+    return weight.new_empty(weight.shape), (bias.new_empty(bias.shape) if bias is not None
+                                            else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, state, silu, seq_idx = inputs
+    ctx.save_for_backward(x, weight, bias, state, seq_idx)
+    ctx.silu = bool(silu)
+
+
+def _backward(ctx, dy):
+    x, weight, bias, state, seq_idx = ctx.saved_tensors
+    dx, dw, db, ds = _bwd_op(x, weight, bias, state, dy, ctx.silu, seq_idx)
+    return (dx, dw, db if bias is not None else None, ds if state is not None else None,
+            None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+@custom_op("causal_conv1d_update")
+def _update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (b, d), new_state (b, w-1, d)) of one decoding token (``causal_conv1d_update``)."""
+    return _launch_update(x, conv_state, weight, bias, silu)
+
+
+@_update_op.register_fake
+def _(x, conv_state, weight, bias, silu):
+    b, d = x.shape
+    return x.new_empty((b, d)), conv_state.new_empty((b, weight.shape[1] - 1, d))
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -753,7 +851,9 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
                                  initial_state, seq_idx)  # raises the precise error
     w = weight.shape[1]
     silu = activation is not None
-    if torch.is_grad_enabled() and (
+    if compiling():
+        y = _fwd_op(x, weight, bias, initial_state, silu, seq_idx)
+    elif torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
             or (initial_state is not None and initial_state.requires_grad)):
         y = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu, seq_idx)
@@ -771,9 +871,15 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     if not _update_args_plain(x, conv_state, weight, bias, activation):
         check_causal_conv1d_update_args("causal_conv1d_update_triton", x, conv_state, weight,
                                         bias, activation)  # raises the precise error
+    silu = activation is not None
+    if compiling():
+        return _update_op(x, conv_state, weight, bias, silu)
+    return _launch_update(x, conv_state, weight, bias, silu)
+
+
+def _launch_update(x, conv_state, weight, bias, silu):
     b, d = x.shape
     w = weight.shape[1]
-    silu = activation is not None
     y = _alloc((b, d), dtype=x.dtype, device=x.device)
     new_state = _alloc((b, w - 1, d), dtype=conv_state.dtype, device=x.device)
     if b == 0 or d == 0:

@@ -20,12 +20,15 @@ slower on CPU). ``triton`` (``permute_triton.py``, the ``auto`` choice on CUDA):
 permutation (a row gather), the un-permute forward, its backward and the permute backward are each
 one fused pass that reads and writes every row once, without materialising the (N, k, d) slot
 tensor; the sort is a counting sort (``sort_triton.py``, three launches). ``permute_ref`` /
-``unpermute_ref`` are the plain definitions (fancy indexing, index_add) for the tests.
+``unpermute_ref`` are the plain definitions (fancy indexing, index_add) for the tests. Under
+``torch.compile`` the Triton paths run as the custom ops ``hybridseq::moe_sort_by_bin``,
+``moe_permute`` and ``moe_unpermute`` (``permute_triton.py``, ``sort_triton.py``).
 """
 from __future__ import annotations
 
 import torch
 
+from .._ops import compiling
 from ..backend import resolve
 
 def histogram(values: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -61,6 +64,10 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int, impl: str = "auto"):
         from .sort_triton import MAX_BINS, sort_by_bin_triton
 
         if n_experts + 1 <= MAX_BINS:
+            if compiling():
+                from .sort_triton import sort_by_bin_op
+
+                return sort_by_bin_op(flat, n_experts + 1)
             return sort_by_bin_triton(flat, n_experts + 1)
     order = argsort_experts(flat, n_experts)
     counts = histogram(flat, n_experts + 1)
@@ -139,6 +146,10 @@ def permute(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, top_k: int,
     when Triton imports) | torch | triton."""
     src = torch.div(order, top_k, rounding_mode="floor")
     if _use_triton(x, impl):
+        if compiling():
+            from .permute_triton import permute_op
+
+            return permute_op(x, src, inv, top_k)
         return _PermuteTriton.apply(x, src, inv, top_k)
     return _GatherRows.apply(x, src, inv, top_k)
 
@@ -149,6 +160,10 @@ def unpermute(y_perm: torch.Tensor, order: torch.Tensor, inv: torch.Tensor,
     (products and sum in fp32 on the Triton path, in y_perm's dtype on the torch path)."""
     n, k = weights.shape
     if _use_triton(y_perm, impl):
+        if compiling():
+            from .permute_triton import unpermute_op
+
+            return unpermute_op(y_perm, inv, weights)
         return _UnpermuteTriton.apply(y_perm, inv, weights)
     slots = _GatherRows.apply(y_perm, inv, order, 1).view(n, k, y_perm.shape[-1])
     w = weights.to(slots.dtype).unsqueeze(-1)

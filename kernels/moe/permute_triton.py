@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import custom_op
+
 
 @triton.jit
 def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, D, stride_src, stride_out,
@@ -99,3 +101,77 @@ def scatter_scale_dot(g: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, w: 
     _scatter_scale_dot_kernel[(n,)](g, src, idx, w, gsrc, gw, d, g.stride(0), src.stride(0), gsrc.stride(0),
                                     K=k, BLOCK_D=_block(d))
     return gsrc, gw
+
+
+# ------------------------------------------------------------------ compiled: the custom ops
+# ``hybridseq::moe_permute`` and ``moe_unpermute`` (with their autograd: ``permute.py``'s
+# ``_PermuteTriton`` / ``_UnpermuteTriton`` as ops), over ``moe_gather_sum`` and
+# ``moe_scatter_scale_dot`` (``kernels._ops``).
+@custom_op("moe_gather_sum")
+def gather_sum_op(src: torch.Tensor, idx: torch.Tensor, k: int,
+                  w: torch.Tensor | None) -> torch.Tensor:
+    return gather_sum(src, idx, k, w)
+
+
+@gather_sum_op.register_fake
+def _(src, idx, k, w):
+    return src.new_empty((idx.numel() // k, src.shape[-1]))
+
+
+@custom_op("moe_scatter_scale_dot")
+def scatter_scale_dot_op(g: torch.Tensor, src: torch.Tensor, idx: torch.Tensor,
+                         w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scatter_scale_dot(g, src, idx, w)
+
+
+@scatter_scale_dot_op.register_fake
+def _(g, src, idx, w):
+    return src.new_empty(src.shape), src.new_empty((idx.numel(),), dtype=torch.float32)
+
+
+@custom_op("moe_permute")
+def permute_op(x: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+    """x_perm = x[src] (one slot per row); backward: grad_x[n] = sum_j grad[inv[n k + j]]."""
+    return gather_sum(x, src, 1)
+
+
+@permute_op.register_fake
+def _(x, src, inv, k):
+    return x.new_empty((src.numel(), x.shape[-1]))
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+    ctx.k = inputs[3]
+
+
+def _permute_backward(ctx, grad):
+    (inv,) = ctx.saved_tensors
+    return gather_sum_op(grad, inv, ctx.k, None), None, None, None
+
+
+permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@custom_op("moe_unpermute")
+def unpermute_op(y_perm: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y[n] = sum_j weights[n, j] * y_perm[inv[n k + j]]."""
+    return gather_sum(y_perm, inv, weights.shape[1], weights.reshape(-1))
+
+
+@unpermute_op.register_fake
+def _(y_perm, inv, weights):
+    return y_perm.new_empty((weights.shape[0], y_perm.shape[-1]))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _unpermute_backward(ctx, grad):
+    y_perm, inv, weights = ctx.saved_tensors
+    g_y, g_w = scatter_scale_dot_op(grad, y_perm, inv, weights.reshape(-1))
+    return g_y, None, g_w.view(weights.shape).to(weights.dtype)
+
+
+unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)

@@ -12,12 +12,17 @@ router weight W (E, D) fp32.
   gradient x_tap receives into the router's dx inside the dx kernel: no separate (N, D) add of
   the two gradients of x, which autograd would otherwise launch (61 us a step for a d_model 2048,
   16384-token layer on an H100).
+
+Under ``torch.compile`` the Triton path runs as the custom op ``hybridseq::router_logits_fwd``
+(``router_logits_triton.py``), and x_tap is x itself (a custom op cannot return a view of its
+input): autograd then adds x's two gradients.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .._ops import compiling
 from ..backend import resolve
 
 ROUTER_LOGITS_IMPLS = ("auto", "torch", "triton")
@@ -65,6 +70,10 @@ def router_logits_tap(x: torch.Tensor, w: torch.Tensor, impl: str = "torch"):
     path; on the Triton path a view of x whose gradient the router's backward adds into its dx."""
     if _resolve(impl, x) == "torch":
         return router_logits_ref(x, w), x
+    if compiling():  # the custom op; x's other consumers read x itself
+        from .router_logits_triton import router_logits_fwd_op
+
+        return router_logits_fwd_op(x, w.float()), x
     logits, x_tap = _RouterLogits.apply(x, w.float())
     # without a gradient of x, x's other consumers get x itself (the view would require grad
     # through w and give them a gradient path for nothing)
@@ -75,4 +84,8 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, impl: str = "torch") -> torc
     """(N, E) fp32 logits of x (N, D) and w (E, D) fp32 (see the module docstring)."""
     if _resolve(impl, x) == "torch":
         return router_logits_ref(x, w)
+    if compiling():
+        from .router_logits_triton import router_logits_fwd_op
+
+        return router_logits_fwd_op(x, w.float())
     return _RouterLogits.apply(x, w.float())[0]

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import custom_op
 from ..backend import interpreting as triton_interpreting
 
 
@@ -173,3 +174,47 @@ def router_logits_bwd_triton(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
             BF16_DOT=not triton_interpreting())
         dw = part.sum(0)
     return dx, dw
+
+
+# ------------------------------------------------------------------ compiled: the custom ops
+# ``hybridseq::router_logits_fwd`` (with its autograd) and ``router_logits_bwd``
+# (``kernels._ops``). Under ``torch.compile`` the router reads x itself (no tap view: a custom op
+# cannot return an alias of its input), so autograd adds x's two gradients.
+@custom_op("router_logits_fwd")
+def router_logits_fwd_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return router_logits_fwd_triton(x, w)
+
+
+@router_logits_fwd_op.register_fake
+def _(x, w):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+@custom_op("router_logits_bwd")
+def router_logits_bwd_op(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_dx: bool,
+                         need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); an empty stand-in for one not asked for."""
+    dx, dw = router_logits_bwd_triton(g, x, w, need_dx, need_dw)
+    e = x.new_empty(0)
+    return (dx if dx is not None else e), (dw if dw is not None else e.float())
+
+
+@router_logits_bwd_op.register_fake
+def _(g, x, w, need_dx, need_dw):
+    e = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else e,
+            w.new_empty(w.shape, dtype=torch.float32) if need_dw else e.float())
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, g):
+    x, w = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = router_logits_bwd_op(g, x, w, need_dx, need_dw)
+    return (dx if need_dx else None), (dw.to(w.dtype) if need_dw else None)
+
+
+router_logits_fwd_op.register_autograd(_backward, setup_context=_setup)

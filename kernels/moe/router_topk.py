@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._ops import compiling
 from ..backend import resolve
 
 SOFTMAX_TOPK_IMPLS = ("auto", "torch", "triton")
@@ -46,62 +47,85 @@ def _block_e(e: int) -> int:
     return max(2, triton.next_power_of_2(e))
 
 
+def _fwd_launch(logits, k, renormalize, stats):
+    """The forward kernel: (probs, weights, indices, lse, psum, lsq, counts, ent), the last four
+    None without ``stats`` (``_SoftmaxTopk``)."""
+    import triton
+
+    from .router_topk_triton import _softmax_topk_fwd_kernel
+
+    logits = logits.float().contiguous()
+    n, e = logits.shape
+    be = _block_e(e)
+    probs = torch.empty_like(logits)
+    weights = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    renorm = bool(renormalize) and k > 1
+    n_prog = triton.cdiv(n, _BLOCK_N)
+    # every program writes its whole row of partial sums; no rows: one row of zeros
+    part = (torch.empty if n else torch.zeros)(2 * be + 2, max(n_prog, 1) if stats else 1,
+                                               dtype=torch.float32, device=logits.device)
+    if n:
+        _softmax_topk_fwd_kernel[(n_prog,)](
+            logits, probs, weights, indices, lse, part, n, e, K=k, RENORM=renorm, STATS=stats,
+            BLOCK_N=_BLOCK_N, BLOCK_E=be)
+    if not stats:
+        return probs, weights, indices, lse, None, None, None, None
+    tot = part.sum(1)  # (an inner-dimension sum: one fast reduction)
+    counts = tot[be:be + e].to(torch.int64)  # integer sums, exact below 2^24 slots
+    return probs, weights, indices, lse, tot[:e], tot[2 * be], counts, tot[2 * be + 1]
+
+
+def _bwd_launch(probs, weights, indices, lse, k, renorm, dprobs, dweights, dlse, dpsum, dlsq):
+    """The backward kernel: dlogits (N, E) fp32 from the gradients that exist (None: absent)."""
+    import triton
+
+    from .router_topk_triton import _softmax_topk_bwd_kernel
+
+    n, e = probs.shape
+    dl = torch.empty_like(probs)
+
+    def arg(t):
+        return t.float().contiguous() if t is not None else probs  # (an unused pointer)
+
+    if n:
+        _softmax_topk_bwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
+            probs, weights, indices, arg(dprobs), arg(dweights), arg(dlse), dl, lse,
+            arg(dpsum), arg(dlsq), n, e, K=k, RENORM=renorm, HAS_DP=dprobs is not None,
+            HAS_DW=dweights is not None, HAS_DLSE=dlse is not None, HAS_DPS=dpsum is not None,
+            HAS_DLSQ=dlsq is not None, BLOCK_N=_BLOCK_N, BLOCK_E=_block_e(e))
+    return dl
+
+
 class _SoftmaxTopk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, k, renormalize, stats):
-        import triton
-
-        from .router_topk_triton import _softmax_topk_fwd_kernel
-
-        logits = logits.float().contiguous()
-        n, e = logits.shape
-        be = _block_e(e)
-        probs = torch.empty_like(logits)
-        weights = torch.empty(n, k, dtype=torch.float32, device=logits.device)
-        indices = torch.empty(n, k, dtype=torch.int64, device=logits.device)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        renorm = bool(renormalize) and k > 1
-        n_prog = triton.cdiv(n, _BLOCK_N)
-        # every program writes its whole row of partial sums; no rows: one row of zeros
-        part = (torch.empty if n else torch.zeros)(2 * be + 2, max(n_prog, 1) if stats else 1,
-                                                   dtype=torch.float32, device=logits.device)
-        if n:
-            _softmax_topk_fwd_kernel[(n_prog,)](
-                logits, probs, weights, indices, lse, part, n, e, K=k, RENORM=renorm, STATS=stats,
-                BLOCK_N=_BLOCK_N, BLOCK_E=be)
+        out = _fwd_launch(logits, k, renormalize, stats)
+        probs, weights, indices, lse = out[:4]
         ctx.save_for_backward(probs, weights, indices, lse)
-        ctx.cfg = (k, renorm)
+        ctx.cfg = (k, bool(renormalize) and k > 1)
         ctx.set_materialize_grads(False)  # outputs nothing used get None, not a zero-filled tensor
         ctx.mark_non_differentiable(indices)
-        if not stats:
-            return probs, weights, indices, lse, None, None, None, None
-        tot = part.sum(1)  # (an inner-dimension sum: one fast reduction)
-        counts = tot[be:be + e].to(torch.int64)  # integer sums, exact below 2^24 slots
-        ent = tot[2 * be + 1]
-        ctx.mark_non_differentiable(indices, counts, ent)
-        return probs, weights, indices, lse, tot[:e], tot[2 * be], counts, ent
+        if stats:
+            ctx.mark_non_differentiable(indices, out[6], out[7])
+        return out
 
     @staticmethod
     def backward(ctx, dprobs, dweights, _dindices, dlse, dpsum, dlsq, _dcounts, _dent):
-        import triton
-
-        from .router_topk_triton import _softmax_topk_bwd_kernel
-
         probs, weights, indices, lse = ctx.saved_tensors
         k, renorm = ctx.cfg
-        n, e = probs.shape
-        dl = torch.empty_like(probs)
+        return _bwd_launch(probs, weights, indices, lse, k, renorm, dprobs, dweights, dlse, dpsum,
+                           dlsq), None, None, None
 
-        def arg(t):
-            return t.float().contiguous() if t is not None else probs  # (an unused pointer)
 
-        if n:
-            _softmax_topk_bwd_kernel[(triton.cdiv(n, _BLOCK_N),)](
-                probs, weights, indices, arg(dprobs), arg(dweights), arg(dlse), dl, lse,
-                arg(dpsum), arg(dlsq), n, e, K=k, RENORM=renorm, HAS_DP=dprobs is not None,
-                HAS_DW=dweights is not None, HAS_DLSE=dlse is not None, HAS_DPS=dpsum is not None,
-                HAS_DLSQ=dlsq is not None, BLOCK_N=_BLOCK_N, BLOCK_E=_block_e(e))
-        return dl, None, None, None
+def _apply(logits, k, renormalize, stats):
+    """``_SoftmaxTopk``, or its custom op while ``torch.compile`` traces."""
+    if compiling():
+        from .router_topk_triton import softmax_topk_op
+
+        return softmax_topk_op(logits, k, renormalize, stats)
+    return _SoftmaxTopk.apply(logits, k, renormalize, stats)
 
 
 class RoutingStats(NamedTuple):
@@ -127,7 +151,7 @@ def _check(logits: torch.Tensor, k: int, impl: str) -> bool:
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True, impl: str = "auto"):
     """(probs, weights, indices, lse) of the module docstring; logits (N, E) fp32."""
     if _check(logits, k, impl):
-        return _SoftmaxTopk.apply(logits, k, renormalize, False)[:4]
+        return _apply(logits, k, renormalize, False)[:4]
     return softmax_topk_ref(logits, k, renormalize)
 
 
@@ -149,9 +173,8 @@ def softmax_topk_stats(logits: torch.Tensor, k: int, renormalize: bool = True, i
     if not _check(logits, k, impl):
         probs, weights, indices, lse = softmax_topk_ref(logits, k, renormalize)
     elif logits.shape[0] * k < STATS_MAX_SLOTS:
-        probs, weights, indices, lse, psum, lsq, counts, ent = _SoftmaxTopk.apply(logits, k, renormalize,
-                                                                                  True)
+        probs, weights, indices, lse, psum, lsq, counts, ent = _apply(logits, k, renormalize, True)
         return probs, weights, indices, lse, RoutingStats(psum, lsq, counts, ent)
     else:
-        probs, weights, indices, lse = _SoftmaxTopk.apply(logits, k, renormalize, False)[:4]
+        probs, weights, indices, lse = _apply(logits, k, renormalize, False)[:4]
     return probs, weights, indices, lse, stats_ref(probs, indices, lse)

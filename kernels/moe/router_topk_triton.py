@@ -18,8 +18,11 @@ backwards: about 15 small launches per MoE layer and step.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from .._ops import custom_op
 
 
 @triton.jit
@@ -115,3 +118,80 @@ def _softmax_topk_bwd_kernel(p_ptr, w_ptr, i_ptr, dp_ptr, dw_ptr, dlse_ptr, dl_p
             g_lse += 2.0 * tl.load(lse_ptr + rows, mask=rmask, other=0.0) * tl.load(dlsq_ptr)
         dl += g_lse[:, None] * p
     tl.store(dl_ptr + offs, dl, mask=mask)
+
+
+# ------------------------------------------------------------------ compiled: the custom ops
+# ``hybridseq::softmax_topk_fwd`` (with its autograd) and ``softmax_topk_bwd``
+# (``kernels._ops``); the launches are ``router_topk._fwd_launch`` / ``_bwd_launch``, which the
+# eager autograd op ``router_topk._SoftmaxTopk`` calls too.
+def _e(ref):
+    return ref.new_empty(0)
+
+
+@custom_op("softmax_topk_fwd")
+def _fwd_op(logits: torch.Tensor, k: int, renormalize: bool, stats: bool) -> list[torch.Tensor]:
+    """[probs, weights, indices, lse, psum, lsq, counts, ent]; the last four empty stand-ins
+    without ``stats`` (separate tensors: an op's outputs may not view one another)."""
+    from .router_topk import _fwd_launch
+
+    out = list(_fwd_launch(logits, k, renormalize, stats))
+    if not stats:
+        return out[:4] + [_e(out[0]), _e(out[0]), _e(out[2]), _e(out[0])]
+    return out[:4] + [t.clone() for t in out[4:]]
+
+
+@_fwd_op.register_fake
+def _(logits, k, renormalize, stats):
+    n, e = logits.shape
+    f32 = dict(dtype=torch.float32)
+    out = [logits.new_empty((n, e), **f32), logits.new_empty((n, k), **f32),
+           logits.new_empty((n, k), dtype=torch.int64), logits.new_empty((n,), **f32)]
+    if not stats:
+        return out + [logits.new_empty(0, **f32), logits.new_empty(0, **f32),
+                      logits.new_empty(0, dtype=torch.int64), logits.new_empty(0, **f32)]
+    return out + [logits.new_empty((e,), **f32), logits.new_empty((), **f32),
+                  logits.new_empty((e,), dtype=torch.int64), logits.new_empty((), **f32)]
+
+
+@custom_op("softmax_topk_bwd")
+def _bwd_op(probs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
+            k: int, renorm: bool, dprobs: torch.Tensor | None, dweights: torch.Tensor | None,
+            dlse: torch.Tensor | None, dpsum: torch.Tensor | None,
+            dlsq: torch.Tensor | None) -> torch.Tensor:
+    from .router_topk import _bwd_launch
+
+    return _bwd_launch(probs, weights, indices, lse, k, renorm, dprobs, dweights, dlse, dpsum,
+                       dlsq)
+
+
+@_bwd_op.register_fake
+def _(probs, weights, indices, lse, k, renorm, dprobs, dweights, dlse, dpsum, dlsq):
+    return probs.new_empty(probs.shape)
+
+
+def _setup(ctx, inputs, output):
+    _, k, renormalize, stats = inputs
+    ctx.save_for_backward(*output[:4])
+    ctx.cfg = (k, bool(renormalize) and k > 1, bool(stats))
+
+
+def _backward(ctx, *grads):
+    if len(grads) == 1:  # a list output's gradients come as one list
+        grads = grads[0]
+    dprobs, dweights, _, dlse, dpsum, dlsq = grads[:6]
+    probs, weights, indices, lse = ctx.saved_tensors
+    k, renorm, stats = ctx.cfg
+    if not stats:  # the stand-ins' gradients
+        dpsum = dlsq = None
+    return _bwd_op(probs, weights, indices, lse, k, renorm, dprobs, dweights, dlse, dpsum,
+                   dlsq), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def softmax_topk_op(logits, k, renormalize, stats):
+    """``router_topk._SoftmaxTopk.apply`` through the custom op (None for the stats it did not
+    compute, as the autograd op)."""
+    out = _fwd_op(logits, int(k), bool(renormalize), bool(stats))
+    return tuple(out) if stats else tuple(out[:4]) + (None, None, None, None)

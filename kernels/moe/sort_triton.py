@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops import custom_op
+
 BLOCK_S = 64
 # bins (experts + 1) the counting sort takes: the scatter kernel compares each block's slots
 # with next_pow2(bins + 1) bins
@@ -98,3 +100,18 @@ def sort_by_bin_triton(ids: torch.Tensor, n_bins: int):
     _bin_scan_kernel[(n_bins,)](hist, before, counts, p, BLOCK_P=min(SCAN_BLOCK, triton.next_power_of_2(p)))
     _scatter_kernel[(p,)](flat, before, counts, order, inv, s, n_bins, p, BLOCK_S=BLOCK_S, BLOCK_B=bb)
     return order, counts, inv
+
+
+@custom_op("moe_sort_by_bin")
+def sort_by_bin_op(ids: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+    """``sort_by_bin_triton`` as the custom op ``hybridseq::moe_sort_by_bin`` (what
+    ``torch.compile`` traces; ``kernels._ops``)."""
+    return sort_by_bin_triton(ids, n_bins)
+
+
+@sort_by_bin_op.register_fake
+def _(ids, n_bins):
+    s = ids.numel()
+    i64 = dict(dtype=torch.int64)
+    return ids.new_empty((s,), **i64), ids.new_empty((n_bins,), **i64), ids.new_empty((s,), **i64)

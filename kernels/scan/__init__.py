@@ -13,6 +13,7 @@ kernels ``triton_fwd.py`` / ``triton_bwd.py`` and their sequence-split carry pas
 """
 from __future__ import annotations
 
+from .._ops import profile_scope
 from .._utils import check_selective_scan_args, check_selective_state_update_args
 from ..backend import resolve
 from .chunked import selective_scan_chunked
@@ -44,12 +45,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
               initial_state=initial_state, return_final_state=return_final_state,
               seq_idx=seq_idx)
-    if which == "triton":
-        from .triton_scan import run_selective_scan_triton
+    with profile_scope("selective_scan"):
+        if which == "triton":
+            from .triton_scan import run_selective_scan_triton
 
-        return run_selective_scan_triton(dims, u, delta, A, B, C, **kw)
-    fn = selective_scan_ref if which == "ref" else selective_scan_chunked
-    return fn(u, delta, A, B, C, **kw)
+            return run_selective_scan_triton(dims, u, delta, A, B, C, **kw)
+        fn = selective_scan_ref if which == "ref" else selective_scan_chunked
+        return fn(u, delta, A, B, C, **kw)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,

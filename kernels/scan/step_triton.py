@@ -13,11 +13,11 @@ written once: the kernel moves 2 * b * d * n * 4 bytes plus the small vectors. f
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
+from .._ops import compiling, custom_op
 from ..backend import interpreting
 from .._utils import check_selective_state_update_args
 
@@ -118,6 +118,12 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     if not _args_plain(state, x, dt, A, B, C, D, z, dt_bias):
         check_selective_state_update_args("selective_state_update_triton", state, x, dt, A, B, C,
                                           D, z, dt_bias)  # raises the precise error
+    if compiling():
+        return _step_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    return _launch_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _launch_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     b, d, n = state.shape
     Bg = B if B.dim() == 3 else B.unsqueeze(1)
     Cg = C if C.dim() == 3 else C.unsqueeze(1)
@@ -139,3 +145,17 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), BD=bd, BN=bn, num_warps=1 if _INTERPRET else 4)
     return y, new_state
+
+
+@custom_op("selective_state_update")
+def _step_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+             B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+             dt_bias: torch.Tensor | None, dt_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, new_state): the decode step as the custom op ``hybridseq::selective_state_update``
+    (what ``torch.compile`` traces; ``kernels._ops``)."""
+    return _launch_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@_step_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape), state.new_empty(state.shape, dtype=torch.float32)

@@ -45,6 +45,7 @@ import os
 import torch
 
 from .._launch import launch
+from .._ops import compiling, custom_op
 from .._utils import check_selective_scan_args
 from .triton_bwd import _scan_bwd_kernel
 from .triton_bwd_carry import _scan_bwd_carry_kernel
@@ -437,7 +438,7 @@ def _dz_buffer(z, du):
     return _empty(tuple(z.shape), z.dtype, z.device), False
 
 
-def _bwd(saved, softplus, has_h0, dout, dhlast):
+def _bwd(saved, softplus, has_h0, dout, dhlast, dz_like_z=True):
     u, delta, A, B, C, D, z, delta_bias, ckpt, ypre, seq_idx = saved
     b, l, d = u.shape
     n = A.shape[1]
@@ -453,7 +454,9 @@ def _bwd(saved, softplus, has_h0, dout, dhlast):
                                       seg_ch * bt, seq_idx)
     du = _empty((b, l, d), u.dtype, dev)
     ddelta = _empty((b, l, d), delta.dtype, dev)
-    dz, dz_like_z = _dz_buffer(z, du)
+    # dz_like_z False (the custom op): a contiguous dz, the layout its shape function states
+    dz, dz_like_z = _dz_buffer(z, du) if dz_like_z or z is None else \
+        (_empty(tuple(z.shape), z.dtype, z.device), False)
     # gB / gC: deterministic per-dim-block partials unless they would outgrow about twice the
     # (b, l, d) float32 activations (big dstate, narrow blocks); then float32 atomics
     atomic = n_dblocks * n > _PARTIAL_LIMIT * d
@@ -529,6 +532,116 @@ class _SelectiveScanTriton(torch.autograd.Function):
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None, None, None
 
 
+# ------------------------------------------------------------------ compiled: the custom ops
+def _none(t, ref):
+    """An empty stand-in for an absent output (custom ops return tensors only)."""
+    return t if t is not None else ref.new_empty(0)
+
+
+def _fwd_shapes(u, A, B, C, want_ckpt):
+    """The shapes of (hlast, ckpt) ``_fwd`` makes: the launch plan's checkpoint spacing."""
+    b, l, d = u.shape
+    n = A.shape[1]
+    l_i, d_i, n_i = int(l), int(d), int(n)  # the plan is a host computation on sizes
+    _, _, ck = _plan(l_i, d_i, n_i, _groups(B, d_i), _groups(C, d_i), for_grad=want_ckpt)
+    return (b, d, n), (b, triton_cdiv(l_i, ck), d, n)
+
+
+@custom_op("selective_scan_fwd")
+def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+            delta_bias: torch.Tensor | None, softplus: bool, initial_state: torch.Tensor | None,
+            want_hlast: bool, want_ckpt: bool, seq_idx: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, hlast, ckpt, ypre) of ``_fwd``; empty stand-ins for those not made."""
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    y, hlast, ckpt, ypre = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state,
+                                want_hlast, want_ckpt, seq_idx)
+    return y, _none(hlast, u), _none(ckpt, u), _none(ypre, u)
+
+
+@_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, want_hlast, want_ckpt,
+      seq_idx):
+    hl_shape, ck_shape = _fwd_shapes(u, A, B, C, want_ckpt)
+    f32 = torch.float32
+    e = u.new_empty(0)
+    return (u.new_empty(u.shape), u.new_empty(hl_shape, dtype=f32) if want_hlast else e,
+            u.new_empty(ck_shape, dtype=f32) if want_ckpt else e,
+            u.new_empty(u.shape) if want_ckpt and z is not None else e)
+
+
+@custom_op("selective_scan_bwd")
+def _bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+            delta_bias: torch.Tensor | None, ckpt: torch.Tensor, ypre: torch.Tensor | None,
+            seq_idx: torch.Tensor | None, softplus: bool, has_h0: bool, dout: torch.Tensor,
+            dhlast: torch.Tensor | None) -> list[torch.Tensor]:
+    """[du, ddelta, dA, dB, dC, dD, dz, dbias, dh0] of ``_bwd`` (dz contiguous); empty
+    stand-ins for the inputs that are absent."""
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    grads = _bwd((u, delta, A, B, C, D, z, delta_bias, ckpt, ypre, seq_idx), softplus, has_h0,
+                 dout, dhlast, dz_like_z=False)
+    return [_none(g, u) for g in grads]
+
+
+@_bwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, ckpt, ypre, seq_idx, softplus, has_h0, dout, dhlast):
+    e = u.new_empty(0)
+    b, _, d = u.shape
+    return [u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape),
+            B.new_empty(B.shape), C.new_empty(C.shape),
+            D.new_empty(D.shape) if D is not None else e,
+            z.new_empty(z.shape) if z is not None else e,
+            delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else e,
+            u.new_empty((b, d, A.shape[1]), dtype=torch.float32) if has_h0 else e]
+
+
+def _setup(ctx, inputs, output):
+    (u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, _, want_ckpt,
+     seq_idx) = inputs
+    _, _, ckpt, ypre = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt,
+                          ypre if z is not None else None, seq_idx)
+    ctx.cfg = (bool(softplus), initial_state is not None,
+               initial_state.dtype if initial_state is not None else None, want_ckpt,
+               bool(inputs[10]))
+
+
+def _backward(ctx, dy, dhlast, _dckpt, _dypre):
+    u, delta, A, B, C, D, z, delta_bias, ckpt, ypre, seq_idx = ctx.saved_tensors
+    softplus, has_h0, h0_dtype, want_ckpt, want_hlast = ctx.cfg
+    if not want_hlast:  # the stand-in output's gradient (None, or an empty tensor)
+        dhlast = None
+    if not want_ckpt:
+        raise RuntimeError("selective_scan: the forward ran without saving for a backward "
+                           "(no input required grad then)")
+    if dy is None:
+        dy = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd_op(
+        u, delta, A, B, C, D, z, delta_bias, ckpt, ypre, seq_idx, softplus, has_h0, dy, dhlast)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None,
+            dh0.to(h0_dtype) if has_h0 else None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+             return_final_state, need_grad, seq_idx):
+    """``_SelectiveScanTriton.apply`` through the custom op (what ``torch.compile`` traces)."""
+    y, hlast, _, _ = _fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                             initial_state, bool(return_final_state), bool(need_grad), seq_idx)
+    return (y, hlast) if return_final_state else y
+
+
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, return_final_state=False,
                           seq_idx=None):
@@ -557,5 +670,6 @@ def run_selective_scan_triton(dims, u, delta, A, B, C, D=None, z=None, delta_bia
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                      initial_state, return_final_state, need_grad, seq_idx)
+    fn = _scan_op if compiling() else _SelectiveScanTriton.apply
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+              return_final_state, need_grad, seq_idx)

@@ -9,13 +9,14 @@
 Files: ``ref.py`` (the sequential reference, float64-capable), ``chunked.py`` (the PyTorch
 training path on CPU: the chunked SSD algorithm, autograd through torch ops),
 ``triton_ssd.py`` (the Triton scan's entry, ``ssd_scan_triton``, over the kernels in the other
-``triton_*.py`` files), ``step_ref.py`` / ``step_triton.py`` (one decoding token). ``impl`` is
+``triton_*.py`` files), ``ops.py`` (the same as custom ops, what ``torch.compile`` traces),
+``step_ref.py`` / ``step_triton.py`` (one decoding token). ``impl`` is
 resolved by ``kernels.backend.resolve``: "ref" the sequential reference, "torch" the chunked
 path, "triton" the Triton kernels.
 """
 from __future__ import annotations
 
-from .._ops import profile_scope
+from .._ops import compiling, profile_scope
 from .._utils import check_chunk_size, check_ssd_args, check_ssd_state_update_args
 from ..backend import resolve
 from .chunked import ssd_scan_chunked
@@ -53,9 +54,11 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
               initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state)
     with profile_scope("ssd_scan"):
         if which == "triton":
-            from .triton_ssd import ssd_scan_triton
-
-            return ssd_scan_triton(x, dt, A, B, C, **kw, chunk_size=chunk_size)
+            if compiling():  # the custom ops (ops.py)
+                from .ops import ssd_scan_op as fn
+            else:
+                from .triton_ssd import ssd_scan_triton as fn
+            return fn(x, dt, A, B, C, **kw, chunk_size=chunk_size)
         if which == "ref":
             return ssd_scan_ref(x, dt, A, B, C, **kw)
         return ssd_scan_chunked(x, dt, A, B, C, **kw, chunk_size=chunk_size)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch
+from .._ops import compiling, custom_op
 from .._utils import check_ssd_state_update_args
 from ..backend import interpreting
 
@@ -95,7 +96,16 @@ def _block_p(bn: int, p: int) -> int:
 
 def run_ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                                 dt_softplus=False, dt_limit=None):
-    """``ssd_state_update_triton`` without the argument checks (the caller made them)."""
+    """``ssd_state_update_triton`` without the argument checks (the caller made them). Under
+    ``torch.compile``: the custom op ``hybridseq::ssd_state_update`` (it mutates ``state``)."""
+    if compiling():
+        lo, hi = (float(dt_limit[0]), float(dt_limit[1])) if dt_limit is not None else (0.0, 0.0)
+        return _step_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
+                        dt_limit is not None, lo, hi)
+    return _launch_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+
+
+def _launch_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
     b, h, p, n = state.shape
     g = B.shape[1]
     y = _alloc((b, h, p), dtype=x.dtype, device=x.device)
@@ -118,6 +128,21 @@ def run_ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=N
     launch(_ssd_step_kernel, (b, h, triton.cdiv(p, bp)), args, consts,
            num_warps=1 if _INTERPRET else 4)
     return y
+
+
+@custom_op("ssd_state_update", mutates_args=("state",))
+def _step_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+             B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+             dt_bias: torch.Tensor | None, dt_softplus: bool, has_limit: bool, lo: float,
+             hi: float) -> torch.Tensor:
+    """y (b, h, p); ``state`` updated in place (``kernels._ops``)."""
+    return _launch_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                        (lo, hi) if has_limit else None)
+
+
+@_step_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_limit, lo, hi):
+    return x.new_empty(tuple(state.shape[:3]))
 
 
 def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,

@@ -1,9 +1,17 @@
 """Causal multi-head attention block (kind ``attention``): GQA, optional RoPE, QK-norm, window.
 
     q = x Wq  (h heads),  k = x Wk,  v = x Wv  (h_kv heads, h % h_kv == 0)
-    q, k = rmsnorm(q), rmsnorm(k)    per head, when spec.qk_norm
-    q, k = rope(q, pos), rope(k, pos) when spec.rope_theta is not None (None: no positions, Jamba)
-    o = softmax(q k^T / sqrt(head_dim) + causal/window mask) v,  out = o Wo
+    q, k = rmsnorm(q), rmsnorm(k)    over the whole projections, when spec.qk_norm == "full"
+    q, k, v = clamp(., -c, c)        when spec.clip_qkv = c
+    q, k = rmsnorm(q), rmsnorm(k)    per head, when spec.qk_norm == "per_head"
+    q, k = rope(q, pos), rope(k, pos) when spec.rope_theta is not None (None: no positions, Jamba);
+                                     the first int(head_dim * partial_rotary) channels, with the
+                                     frequencies of spec.rope_scaling (``rope.py``)
+    o = softmax(q k^T * scale + causal/window mask) v,  out = o Wo
+                                     scale = spec.softmax_scale, or 1 / sqrt(head_dim)
+
+Every option runs in the block's own PyTorch code around the backends, so it holds on every
+backend and in both the sequence forward and the one-token ``step``.
 
 The attention itself runs on a backend of ``backends.py`` chosen by ``spec.impl``.
 
@@ -38,9 +46,6 @@ from .backends import attention, attention_tail, attention_with_positions, docum
 from .rope import apply_rope, rope_tables
 from .spec import AttentionSpec
 
-QK_NORM_EPS = 1e-6
-
-
 class AttentionBlock(Block):
     spec_class = AttentionSpec
 
@@ -50,18 +55,45 @@ class AttentionBlock(Block):
         self.n_heads, self.n_kv_heads, self.head_dim = spec.dims(d_model)
         self.window = None if spec.window is None else int(spec.window)
         self.rope_theta = None if spec.rope_theta is None else float(spec.rope_theta)
+        self.rope_dim = spec.rope_dim(d_model)
+        self.rope_scaling = spec.rope_scaling
+        self.qk_norm = spec.qk_norm_kind()
+        self.clip_qkv = None if spec.clip_qkv is None else float(spec.clip_qkv)
+        self.scale = None if spec.softmax_scale is None else float(spec.softmax_scale)
         self.impl = spec.impl
         bias = bool(spec.bias)
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(d_model, h * hd, bias=bias)
         self.k_proj = nn.Linear(d_model, hkv * hd, bias=bias)
         self.v_proj = nn.Linear(d_model, hkv * hd, bias=bias)
-        self.o_proj = nn.Linear(h * hd, d_model, bias=bias)
-        if spec.qk_norm:
-            self.q_norm = RMSNorm(hd, QK_NORM_EPS)
-            self.k_norm = RMSNorm(hd, QK_NORM_EPS)
+        self.o_proj = nn.Linear(h * hd, d_model, bias=bias and spec.bias != "qkv")
+        if self.qk_norm:
+            qn, kn = spec.qk_norm_sizes(d_model)
+            self.q_norm = RMSNorm(qn, spec.qk_norm_eps)
+            self.k_norm = RMSNorm(kn, spec.qk_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+
+    def _project(self, x: torch.Tensor):
+        """q (b, l, h, hd), k and v (b, l, h_kv, hd) from the normed input, with the QK-norm and
+        the clipping of the spec (module docstring), before RoPE."""
+        b, l, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(b, l, self.n_heads, self.head_dim)
+        k = k.view(b, l, self.n_kv_heads, self.head_dim)
+        v = v.view(b, l, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor):
+        cos, sin = rope_tables(pos, self.rope_dim, self.rope_theta, self.rope_scaling)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids: torch.Tensor | None = None,
@@ -80,22 +112,17 @@ class AttentionBlock(Block):
             if layout.shape != (b, l):
                 raise HybridSeqError(f"attention layer {self.layer_idx}: doc_ids has shape "
                                      f"{tuple(doc_ids.shape)}, the input (batch, seqlen) = {(b, l)}")
-        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._project(x)
         if self.rope_theta is not None:
             if layout is not None and restart_positions:
                 pos = layout.positions  # (b, l): restart at each document start
             else:
                 pos = torch.arange(offset, offset + l, device=x.device)
-            cos, sin = rope_tables(pos, self.head_dim, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self._rope(q, k, pos)
         if state is None:
             if offset:
                 raise HybridSeqError("attention: offset > 0 needs the cached keys (pass state)")
-            o = attention(q, k, v, window=self.window, impl=self.impl, doc_ids=doc_ids)
+            o = attention(q, k, v, window=self.window, impl=self.impl, doc_ids=doc_ids, scale=self.scale)
         else:
             o = self._attend_cached(q, k, v, state, offset).to(x.dtype)
         return self.o_proj(o.reshape(b, l, self.n_heads * self.head_dim))
@@ -127,7 +154,7 @@ class AttentionBlock(Block):
         self._check_room(state, offset, l)
         if offset == 0:
             # first chunk: nothing cached yet, so the chunk attends to itself on the fast path
-            out = attention(q, k, v, window=self.window, impl=self.impl)
+            out = attention(q, k, v, window=self.window, impl=self.impl, scale=self.scale)
             self._store(kc, vc, k, v, offset, ring)
             return out
         if not ring:
@@ -137,7 +164,7 @@ class AttentionBlock(Block):
             vals = vc[:, :, :offset + l].transpose(1, 2)
             # no window reaches past the cache here (a window is >= cap when the cache is
             # linear), so the chunk's queries see every earlier key: bottom-right causal
-            return attention_tail(q, keys, vals, impl=self.impl)
+            return attention_tail(q, keys, vals, impl=self.impl, scale=self.scale)
         w = cap  # ring buffer of the last `window` keys
         n_past = min(offset, w)
         keys = torch.cat([kc[:, :, :n_past].transpose(1, 2), k], dim=1)
@@ -146,7 +173,7 @@ class AttentionBlock(Block):
                            torch.arange(offset, offset + l, device=dev)])
         q_pos = torch.arange(offset, offset + l, device=dev)
         out = attention_with_positions(q, keys, vals, q_pos, k_pos, window=self.window,
-                                       impl=self.impl)
+                                       impl=self.impl, scale=self.scale)
         self._store(kc, vc, k, v, offset, ring)
         return out
 
@@ -171,15 +198,10 @@ class AttentionBlock(Block):
         query attends to every slot ``<= pos`` of the whole buffer (a mask, so the shapes do not
         depend on ``pos`` and the step can be captured in a CUDA graph). x (b, 1, d_model)."""
         b = x.shape[0]
-        H, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(b, 1, H, hd)
-        k = self.k_proj(x).view(b, 1, hkv, hd)
-        v = self.v_proj(x).view(b, 1, hkv, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        H, hd = self.n_heads, self.head_dim
+        q, k, v = self._project(x)
         if self.rope_theta is not None:
-            cos, sin = rope_tables(pos.view(1), hd, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self._rope(q, k, pos.view(1))
         kc, vc = state["k"], state["v"]
         cap = kc.shape[2]
         ring = self.window is not None and cap >= self.window
@@ -188,9 +210,9 @@ class AttentionBlock(Block):
         vc.index_copy_(2, slot, v.to(vc.dtype).transpose(1, 2))
         valid = torch.arange(cap, device=kc.device) <= pos
         if self.impl == "torch":
-            o = _decode_attention(q.float(), kc.float(), vc.float(), valid, "matmul")
+            o = _decode_attention(q.float(), kc.float(), vc.float(), valid, "matmul", self.scale)
         else:
-            o = _decode_attention(q.to(kc.dtype), kc, vc, valid, "sdpa")
+            o = _decode_attention(q.to(kc.dtype), kc, vc, valid, "sdpa", self.scale)
         return self.o_proj(o.to(x.dtype).reshape(b, 1, H * hd))
 
     # --- inference state ---------------------------------------------------------------------
@@ -211,16 +233,16 @@ class AttentionBlock(Block):
 
 
 def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor,
-                      method: str) -> torch.Tensor:
+                      method: str, scale: float | None = None) -> torch.Tensor:
     """One query token per row against a whole KV buffer: q (b, 1, h, d); kc, vc (b, h_kv, cap,
     d); valid (cap,) bool, the visible slots. Query head i reads key head i // (h / h_kv): the
     GQA heads of one key head form a short query axis (b, h_kv, h / h_kv, d). ``sdpa``: fused
     attention with a boolean mask (fp32 accumulation inside); ``matmul``: two batched matmuls and
-    an fp32 softmax. Returns (b, 1, h, d)."""
+    an fp32 softmax. ``scale``: the score scale (None: d ** -0.5). Returns (b, 1, h, d)."""
     b, _, h, d = q.shape
     hkv, cap = kc.shape[1], kc.shape[2]
     qg = q.reshape(b, hkv, h // hkv, d)
-    scale = d ** -0.5
+    scale = d ** -0.5 if scale is None else scale
     if method == "sdpa":
         o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=valid.view(1, 1, 1, cap), scale=scale)
     else:

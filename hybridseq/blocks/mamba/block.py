@@ -5,6 +5,9 @@ With d_inner = expand * d_model, R = dt_rank, N = d_state, all tensors channel-l
     x, z  = split(in_proj(u))                       in_proj: d_model -> 2 d_inner (bias: spec.bias)
     x     = silu(causal_conv1d(x, conv_weight, conv_bias))        depthwise, width d_conv
     dt_in, B, C = split(x_proj(x))                  x_proj: d_inner -> R + 2 N (no bias)
+    dt_in, B, C = rms(dt_in), rms(B), rms(C)        only with spec.inner_norms (Jamba: learned
+                                                    gains ``dt_norm``/``b_norm``/``c_norm``;
+                                                    FalconMamba: without gains)
     delta = dt_in @ dt_proj.weight^T                dt_proj: R -> d_inner; its bias is added
                                                     inside the scan: dt = softplus(delta + bias)
     y     = selective_scan(x, delta, A, B, C, D, z) h_t = exp(dt A) h_{t-1} + dt B_t x_t,
@@ -50,6 +53,11 @@ in; ``step`` writes them), so a CUDA graph of ``step`` keeps reading the same bu
 
 Packed documents (``doc_ids``): the conv and the scan restart at each document start
 (``seq_idx``), so no state crosses a document boundary.
+
+The inner norms (``inner_norms``) run in PyTorch between x_proj and the scan, in the sequence
+forward and in ``step``, on every backend; with them the Triton sequence path leaves out the
+``_ConvProjFn`` fusion (its dt projection reads x_proj's output directly) and runs the conv, the
+projections and the scan as separate ops, the scan and the conv still on their Triton kernels.
 """
 from __future__ import annotations
 
@@ -62,6 +70,7 @@ from torch import nn
 from ...kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from ...kernels.backend import interpreting, triton_available
 from ..base import Block, keep_fp32, seq_idx_from_doc_ids
+from ..norm import RMSNorm
 from .spec import MambaSpec
 
 
@@ -185,6 +194,24 @@ class MambaBlock(Block):
         self.A_log = keep_fp32(_no_reinit(nn.Parameter(torch.log(A))))
         self.D = keep_fp32(_no_reinit(nn.Parameter(torch.ones(di))))
 
+        self.inner_norms = spec.inner_norms
+        self.inner_eps = float(spec.inner_norm_eps)
+        if spec.inner_norms == "rms":
+            self.dt_norm = RMSNorm(r, self.inner_eps)
+            self.b_norm = RMSNorm(n, self.inner_eps)
+            self.c_norm = RMSNorm(n, self.inner_eps)
+
+    def _inner(self, dt_in: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+        """The spec's inner norms on dt_in (before dt_proj), B and C (each over its last dim)."""
+        if self.inner_norms == "rms":
+            return self.dt_norm(dt_in), self.b_norm(B), self.c_norm(C)
+        if self.inner_norms == "rms_weightless":
+            def rms(t):
+                return F.rms_norm(t.float(), (t.shape[-1],), None, self.inner_eps).to(t.dtype)
+
+            return rms(dt_in), rms(B), rms(C)
+        return dt_in, B, C
+
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state=None, offset: int = 0, doc_ids=None) -> torch.Tensor:
         """x (b, l, d_model) normed input -> (b, l, d_model). With ``state``: continue it from
@@ -213,7 +240,7 @@ class MambaBlock(Block):
             xc, conv_state = causal_conv1d(xs, conv_w, conv_b, initial_state=init,
                                            return_final_state=True, **conv_kw)
         x_dbl = self.x_proj(xc)
-        dt_in, B, C = x_dbl.split([r, n, n], dim=-1)
+        dt_in, B, C = self._inner(*x_dbl.split([r, n, n], dim=-1))
         delta = F.linear(dt_in, self.dt_proj.weight)
         if state is None:
             y = selective_scan(xc, delta, A, B, C, z=z, **scan_kw)
@@ -228,7 +255,7 @@ class MambaBlock(Block):
     def _fused(self, xz: torch.Tensor) -> bool:
         """Whether the sequence path runs ``_ConvProjFn`` (the Triton conv, resolved as
         ``kernels.causal_conv1d`` resolves ``impl``; ``torch`` keeps plain autograd)."""
-        if not self.fuse_conv_proj or self.impl == "torch":
+        if not self.fuse_conv_proj or self.impl == "torch" or self.inner_norms != "none":
             return False
         if self.impl == "auto":
             return xz.is_cuda and triton_available()
@@ -246,7 +273,7 @@ class MambaBlock(Block):
         conv_b = None if self.conv_bias is None else self.conv_bias.to(xs.dtype)
         xc, conv_state = causal_conv1d_update(xs, state["conv"].to(xs.dtype), conv_w, conv_b,
                                               activation="silu", impl=self.impl)
-        dt_in, B, C = self.x_proj(xc).split([r, n, n], dim=-1)
+        dt_in, B, C = self._inner(*self.x_proj(xc).split([r, n, n], dim=-1))
         delta = F.linear(dt_in, self.dt_proj.weight)
         A = -torch.exp(self.A_log.float())
         y, h = selective_state_update(state["ssm"], xc, delta, A, B, C, D=self.D.float(), z=z,

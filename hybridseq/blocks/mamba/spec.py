@@ -4,6 +4,10 @@ With d_inner = expand * d_model, R = dt_rank (``auto``: ceil(d_model / 16)), N =
 w = d_conv: in_proj d -> 2 d_inner, a depthwise causal conv of width w, x_proj d_inner -> R + 2N,
 dt_proj R -> d_inner, the selective scan with A (d_inner, N) and D (d_inner,), out_proj
 d_inner -> d. The module is ``block.MambaBlock``.
+
+``inner_norms``: an RMSNorm (epsilon ``inner_norm_eps``) on each of dt_in (before dt_proj), B
+and C, between x_proj and the scan: ``rms`` with learned gains (Jamba), ``rms_weightless``
+without (FalconMamba), ``none`` (Mamba).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class MambaSpec(BlockSpec):
     megatron: ClassVar[str | None] = "M"
     documents: ClassVar[str] = "state"
     hash_exclude: ClassVar[tuple] = ("impl", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor")
+    hash_optional: ClassVar[dict] = {"inner_norms": "none", "inner_norm_eps": 1e-6}
 
     d_state: int = option(16, range=(1, 256))
     d_conv: int = option(4, range=(1, 8))
@@ -33,6 +38,8 @@ class MambaSpec(BlockSpec):
     dt_init_floor: float = option(1e-4, ge=0)
     conv_bias: bool = True
     bias: bool = False
+    inner_norms: Literal["none", "rms", "rms_weightless"] = "none"
+    inner_norm_eps: float = option(1e-6, gt=0)
     impl: Literal["auto", "triton", "torch"] = "auto"
 
     def check(self, *, file=None, key: str = "", **context) -> None:
@@ -54,13 +61,16 @@ class MambaSpec(BlockSpec):
 
     def param_count(self, d_model: int) -> tuple[int, int]:
         """in_proj 2 d di (+2 di), conv di w (+di), x_proj di (R + 2N), dt_proj R di + di,
-        A_log di N, D di, out_proj di d (+d); (+...) with ``bias`` / ``conv_bias``."""
+        A_log di N, D di, out_proj di d (+d); (+...) with ``bias`` / ``conv_bias``; the inner
+        norms' gains R + 2N with ``inner_norms: rms``."""
         di, r, n, w = self.dims(d_model)
         p = 2 * d_model * di + di * w + di * (r + 2 * n) + r * di + di + di * n + di + di * d_model
         if self.bias:
             p += 2 * di + d_model
         if self.conv_bias:
             p += di
+        if self.inner_norms == "rms":
+            p += r + 2 * n
         return p, p
 
     def flops_per_token(self, d_model: int, seq_len: int) -> float:
@@ -85,7 +95,8 @@ class MambaSpec(BlockSpec):
 
     # --- texts ---------------------------------------------------------------------------------
     def _settings(self, d_model: int) -> str:
-        return f"d_state={self.d_state} d_conv={self.d_conv} expand={self.expand}"
+        out = f"d_state={self.d_state} d_conv={self.d_conv} expand={self.expand}"
+        return out + (f" inner_norms={self.inner_norms}" if self.inner_norms != "none" else "")
 
     def resolved(self, d_model: int) -> dict:
         return {**self.to_dict(), "dt_rank": self.dims(d_model)[1]}

@@ -1,6 +1,10 @@
 """Sparse mixture-of-experts block (kind ``moe``; keys and closed forms in ``spec.py``).
 
-    y = sum_j w_j(x) * expert_{i_j(x)}(x)  +  sum_s shared_s(x)
+    y = sum_j w_j(x) * expert_{i_j(x)}(x)  +  g(x) * sum_s shared_s(x)
+
+``g(x) = sigmoid(x W_g)`` with ``shared_expert_gate`` (``shared_gate.weight``, (1, d_model)),
+else 1; the combine weights w are multiplied by ``routed_scale`` (1 by default). Both run in the
+block's own PyTorch code, whatever the expert backend.
 
 The router (``router.py``) is fp32 math with an fp32 weight (``_keep_fp32``; it is not excluded
 from weight decay). Dropless by default: every token reaches its k experts, so a token's output
@@ -130,6 +134,8 @@ class MoEBlock(Block):
             hs = self.n_shared * self.shared_d_ff
             self.shared_w_in = nn.Parameter(torch.empty(d_model, self.n_in * hs))
             self.shared_w_out = nn.Parameter(torch.empty(hs, d_model))
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if s.shared_expert_gate else None
+        self.routed_scale = float(s.routed_scale)
         self.reset_parameters()
         self.aux_loss = torch.zeros(())
         self.metrics: dict = {}
@@ -142,6 +148,8 @@ class MoEBlock(Block):
         if self.n_shared:
             nn.init.normal_(self.shared_w_in, std=std)
             nn.init.normal_(self.shared_w_out, std=std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
 
     def residual_out_params(self) -> list[nn.Parameter]:
         out = [self.w_out]
@@ -182,6 +190,8 @@ class MoEBlock(Block):
         dt = compute_dtype(x)
         xc = (r.x if r.x is not None else xf).to(dt)  # r.x: x through the router's logits op
         w = weights  # fp32 combine weights; each backend applies them in fp32 or its compute dtype
+        if self.routed_scale != 1.0:
+            w = w * self.routed_scale
         if self.ep_group is not None:
             from .parallel import expert_parallel_experts
 
@@ -196,7 +206,10 @@ class MoEBlock(Block):
                 h = swiglu(h, self.kernels.act)  # the fused Triton SwiGLU (one pass each way)
             else:
                 h = expert_activation(h, self.activation)
-            y = y + h @ self.shared_w_out.to(dt)
+            shared = h @ self.shared_w_out.to(dt)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(xc @ self.shared_gate.weight.to(dt).t()) * shared
+            y = y + shared
 
         self._losses_and_metrics(r, dropped)
         return y.view(*shape[:-1], shape[-1])

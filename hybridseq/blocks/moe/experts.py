@@ -3,7 +3,8 @@
 The experts of a layer are stacked: ``w_in`` (E, d_model, n_in * d_ff) (SwiGLU: n_in = 2, the
 gate in columns [:d_ff] and the up projection in [d_ff:]; GELU: n_in = 1) and ``w_out``
 (E, d_ff, d_model). Expert e maps a token row x to act(x @ w_in[e]) @ w_out[e], with
-act(a) = silu(a[:, :d_ff]) * a[:, d_ff:] (SwiGLU) or gelu(a) (GELU, exact erf form).
+act(a) = silu(a[:, :d_ff]) * a[:, d_ff:] (SwiGLU), gelu(a) (GELU, exact erf form) or relu(a)^2
+(relu2; the fused grouped MLP op has no relu2, so it runs the per-projection path everywhere).
 
 Every backend computes, for x (N, d), indices (N, k) in [0, E] (E: a dropped slot) and
 weights (N, k) fp32,
@@ -35,6 +36,8 @@ def expert_activation(a: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "swiglu":
         gate, up = a.chunk(2, dim=-1)
         return F.silu(gate) * up
+    if activation == "relu2":
+        return F.relu(a).square()
     return F.gelu(a)
 
 
@@ -78,7 +81,9 @@ def run_sorted_experts(x_sorted, counts, w_in, w_out, activation, gemm_impl="aut
     ``layout`` (``kernels.grouped_mlp.LAYOUTS``) and ``mlp_gemm`` (torch: torch._grouped_mm, no
     host sync | loop: one cuBLAS mm per expert, one host sync) apply to the fused path;
     ``gemm_impl`` to the autograd path (``kernels.grouped_gemm``)."""
-    if use_fused_mlp(x_sorted, w_in, w_out, mlp_impl):
+    if activation == "relu2" and mlp_impl == "fused":
+        raise ValueError("moe mlp impl 'fused' supports swiglu and gelu, not relu2")
+    if activation != "relu2" and use_fused_mlp(x_sorted, w_in, w_out, mlp_impl):
         return grouped_mlp(x_sorted, counts, w_in, w_out, activation, act_impl=act_impl, layout=layout,
                            gemm=mlp_gemm)
     h = expert_activation(grouped_mm(x_sorted, w_in, counts, impl=gemm_impl), activation)

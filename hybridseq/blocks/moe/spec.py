@@ -3,13 +3,18 @@ routed experts and optional shared experts. The module is ``block.MoEBlock``.
 
     y = sum_j w_j(x) * expert_{i_j(x)}(x)  +  sum_s shared_s(x)
 
-- ``n_experts`` E, ``top_k`` k, ``d_ff`` (None: like ``mlp``), ``activation`` swiglu|gelu.
+- ``n_experts`` E, ``top_k`` k, ``d_ff`` (None: like ``mlp``), ``activation`` swiglu|gelu|relu2
+  (relu2: ``relu(x W_in)^2 W_out``, not gated; Nemotron-H).
 - ``router`` softmax|sigmoid|sinkhorn, ``renormalize`` (the top-k weights renormalised to sum
-  to 1), ``bias_update_rate`` (the sigmoid router's aux-loss-free balancing).
+  to 1), ``bias_update_rate`` (the sigmoid router's aux-loss-free balancing), ``routed_scale``
+  (a constant factor on the combine weights, after any renormalisation; DeepSeek-V3's and
+  Nemotron-H's routed_scaling_factor).
 - ``capacity_factor``: None is dropless (a token's output depends on that token only); a number
   cf caps each expert at ceil(cf * N * k / E) token-slots per forward.
 - ``aux_loss_coef``, ``z_loss_coef``: the load-balancing and z-loss coefficients.
-- ``shared_experts`` S always-on experts of width ``shared_d_ff`` (None: d_ff).
+- ``shared_experts`` S always-on experts of width ``shared_d_ff`` (None: d_ff);
+  ``shared_expert_gate``: their output multiplied by ``sigmoid(x W_g)``, W_g (d_model, 1)
+  (Qwen2-MoE).
 - ``ep_size``: the expert-parallel group size a distributed run shards the experts over (applied
   to a built model from outside: ``hybridseq.blocks.moe.parallel.apply_expert_parallel``).
 - ``impl``: auto (= grouped) | grouped | megablocks | loop (``experts.py``).
@@ -28,19 +33,22 @@ class MoESpec(BlockSpec):
     kind: ClassVar[str] = "moe"
     megatron: ClassVar[str | None] = "E"
     hash_exclude: ClassVar[tuple] = ("impl", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "ep_size")
+    hash_optional: ClassVar[dict] = {"shared_expert_gate": False, "routed_scale": 1.0}
 
     n_experts: int = option(8, ge=1)
     top_k: int = 2
     d_ff: int | None = option(None, ge=1, doc="None: like mlp")
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    activation: Literal["swiglu", "gelu", "relu2"] = "swiglu"
     router: Literal["softmax", "sigmoid", "sinkhorn"] = "softmax"
     renormalize: bool = True
+    routed_scale: float = option(1.0, gt=0)
     capacity_factor: float | None = option(None, gt=0, doc="None: dropless")
     aux_loss_coef: float = option(0.01, ge=0)
     z_loss_coef: float = option(0.001, ge=0)
     bias_update_rate: float = option(0.001, ge=0)
     shared_experts: int = option(0, ge=0)
     shared_d_ff: int | None = option(None, ge=1, doc="None: = d_ff")
+    shared_expert_gate: bool = False
     ep_size: int = option(1, ge=1)
     impl: Literal["auto", "grouped", "megablocks", "loop"] = "auto"
 
@@ -53,11 +61,14 @@ class MoESpec(BlockSpec):
                  "each expert-parallel rank holds n_experts / ep_size experts")
         if self.impl == "megablocks" and self.capacity_factor is not None:
             fail(file, f"{key}.capacity_factor", "impl 'megablocks' is dropless: capacity_factor must be null")
+        if self.shared_expert_gate and not self.shared_experts:
+            fail(file, f"{key}.shared_expert_gate", "gates the shared experts, but shared_experts is 0",
+                 "set shared_experts >= 1, or shared_expert_gate: false")
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
     def n_in(self) -> int:
-        """Input projections per expert: 2 for swiglu (gate and up), 1 for gelu."""
+        """Input projections per expert: 2 for swiglu (gate and up), 1 for gelu and relu2."""
         return 2 if self.activation == "swiglu" else 1
 
     def hidden(self, d_model: int) -> int:
@@ -75,18 +86,23 @@ class MoESpec(BlockSpec):
 
     def param_count(self, d_model: int) -> tuple[int, int]:
         """(total, active): router E d; experts E (n_in + 1) d d_ff (active: top_k of them);
-        shared S (n_in + 1) d shared_d_ff (always active). Totals are for the whole layer."""
+        shared S (n_in + 1) d shared_d_ff (always active), + d with ``shared_expert_gate``.
+        Totals are for the whole layer."""
         router = self.n_experts * d_model
         expert = (self.n_in + 1) * d_model * self.hidden(d_model)
         shared = self.shared_experts * (self.n_in + 1) * d_model * self.shared_hidden(d_model)
+        if self.shared_expert_gate:
+            shared += d_model
         return router + self.n_experts * expert + shared, router + self.top_k * expert + shared
 
     def flops_per_token(self, d_model: int, seq_len: int) -> float:
-        """Matmul FLOPs per token (2 per multiply-add): router + top_k experts + shared
-        (dropless; elementwise ops not counted)."""
+        """Matmul FLOPs per token (2 per multiply-add): router + top_k experts + shared (and its
+        gate) (dropless; elementwise ops not counted)."""
         router = 2 * self.n_experts * d_model
         expert = 2 * (self.n_in + 1) * d_model * self.hidden(d_model)
         shared = self.shared_experts * 2 * (self.n_in + 1) * d_model * self.shared_hidden(d_model)
+        if self.shared_expert_gate:
+            shared += 2 * d_model
         return float(router + self.top_k * expert + shared)
 
     def activation_elements(self, d_model: int) -> int:
@@ -105,7 +121,9 @@ class MoESpec(BlockSpec):
     def _settings(self, d_model: int) -> str:
         out = f"experts={self.n_experts} top_k={self.top_k} d_ff={self.hidden(d_model)}"
         if self.shared_experts:
-            out += f" shared={self.shared_experts}"
+            out += f" shared={self.shared_experts}" + ("(gated)" if self.shared_expert_gate else "")
+        if self.activation != "swiglu":
+            out += f" {self.activation}"
         if self.capacity_factor:
             out += f" cf={self.capacity_factor}"
         return out

@@ -210,7 +210,7 @@ def test_zero2_with_activation_checkpointing_trains(zero2_run):
     assert len(losses) == 8 and _lowered(losses), losses
 
 
-@slow
+# the default run's representative of multi-rank DeepSpeed (2 CPU ranks, ZeRO-2, EP, checkpointing)
 def test_expert_parallel_matches_data_parallel(ep2_run, zero2_run):
     """ep_size 2 on 2 ranks (each rank holds 2 of the 4 experts, tokens exchanged by all-to-all)
     trains the same model as plain data parallelism from the same initial weights."""

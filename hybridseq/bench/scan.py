@@ -8,7 +8,10 @@ in a Mamba block. ``*_GBps`` is the effective bandwidth of the fewest bytes the 
 ``--sweep`` times the Triton kernels over several block shapes (tuning aid). ``--bwd-split``
 times the Triton scan once per backward sequence split S (``auto``: the shipped heuristic; the
 ``split`` column gives the S that ran), ``--fwd-split`` the same for the forward (``fwd_split``;
-``asked`` = forward/backward as asked); ``bwd_ms`` is fwd+bwd minus fwd.
+``asked`` = forward/backward as asked); ``bwd_ms`` is fwd+bwd minus fwd. ``--docs 0 4`` times
+each implementation without ``seq_idx`` and with it (4 equal documents per row, the state restarting
+at each); ``vs_no_docs`` is the time with documents over the time without, same implementation,
+same run (mamba_ssm's Mamba-1 scan takes no document boundaries: it runs only without).
 
 The backward is ``torch.autograd.grad`` of the output with respect to every input (new gradient
 tensors, as inside a model, where u, delta and z come from other ops); ``--accumulate`` times
@@ -71,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backward as out.backward() into the inputs' .grad (see the docstring)")
     parser.add_argument("--progress", action="store_true",
                         help="also print each row to stderr as soon as it is timed")
+    parser.add_argument("--docs", type=int, nargs="+", default=[0],
+                        help="documents per row, as seq_idx (0: no seq_idx); several values are timed in turn")
     parser.add_argument("--carry-pieces", type=int, default=0,
                         help="pieces per segment of the carry pass (0: the heuristic)")
 
@@ -163,7 +168,13 @@ def _bnl(x):
     return y.contiguous().requires_grad_(x.requires_grad)
 
 
-def _callables(impl, t, backward, accumulate=False):
+def make_seq_idx(b, l, docs, device):
+    """(b, l) int32 document index: ``docs`` equal documents per row (the last one takes the rest)."""
+    per = -(-l // docs)
+    return (torch.arange(l, device=device, dtype=torch.int32) // per).expand(b, l).contiguous()
+
+
+def _callables(impl, t, backward, accumulate=False, seq_idx=None):
     """(forward closure, forward+backward closure or None) for one implementation."""
     from hybridseq.kernels import selective_scan
 
@@ -173,7 +184,7 @@ def _callables(impl, t, backward, accumulate=False):
         def f():
             return selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"],
                                   z=t["z"], delta_bias=t["delta_bias"], delta_softplus=True,
-                                  impl=impl)
+                                  impl=impl, seq_idx=seq_idx)
     elif impl == "mamba_ssm":
         fn = _mamba_ssm_fn()
         u, dl, z, B, C = _bdl(t["u"]), _bdl(t["delta"]), _bdl(t["z"]), _bnl(t["B"]), _bnl(t["C"])
@@ -183,6 +194,8 @@ def _callables(impl, t, backward, accumulate=False):
             return fn(u, dl, t["A"], B, C, t["D"], z, t["delta_bias"], True)
     else:
         raise ValueError(f"--impls: unknown implementation {impl!r} (triton, torch, mamba_ssm)")
+    if seq_idx is not None and impl == "mamba_ssm":
+        raise ValueError("mamba_ssm's selective_scan_fn takes no seq_idx")
     if not backward:
         return f, None
     gy = torch.randn_like(f().detach())
@@ -197,18 +210,19 @@ def _callables(impl, t, backward, accumulate=False):
     return f, fb
 
 
-def _time_shape(shape, impl, args, device):
+def _time_shape(shape, impl, args, device, docs=0):
     from .common import time_fn
 
     b, d, l, n = shape
     dtype = _DTYPES[args.dtype]
     backward = not args.no_backward
     t = make_inputs(b, d, l, n, dtype, device, args.groups, requires_grad=backward)
-    f, fb = _callables(impl, t, backward, getattr(args, "accumulate", False))
+    seq_idx = make_seq_idx(b, l, docs, device) if docs else None
+    f, fb = _callables(impl, t, backward, getattr(args, "accumulate", False), seq_idx)
     slow = impl == "torch"
     iters, warmup = (max(1, args.iters // 5), min(2, args.warmup)) if slow else \
         (args.iters, args.warmup)
-    row = {"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl}
+    row = {"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl, "docs": docs}
     if impl == "triton":  # the segments that ran (forward: the one saving checkpoints)
         sst = importlib.import_module("hybridseq.kernels.scan.triton_scan")
         row["fwd_split"] = sst.fwd_split(t["u"], t["A"], t["B"], t["C"], for_grad=backward)
@@ -308,9 +322,15 @@ def run(args) -> list[dict]:
             rows.append(row)
             _progress(args, row)
 
+        docs_list = list(dict.fromkeys(getattr(args, "docs", [0]) or [0]))
+        if any(k < 0 for k in docs_list):
+            raise ValueError("--docs: expected document counts >= 0")
         for b, d, l, n in shapes:
             base = None
-            for impl in impls:
+            no_docs = {}  # impl -> its row without seq_idx (same asked splits)
+            for impl, docs in [(i, k) for i in impls for k in docs_list]:
+                if impl == "mamba_ssm" and docs:
+                    continue  # no document boundaries in mamba_ssm's Mamba-1 scan
                 if impl == "mamba_ssm" and _mamba_ssm_fn() is None:
                     add({"shape": f"B{b} D{d} L{l} N{n}", "dtype": args.dtype, "impl": impl,
                          "note": f"skipped: not importable ({_mamba_ssm_missing()})"})
@@ -321,7 +341,18 @@ def run(args) -> list[dict]:
                     continue
                 for fsplit, split in (pairs if impl == "triton" else [(None, None)]):
                     with _tuning(split=split, fwd_split=fsplit):
-                        row = _time_shape((b, d, l, n), impl, args, device)
+                        row = _time_shape((b, d, l, n), impl, args, device, docs)
+                    ref = no_docs.get((impl, fsplit, split))
+                    if docs == 0:
+                        no_docs[(impl, fsplit, split)] = row
+                    elif ref is not None:
+                        row["vs_no_docs_fwd"] = row["fwd_ms"] / ref["fwd_ms"]
+                        if "fwdbwd_ms" in row and "fwdbwd_ms" in ref:
+                            row["vs_no_docs_fwdbwd"] = row["fwdbwd_ms"] / ref["fwdbwd_ms"]
+                    if docs:
+                        add(row)
+                        torch.cuda.empty_cache()
+                        continue
                     if impl == "triton":
                         row["asked"] = "/".join("auto" if v is None else str(v)
                                                 for v in (fsplit, split))

@@ -443,6 +443,11 @@ def test_bench_scan_helpers_on_tiny_cpu_shape():
     with scan._tuning(split=2, fwd_split=2):  # --bwd-split / --fwd-split: the row says which ran
         row = scan._time_shape((1, 4, 5, 2), "triton", args, DEV)
         assert (row["fwd_split"], row["split"]) == (2, 2)
+    # --docs: the row says how many documents it ran with; seq_idx splits each row evenly
+    row = scan._time_shape((1, 4, 5, 2), "triton", args, DEV, docs=2)
+    assert row["docs"] == 2 and row["fwdbwd_ms"] > 0
+    assert scan.make_seq_idx(2, 5, 2, "cpu").tolist() == [[0, 0, 0, 1, 1]] * 2
+    assert parser.parse_args(["--docs", "0", "4"]).docs == [0, 4]
 
 
 def test_checkpoint_spacing_keeps_saved_states_small():

@@ -43,9 +43,12 @@ always the equivalent ``ep_size: 1`` model (all experts gathered), loadable on o
 
 Checkpoints: ``root/step_XXXXXXXX/`` holds ``model.safetensors`` + ``config.yaml`` (gathered
 from the ZeRO-3 shards on every save, so ``hybridseq generate`` and ``hs.load_pretrained`` read
-any checkpoint), ``trainer_state.pt`` (rank 0's client state and the run's world size),
-``client_state_rank{r}.pt`` (each rank's step, data position, RNG states) and ``ds/`` (DeepSpeed's
-files: module, ZeRO-partitioned optimizer states, LR scheduler, loss scaler, step counters).
+any checkpoint), ``trainer_state`` (rank 0's client state, the run's world size and ep_size),
+``client_state_rank{r}`` (each rank's step, data position, RNG states), with expert parallelism
+``experts_rank{r}`` (each rank's expert shards), all JSON + safetensors; ``ds/`` (DeepSpeed's
+files: module, ZeRO-partitioned optimizer states, LR scheduler, loss scaler, step counters); and
+under ZeRO-0/1/2 ``portable_optimizer`` (``reshard.py``), from which a run resumes on another
+number of ranks or another ep_size.
 All ranks write into ``root/.tmp-step_XXXXXXXX/``; after a barrier rank 0 renames it (atomic),
 updates ``latest`` and rotates (``keep_last``); a second barrier ends the save. Multi-node runs
 need ``root`` on a filesystem every node sees.
@@ -66,6 +69,7 @@ from . import checkpoint as ckpt
 from .state_io import load_state, save_state
 from .engine import check_weight_keys
 from . import distributed as D
+from . import reshard
 from .optim import param_groups
 from .schedule import build_scheduler, default_warmup
 
@@ -388,7 +392,7 @@ class DeepSpeedEngine:
     def state_dict(self) -> dict:
         """DeepSpeed keeps the optimizer/scheduler state in its own (partitioned) files."""
         return {"deepspeed": True, "zero_stage": self.stage, "world_size": self.world_size,
-                "global_steps": int(self.ds.global_steps)}
+                "ep_size": self.ep_size, "global_steps": int(self.ds.global_steps)}
 
     def load_state_dict(self, sd: dict) -> None:
         raise HybridSeqError("DeepSpeed engine state is loaded with load_checkpoint(folder)")
@@ -441,8 +445,11 @@ class DeepSpeedEngine:
 
                 save_state(local_expert_state(self.model), tmp, _expert_file(self.rank))
             sd = self.full_state_dict()
+            portable = reshard.portable_state(self)  # for a resume on another topology
             if self.is_main:
                 write_pretrained(sd, self.model, self.cfg, tmp, atomic=False)
+                if portable is not None:
+                    save_state(portable, tmp, reshard.NAME)
                 save_state({"engine": self.state_dict(), "client": client_state}, tmp, ckpt.STATE)
             D.barrier()
             if self.is_main:
@@ -463,12 +470,11 @@ class DeepSpeedEngine:
             raise HybridSeqError(f"{folder}: not a DeepSpeed checkpoint (no {DS_DIR}/ folder); to start from "
                                  "its weights use --init-from")
         meta = load_state(folder, ckpt.STATE)
-        check_deepspeed_files(ds_dir)
         saved = (meta.get("engine") or {})
-        if int(saved.get("world_size", self.world_size)) != self.world_size:
-            raise HybridSeqError(f"{folder} was written by {saved['world_size']} ranks, this run has "
-                                 f"{self.world_size}: ZeRO states are partitioned per rank. Resume with the same "
-                                 "number of ranks, or start a new run from its weights with --init-from")
+        topology = (int(saved.get("world_size", self.world_size)), int(saved.get("ep_size", self.ep_size)))
+        if topology != (self.world_size, self.ep_size):
+            return self._load_on_new_topology(folder, meta, topology)
+        check_deepspeed_files(ds_dir)
         with _quiet_deepspeed():
             path, _ = self.ds.load_checkpoint(ds_dir, tag=DS_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -479,6 +485,25 @@ class DeepSpeedEngine:
 
             load_local_expert_state(self.model, load_state(folder, _expert_file(self.rank)))
             self.optimizer.refresh_fp32_params()
+        if os.path.isfile(os.path.join(folder, _rank_state_file(self.rank) + ".json")):
+            return load_state(folder, _rank_state_file(self.rank))
+        return meta["client"]
+
+    def _load_on_new_topology(self, folder: str, meta: dict, topology: tuple) -> dict:
+        """Resume a checkpoint written by another number of ranks or another ep_size: the weights
+        from model.safetensors, the optimizer from its topology-independent copy (reshard.py)."""
+        ranks, ep = topology
+        if not os.path.isfile(os.path.join(folder, reshard.NAME + ".json")):
+            why = ("ZeRO-3 checkpoints hold only per-rank partitions" if int(meta["engine"].get("zero_stage", 0)) == 3
+                   else "it has no portable optimizer state")
+            raise HybridSeqError(f"{folder} was written by {ranks} ranks with ep_size {ep}; this run has "
+                                 f"{self.world_size} ranks with ep_size {self.ep_size}, and {why}. Resume with "
+                                 "the same topology, or start a new run from its weights with --init-from")
+        self.load_weights(folder)
+        reshard.load_portable(self, load_state(folder, reshard.NAME), folder)
+        if self.is_main:
+            print(f"resumed {folder} (written by {ranks} ranks, ep_size {ep}) on {self.world_size} ranks, "
+                  f"ep_size {self.ep_size}", flush=True)
         if os.path.isfile(os.path.join(folder, _rank_state_file(self.rank) + ".json")):
             return load_state(folder, _rank_state_file(self.rank))
         return meta["client"]

@@ -26,8 +26,9 @@ Wiring into DeepSpeed 0.19 (which keys all of this on its own MoE layer class):
 
 Checkpoints: DeepSpeed's MoE checkpoint files are written per native MoE layer; ours has none
 (the marker owns no weights), so every rank additionally saves its expert shards
-(``experts_rank{r}.pt``) and reloads them after ``load_checkpoint``; the ZeRO optimizer files
-are per rank and hold the experts' optimizer states.
+(``experts_rank{r}``, JSON + safetensors) and reloads them after ``load_checkpoint``; the ZeRO
+optimizer files are per rank and hold the experts' optimizer states. The portable optimizer
+state (``reshard.py``) holds every expert gathered, so a run resumes on another ep_size.
 
 ZeRO-3 is refused with EP (DeepSpeed does not run native MoE under stage 3): ZeRO-3 shards the
 experts like any other weight.
